@@ -96,7 +96,7 @@ def _check_metric_names(values: dict[str, Any]) -> None:
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=True)
 
 
 class TelemetrySample(_Wire):
@@ -166,7 +166,7 @@ class StateMessage(_Wire):
     """``{"ts": ..., "state": "RUNNING", "reason": "optional"}``; holds until the next state message."""
 
     ts: Timestamp | None = None
-    state: MachineState
+    state: MachineState = Field(strict=False)
     reason: str | None = Field(default=None, max_length=256)
 
     _ts = field_validator("ts", mode="before")(classmethod(lambda cls, v: _check_ts(v)))

@@ -1,0 +1,93 @@
+"""Command line: arguments only; the work happens in :mod:`gateway.server`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="factory-gateway", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (SIGINT/SIGTERM drain and exit 0)")
+    run.add_argument("--config", type=Path, required=True)
+
+    chk = sub.add_parser("check-config", help="validate a config file: exit 0 and 'ok', or 2 with the problems")
+    chk.add_argument("--config", type=Path, required=True)
+    chk.add_argument("--show", action="store_true", help="print the effective settings (secrets redacted)")
+
+    rep = sub.add_parser("replay", help="feed a JSONL recording through decode/compute/encode")
+    rep.add_argument("--config", type=Path, required=True)
+    rep.add_argument("--input", type=Path, required=True, help='JSONL: {"topic": "...", "payload": {...}}')
+    rep.add_argument("--sink", choices=["config", "stdout"], default="config",
+                     help="stdout prints line protocol instead of writing it")
+    return p
+
+
+def _load(path: Path) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    logging.basicConfig(
+        level=cfg.gateway.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "check-config":
+        if args.show:
+            print(json.dumps(cfg.redacted(), indent=2, default=str))
+        print("ok")
+        return 0
+    if args.command == "run":
+        return asyncio.run(_run(cfg))
+    if args.command == "replay":
+        return asyncio.run(_replay(cfg, args.input, args.sink))
+    return 2
+
+
+async def _run(cfg: GatewayConfig) -> int:
+    from gateway.server import Server
+
+    server = Server(cfg)
+    server.install_signal_handlers()
+    await server.run()
+    return 0
+
+
+async def _replay(cfg: GatewayConfig, path: Path, sink_name: str) -> int:
+    from gateway.server import replay
+    from gateway.sinks.stdout import StdoutSink
+
+    if not path.is_file():
+        print(f"--input: {path} does not exist", file=sys.stderr)
+        return 2
+    try:
+        pipeline = await replay(cfg, path, sink=StdoutSink() if sink_name == "stdout" else None)
+    except ValueError as exc:
+        print(f"--input: {exc}", file=sys.stderr)
+        return 2
+    s = pipeline.stats
+    print(f"replayed {s.messages_in} messages, {s.points_in} points, {s.decode_errors} rejected", file=sys.stderr)
+    return 0

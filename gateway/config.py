@@ -1,0 +1,264 @@
+"""Validated settings: one TOML file, overridable from the environment as ``FGW_<SECTION>__<KEY>``.
+
+Every problem is reported with the dotted key it belongs to (``influx.url: ...``), all at once, before
+anything starts. Secrets (``token``, ``password``) come from the environment or from a file
+(``token_file``, ``password_file``) and are redacted wherever settings are shown.
+
+>>> cfg = GatewayConfig.model_validate({"influx": {"database": "plant"}})
+>>> cfg.influx.database, cfg.mqtt.subscriptions()[0].topic
+('plant', 'factory/+/+/+/+/+')
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "GatewayConfig",
+    "GatewaySection",
+    "InfluxConfig",
+    "MqttConfig",
+    "Subscription",
+    "TlsConfig",
+    "load_config",
+]
+
+TOPIC_FIELDS = ("site", "area", "line", "machine", "channel")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _read_secret(value: SecretStr | None, path: Path | None, key: str) -> SecretStr | None:
+    if path is None:
+        return value
+    try:
+        return SecretStr(path.read_text(encoding="utf-8").strip())
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+
+class TlsConfig(_Section):
+    """TLS to the broker or the database."""
+
+    ca_file: Path | None = Field(None, description="CA bundle that signed the server certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(None, description="Client private key (mutual TLS).")
+    insecure: bool = Field(False, description="Skip hostname verification (testing only).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        for name in ("ca_file", "cert_file", "key_file"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"{name}: file {p} does not exist")
+        return self
+
+
+class Subscription(_Section):
+    """One MQTT subscription: a topic filter, its QoS and how its payloads are encoded."""
+
+    topic: str
+    qos: Literal[0, 1, 2] | None = None
+    format: Literal["json", "line", "auto"] = "auto"
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        if not v:
+            raise ValueError("topic filter is empty")
+        parts = v.split("/")
+        for i, part in enumerate(parts):
+            if "#" in part and (part != "#" or i != len(parts) - 1):
+                raise ValueError(f"'#' must be a whole last level in {v!r}")
+            if "+" in part and part != "+":
+                raise ValueError(f"'+' must be a whole level in {v!r}")
+        return v
+
+
+class MqttConfig(_Section):
+    """``[mqtt]``: the broker connection and what to subscribe to."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field("factory-gateway", min_length=1, description="Fixed id: the broker keeps our session.")
+    topics: list[Subscription | str] = Field(default_factory=lambda: list[Subscription | str](["factory/+/+/+/+/+"]))
+    qos: Literal[0, 1, 2] = 1
+    topic_template: str = "factory/{site}/{area}/{line}/{machine}/{channel}"
+    protocol: Literal["3.1.1", "5"] = "5"
+    clean_session: bool = Field(False, description="False keeps the session (and queued messages) across restarts.")
+    session_expiry_s: int = Field(7 * 86400, ge=0, description="MQTT 5 session expiry.")
+    receive_maximum: int = Field(20000, ge=1, le=65535, description="MQTT 5: unacked messages in flight to us.")
+    keepalive_s: int = Field(30, ge=5)
+    reconnect_max_s: float = Field(30.0, gt=0, le=300)
+    stall_timeout_s: float = Field(120.0, gt=0, description="Reconnect when nothing arrives and pings fail.")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        names = [p[1:-1] for p in v.split("/") if p.startswith("{") and p.endswith("}")]
+        missing = [f for f in TOPIC_FIELDS if f not in names]
+        if missing:
+            raise ValueError(f"template must contain {{{'}, {'.join(missing)}}}")
+        unknown = [n for n in names if n not in TOPIC_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {unknown}; allowed: {list(TOPIC_FIELDS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _secret(self) -> MqttConfig:
+        self.password = _read_secret(self.password, self.password_file, "password_file")
+        return self
+
+    def subscriptions(self) -> list[Subscription]:
+        out = []
+        for t in self.topics:
+            sub = Subscription(topic=t) if isinstance(t, str) else t
+            out.append(sub if sub.qos is not None else sub.model_copy(update={"qos": self.qos}))
+        return out
+
+
+class InfluxConfig(_Section):
+    """``[influx]``: where points go and how they are batched."""
+
+    url: str = "http://127.0.0.1:8086"
+    api: Literal["v1", "v2"] = "v1"
+    database: str = Field("factory", min_length=1, description="v1: database name.")
+    retention_policy: str | None = Field(None, description="v1: retention policy (default: the database's).")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    bucket: str = Field("factory", min_length=1, description="v2: bucket.")
+    org: str = Field("factory", description="v2: organisation.")
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    batch_size: int = Field(5000, ge=1, le=1_000_000, description="Points per write.")
+    flush_interval_ms: int = Field(500, ge=1, description="Longest a point waits before it is written.")
+    gzip: bool = False
+    timeout_s: float = Field(10.0, gt=0)
+    ca_file: Path | None = None
+    create_database: bool = Field(True, description="v1: CREATE DATABASE on start if missing.")
+    max_retry_s: float = Field(30.0, gt=0, description="Cap of the exponential retry backoff.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _secrets(self) -> InfluxConfig:
+        self.password = _read_secret(self.password, self.password_file, "password_file")
+        self.token = _read_secret(self.token, self.token_file, "token_file")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file: file {self.ca_file} does not exist")
+        return self
+
+
+class GatewaySection(_Section):
+    """``[gateway]``: the daemon itself and the limits applied to every message."""
+
+    instance: str = Field(default_factory=socket.gethostname, min_length=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_timeout_s: float = Field(15.0, gt=0)
+    stats_interval_s: float = Field(10.0, gt=0, description="Period of gateway_stats points and the log summary.")
+    max_payload_bytes: int = Field(1_048_576, ge=64)
+    max_series: int = Field(100_000, ge=1, description="Cardinality cap: machine x metric series.")
+    max_past_s: float = Field(30 * 86400, gt=0, description="Reject samples older than this.")
+    max_future_s: float = Field(300, gt=0, description="Reject samples further ahead than this.")
+    store_waveforms: bool = Field(True, description="Write every sample of fixed-rate blocks to telemetry.")
+
+
+class GatewayConfig(BaseSettings):
+    """The whole configuration (one TOML file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    influx: InfluxConfig = Field(default_factory=InfluxConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: that is how secrets and per-host overrides arrive.
+        return env_settings, init_settings
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with every secret replaced by ``***``."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        for section in ("mqtt", "influx"):
+            for key in ("password", "token"):
+                if data.get(section, {}).get(key):
+                    data[section][key] = "***"
+        return data
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``dotted.key: message`` line per problem."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see configs/gateway.example.toml)"
+        lines.append(f"{loc or '(root)'}: {msg}")
+    return lines
+
+
+def load_config(path: Path | None, env: dict[str, str] | None = None) -> GatewayConfig:
+    """Read ``path`` (TOML), apply ``FGW_*`` environment overrides, validate; raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError([f"(file): {path} does not exist"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"(file): {path} is not valid TOML: {exc}"]) from exc
+    saved = None
+    if env is not None:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        return GatewayConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc
+    finally:
+        if saved is not None:
+            os.environ.clear()
+            os.environ.update(saved)

@@ -1,0 +1,311 @@
+"""Decode stage: one MQTT message (topic + payload bytes) → rows appended to a columnar batch.
+
+A message is validated whole before anything is appended, so a bad message never leaves half its
+points behind; the :class:`~gateway.errors.DecodeError` names the field and why.
+
+>>> from gateway.config import GatewaySection, Subscription
+>>> dec = Decoder("factory/{site}/{area}/{line}/{machine}/{channel}", [Subscription(topic="#")],
+...               GatewaySection(), SeriesRegistry())
+>>> out = BatchBuilder()
+>>> dec.decode("factory/s/a/l/m1/telemetry", b'{"ts": 1763900000.5, "values": {"t": 1.5}}',
+...            1763900000_000000000, out)
+1
+>>> b = out.take(); b.telemetry.ts_ns.tolist(), b.telemetry.value.tolist()
+([1763900000500000000], [1.5])
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+
+from gateway.batch import (
+    CountEvent,
+    DecodedBatch,
+    MachineKey,
+    SeriesRegistry,
+    StateEvent,
+    TelemetryBatch,
+    WaveformBlock,
+)
+from gateway.config import GatewaySection, Subscription
+from gateway.errors import DecodeError
+from gateway.schema import (
+    CountMessage,
+    StateMessage,
+    TelemetryColumnar,
+    TelemetryFixedRate,
+    TelemetrySample,
+    ts_to_ns,
+)
+from gateway.topic import TopicParser, topic_matches
+
+__all__ = ["AckToken", "BatchBuilder", "Decoder", "describe_validation_error"]
+
+Format = Literal["json", "line", "auto"]
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Turn a pydantic error into ``field: message; field: message``."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+@dataclass(slots=True)
+class AckToken:
+    """What the source needs to acknowledge one message once its points are durable."""
+
+    mid: int
+    qos: int
+    generation: int
+
+
+class BatchBuilder:
+    """Accumulates decoded rows in compact arrays until the pipeline flushes them."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.series = array("q")
+        self.ts_ns = array("q")
+        self.values = array("d")
+        self.column_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+        self.waveforms: list[WaveformBlock] = []
+        self.states: list[StateEvent] = []
+        self.counts: list[CountEvent] = []
+        self.raw_lines: list[bytes] = []
+        self.tokens: list[AckToken] = []
+        self.points = 0
+        self.messages = 0
+        self.first_arrival_ns = 0
+
+    def take(self) -> DecodedBatch:
+        """Hand over everything accumulated and start empty."""
+        s = np.frombuffer(self.series, dtype=np.int64) if self.series else np.empty(0, np.int64)
+        t = np.frombuffer(self.ts_ns, dtype=np.int64) if self.ts_ns else np.empty(0, np.int64)
+        v = np.frombuffer(self.values, dtype=np.float64) if self.values else np.empty(0, np.float64)
+        if self.column_chunks:
+            s = np.concatenate([s, *(c[0] for c in self.column_chunks)])
+            t = np.concatenate([t, *(c[1] for c in self.column_chunks)])
+            v = np.concatenate([v, *(c[2] for c in self.column_chunks)])
+        batch = DecodedBatch(
+            telemetry=TelemetryBatch(s, t, v),
+            waveforms=self.waveforms,
+            states=self.states,
+            counts=self.counts,
+            raw_lines=self.raw_lines,
+        )
+        self._reset()
+        return batch
+
+
+_LP_KEY = re.compile(rb"^((?:[^ \\]|\\.)+) (.+)$", re.S)
+_LP_TS = re.compile(rb"^(.*) (-?\d+)$", re.S)
+_UNESCAPED_COMMA = re.compile(rb"(?<!\\),")
+
+
+def _lp_escape_tag(s: str) -> bytes:
+    return s.replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ").encode()
+
+
+class Decoder:
+    """Validates payloads against :mod:`gateway.schema` and appends them to a :class:`BatchBuilder`."""
+
+    def __init__(
+        self,
+        topic_template: str,
+        subscriptions: list[Subscription],
+        limits: GatewaySection,
+        registry: SeriesRegistry,
+        *,
+        check_time_window: bool = True,
+    ) -> None:
+        self.topics = TopicParser(topic_template)
+        self.subscriptions = subscriptions
+        self.limits = limits
+        self.registry = registry
+        self.check_time_window = check_time_window
+        self._formats: dict[str, Format] = {}
+        self._past_ns = int(limits.max_past_s * 1e9)
+        self._future_ns = int(limits.max_future_s * 1e9)
+        self._tag_cache: dict[MachineKey, bytes] = {}
+
+    def _format(self, topic: str) -> Format:
+        fmt = self._formats.get(topic)
+        if fmt is None:
+            fmt = "auto"
+            for sub in self.subscriptions:
+                if topic_matches(sub.topic, topic):
+                    fmt = sub.format
+                    break
+            if len(self._formats) < 200_000:
+                self._formats[topic] = fmt
+        return fmt
+
+    def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
+        """Decode one message into ``out``; return the number of points it produced."""
+        if len(payload) > self.limits.max_payload_bytes:
+            raise DecodeError(
+                f"payload is {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}"
+            )
+        machine, channel = self.topics.parse(topic)
+        if channel == "telemetry":
+            fmt = self._format(topic)
+            if fmt == "line" or (fmt == "auto" and payload.lstrip()[:1] not in (b"{", b"[")):
+                n = self._decode_lines(machine, payload, arrival_ns, out)
+            else:
+                n = self._decode_telemetry(machine, self._json(payload), arrival_ns, out)
+        elif channel == "state":
+            msg = self._validate(StateMessage, self._json(payload))
+            ts = self._ts(msg.ts, arrival_ns, "ts")
+            reason = msg.reason
+            if reason is not None and re.search(r"[\x00-\x1f\x7f]", reason):
+                raise DecodeError("reason: holds a control character")
+            out.states.append(StateEvent(machine, ts, msg.state, reason))
+            n = 1
+        else:
+            cmsg = self._validate(CountMessage, self._json(payload))
+            ts = self._ts(cmsg.ts, arrival_ns, "ts")
+            out.counts.append(CountEvent(machine, ts, cmsg.total, cmsg.good))
+            n = 1
+        out.points += n
+        out.messages += 1
+        return n
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _json(payload: bytes) -> Any:
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            if isinstance(exc.__cause__, UnicodeDecodeError) or "utf-8" in str(exc).lower():
+                raise DecodeError(f"payload is not valid UTF-8: {exc}") from exc
+            raise DecodeError(f"payload is not valid JSON: {exc}") from exc
+
+    @staticmethod
+    def _validate(model: type[Any], data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise DecodeError(f"payload must be a JSON object, got {type(data).__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise DecodeError(describe_validation_error(exc)) from exc
+
+    def _check_window(self, ts_min: int, ts_max: int, arrival_ns: int, field: str) -> None:
+        if not self.check_time_window:
+            return
+        if ts_min < arrival_ns - self._past_ns:
+            raise DecodeError(f"{field}: timestamp is more than max_past_s={self.limits.max_past_s:g} s old")
+        if ts_max > arrival_ns + self._future_ns:
+            raise DecodeError(f"{field}: timestamp is more than max_future_s={self.limits.max_future_s:g} s ahead")
+
+    def _ts(self, ts: float | str | None, arrival_ns: int, field: str) -> int:
+        if ts is None:
+            return arrival_ns
+        ns = ts_to_ns(ts)
+        self._check_window(ns, ns, arrival_ns, field)
+        return ns
+
+    def _series_ids(self, machine: MachineKey, names: list[str]) -> list[int]:
+        return [self.registry.series_id(machine, name) for name in names]
+
+    def _decode_telemetry(self, machine: MachineKey, data: Any, arrival_ns: int, out: BatchBuilder) -> int:
+        if not isinstance(data, dict):
+            raise DecodeError(f"payload must be a JSON object, got {type(data).__name__}")
+        if "t0" in data:
+            fixed: TelemetryFixedRate = self._validate(TelemetryFixedRate, data)
+            return self._append_fixed(machine, fixed, arrival_ns, out)
+        if isinstance(data.get("ts"), list):
+            col: TelemetryColumnar = self._validate(TelemetryColumnar, data)
+            return self._append_columnar(machine, col, arrival_ns, out)
+        sample: TelemetrySample = self._validate(TelemetrySample, data)
+        ts = self._ts(sample.ts, arrival_ns, "ts")
+        names = list(sample.values)
+        sids = self._series_ids(machine, names)
+        out.series.extend(sids)
+        out.ts_ns.extend([ts] * len(sids))
+        out.values.extend(sample.values.values())
+        return len(sids)
+
+    def _append_columnar(self, machine: MachineKey, msg: TelemetryColumnar, arrival_ns: int, out: BatchBuilder) -> int:
+        if all(isinstance(t, float | int) for t in msg.ts):
+            ts = np.rint(np.asarray(msg.ts, dtype=np.float64) * 1e6).astype(np.int64) * 1000
+        else:
+            ts = np.asarray([ts_to_ns(t) for t in msg.ts], dtype=np.int64)
+        self._check_window(int(ts.min()), int(ts.max()), arrival_ns, "ts")
+        names = list(msg.values)
+        sids = self._series_ids(machine, names)
+        n = len(ts)
+        for sid, name in zip(sids, names, strict=True):
+            out.column_chunks.append(
+                (np.full(n, sid, np.int64), ts, np.asarray(msg.values[name], dtype=np.float64))
+            )
+        return n * len(names)
+
+    def _append_fixed(self, machine: MachineKey, msg: TelemetryFixedRate, arrival_ns: int, out: BatchBuilder) -> int:
+        t0 = ts_to_ns(msg.t0)
+        dt_ns = int(round(msg.dt * 1e9))
+        if dt_ns <= 0:
+            raise DecodeError(f"dt: {msg.dt} s is below 1 ns")
+        names = list(msg.values)
+        n = len(msg.values[names[0]])
+        self._check_window(t0, t0 + dt_ns * (n - 1), arrival_ns, "t0")
+        sids = self._series_ids(machine, names)
+        ts = t0 + np.arange(n, dtype=np.int64) * dt_ns
+        for sid, name in zip(sids, names, strict=True):
+            vals = np.asarray(msg.values[name], dtype=np.float64)
+            out.waveforms.append(WaveformBlock(sid, t0, dt_ns, vals))
+            if self.limits.store_waveforms:
+                out.column_chunks.append((np.full(n, sid, np.int64), ts, vals))
+        return n * len(names) if self.limits.store_waveforms else 0
+
+    def _machine_tags(self, machine: MachineKey) -> bytes:
+        tags = self._tag_cache.get(machine)
+        if tags is None:
+            tags = b"".join(
+                b"," + k.encode() + b"=" + _lp_escape_tag(getattr(machine, k))
+                for k in ("area", "line", "machine", "site")
+            )
+            self._tag_cache[machine] = tags
+        return tags
+
+    def _decode_lines(self, machine: MachineKey, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"payload is not valid UTF-8: {exc}") from exc
+        tags = self._machine_tags(machine)
+        lines: list[bytes] = []
+        for lineno, raw in enumerate(payload.split(b"\n"), 1):
+            line = raw.strip(b"\r \t")
+            if not line or line.startswith(b"#"):
+                continue
+            m = _LP_KEY.match(line)
+            if m is None or b"=" not in m.group(2):
+                raise DecodeError(f"line {lineno}: not line protocol (expected 'measurement[,tags] fields [ts]')")
+            key, rest = m.group(1), m.group(2)
+            present = {p.split(b"=", 1)[0] for p in _UNESCAPED_COMMA.split(key)[1:]}
+            # Tags the device already set win over the topic's (a duplicate key is an error in InfluxDB).
+            extra = b"".join(b"," + t for t in tags[1:].split(b",") if t.split(b"=", 1)[0] not in present)
+            tsm = _LP_TS.match(rest)
+            if tsm is not None and tsm.group(1).count(b'"') % 2 == 0 and b"=" in tsm.group(1):
+                fields, ts = tsm.group(1), int(tsm.group(2))
+            else:
+                fields, ts = rest, arrival_ns
+            self._check_window(ts, ts, arrival_ns, f"line {lineno} timestamp")
+            lines.append(key + extra + b" " + fields + b" " + str(ts).encode())
+        if not lines:
+            raise DecodeError("payload holds no line-protocol lines")
+        out.raw_lines.extend(lines)
+        return len(lines)
+

@@ -1,0 +1,117 @@
+"""``RunningOutput``: wraps a sink with retry, splitting and dead-lettering, so sinks stay tiny.
+
+- 429/503 honour ``Retry-After``; 5xx and connection errors retry with capped exponential backoff
+  and full jitter, until the write succeeds or the output is stopped.
+- 413 (too large) splits the batch in halves.
+- 400/422 (bad lines, type conflicts) split to isolate the bad lines; those go to the dead-letter
+  callback with the server's message and the rest is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError, SinkError
+from gateway.sinks import Sink
+
+__all__ = ["OutputStats", "OutputStopped", "RunningOutput"]
+
+log = logging.getLogger("gateway.output")
+
+
+class OutputStopped(GatewayError):
+    """The output was stopped while a write was still being retried."""
+
+
+@dataclass(slots=True)
+class OutputStats:
+    writes: int = 0
+    points_written: int = 0
+    write_errors: int = 0
+    retries: int = 0
+    rejected_lines: int = 0
+
+
+RejectCallback = Callable[[list[bytes], str], None]
+
+
+class RunningOutput:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        max_retry_s: float = 30.0,
+        base_retry_s: float = 0.2,
+        on_rejected: RejectCallback | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sink = sink
+        self.max_retry_s = max_retry_s
+        self.base_retry_s = base_retry_s
+        self.on_rejected = on_rejected
+        self.stats = OutputStats()
+        self._stopping = asyncio.Event()
+        self._rng = rng or random.Random()
+
+    def stop(self) -> None:
+        """Abort retries (at shutdown); pending data stays wherever it was durable."""
+        self._stopping.set()
+
+    async def write(self, body: bytes) -> None:
+        """Write ``body`` (line protocol) completely; raise OutputStopped if stopped first."""
+        if not body:
+            return
+        await self._write_lines(body.split(b"\n"))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise OutputStopped("output stopped during retry")
+
+    async def _write_lines(self, lines: list[bytes]) -> None:
+        attempt = 0
+        while True:
+            if self._stopping.is_set():
+                raise OutputStopped("output stopped")
+            try:
+                await self.sink.write(b"\n".join(lines))
+            except SinkError as exc:
+                self.stats.write_errors += 1
+                if exc.status == 413 and len(lines) > 1:
+                    mid = len(lines) // 2
+                    await self._write_lines(lines[:mid])
+                    await self._write_lines(lines[mid:])
+                    return
+                if not exc.retryable and exc.status is not None and 400 <= exc.status < 500 and exc.status != 413:
+                    await self._isolate(lines, exc)
+                    return
+                attempt += 1
+                self.stats.retries += 1
+                delay = min(self.max_retry_s, self.base_retry_s * 2 ** min(attempt, 20))
+                delay = self._rng.uniform(delay / 2, delay)
+                if exc.retry_after is not None:
+                    delay = min(max(delay, exc.retry_after), self.max_retry_s * 4)
+                log.warning("write of %d lines failed (%s); retry %d in %.1f s", len(lines), exc, attempt, delay)
+                await self._sleep(delay)
+                continue
+            self.stats.writes += 1
+            self.stats.points_written += len(lines)
+            return
+
+    async def _isolate(self, lines: list[bytes], exc: SinkError) -> None:
+        """Bisect a rejected batch until the bad lines are found; write the rest."""
+        if len(lines) == 1:
+            self.stats.rejected_lines += 1
+            log.error("line rejected by the database (%s): %r", exc, lines[0][:200])
+            if self.on_rejected is not None:
+                self.on_rejected(lines, str(exc))
+            return
+        mid = len(lines) // 2
+        await self._write_lines(lines[:mid])
+        await self._write_lines(lines[mid:])

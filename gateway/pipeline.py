@@ -1,0 +1,172 @@
+"""The one module that wires the stages: source → decode → batch → compute → encode → sink → ack.
+
+No stage imports another; each receives what the previous one produced. ``submit`` is the hot path: it
+is called straight from the source's callback, decodes into the open columnar batch and returns.
+A flusher task closes a batch when it holds ``batch_size`` points or is ``flush_interval_ms`` old,
+computes, encodes, makes it durable and only then acknowledges its messages, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from gateway.batch import DecodedBatch, SeriesRegistry
+from gateway.config import GatewayConfig
+from gateway.decode import AckToken, BatchBuilder, Decoder
+from gateway.encode import LineProtocolEncoder
+from gateway.errors import DecodeError
+from gateway.output import RunningOutput
+from gateway.sinks import Sink
+
+__all__ = ["Pipeline", "PipelineStats"]
+
+log = logging.getLogger("gateway.pipeline")
+
+AckCallback = Callable[[Sequence[AckToken]], int]
+RejectCallback = Callable[[str, bytes, str, int], None]
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    messages_in: int = 0
+    points_in: int = 0
+    decode_errors: int = 0
+    batches: int = 0
+    points_out: int = 0
+    acks: int = 0
+    batch_latency_ms: float = 0.0
+
+
+class Pipeline:
+    """Holds the open batch and the per-series state; flushes in order."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        sink: Sink,
+        *,
+        check_time_window: bool = True,
+        on_reject: RejectCallback | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = SeriesRegistry(cfg.gateway.max_series)
+        self.decoder = Decoder(
+            cfg.mqtt.topic_template,
+            cfg.mqtt.subscriptions(),
+            cfg.gateway,
+            self.registry,
+            check_time_window=check_time_window,
+        )
+        self.encoder = LineProtocolEncoder(self.registry)
+        self.output = RunningOutput(sink, max_retry_s=cfg.influx.max_retry_s)
+        self.stats = PipelineStats()
+        self.ack: AckCallback | None = None
+        self.on_reject = on_reject
+        self.accepting = True
+        self._builder = BatchBuilder()
+        self._batch_size = cfg.influx.batch_size
+        self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
+        self._full = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._last_stats_ns = time.monotonic_ns()
+        self._stats_lines: list[str] = []
+
+    # -- hot path -------------------------------------------------------------------------------
+    def submit(self, topic: str, payload: bytes, token: AckToken | None) -> None:
+        """Decode one message into the open batch (called from the source callback)."""
+        if not self.accepting:
+            return  # not acked: the broker redelivers it to the next session
+        b = self._builder
+        now = time.time_ns()
+        if not b.tokens and b.messages == 0:
+            b.first_arrival_ns = time.monotonic_ns()
+        try:
+            self.decoder.decode(topic, payload, now, b)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            b.messages += 1
+            if self.on_reject is not None:
+                self.on_reject(topic, payload, str(exc), now)
+            else:
+                log.warning("rejected message on %r: %s", topic, exc)
+        if token is not None:
+            b.tokens.append(token)
+        if b.points >= self._batch_size:
+            self._full.set()
+
+    # -- flushing -------------------------------------------------------------------------------
+    def pending(self) -> int:
+        return self._builder.messages
+
+    async def run_flusher(self, stop: asyncio.Event) -> None:
+        """Flush whenever the batch is full or old enough, until ``stop``; then flush what is left."""
+        while not stop.is_set():
+            b = self._builder
+            timeout = self._flush_ns / 1e9
+            if b.messages:
+                age = time.monotonic_ns() - b.first_arrival_ns
+                timeout = max(0.0, (self._flush_ns - age) / 1e9)
+            try:
+                await asyncio.wait_for(self._full.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+            if self._builder.messages or self._stats_due():
+                await self.flush()
+        await self.flush()
+
+    def _stats_due(self) -> bool:
+        return time.monotonic_ns() - self._last_stats_ns >= self.cfg.gateway.stats_interval_s * 1e9
+
+    async def flush(self) -> None:
+        """Close the open batch; compute, encode, write, then acknowledge its messages."""
+        async with self._flush_lock:
+            self._full.clear()
+            b = self._builder
+            tokens = b.tokens
+            messages, points = b.messages, b.points
+            started = b.first_arrival_ns
+            batch = b.take()
+            self.stats.messages_in += messages
+            self.stats.points_in += points
+            body = self.encode(batch)
+            if self._stats_due():
+                body = self.encoder.join([body, self._stats_line()])
+            if body:
+                await self.output.write(body)
+                self.stats.points_out += body.count(b"\n") + 1
+            if tokens and self.ack is not None:
+                self.stats.acks += self.ack(tokens)
+            self.stats.batches += 1
+            if messages:
+                self.stats.batch_latency_ms = (time.monotonic_ns() - started) / 1e6
+
+    def encode(self, batch: DecodedBatch) -> bytes:
+        """Compute and encode one batch into a single line-protocol body."""
+        enc = self.encoder
+        return enc.join(
+            [
+                enc.telemetry(batch.telemetry),
+                enc.states(batch.states),
+                enc.counts(batch.counts),
+                b"\n".join(batch.raw_lines),
+            ]
+        )
+
+    def _stats_line(self) -> bytes:
+        self._last_stats_ns = time.monotonic_ns()
+        fields: dict[str, float | int | str | bool | None] = dict(asdict(self.stats))
+        fields["series"] = len(self.registry)
+        o = self.output.stats
+        fields.update(points_written=o.points_written, write_errors=o.write_errors, rejected_lines=o.rejected_lines)
+        line = self.encoder.point("gateway_stats", {"instance": self.cfg.gateway.instance}, fields, time.time_ns())
+        log.info(
+            "in %d msgs / %d points, written %d points, decode errors %d, write errors %d, series %d, "
+            "last batch %.0f ms",
+            self.stats.messages_in, self.stats.points_in, o.points_written, self.stats.decode_errors,
+            o.write_errors, len(self.registry), self.stats.batch_latency_ms,
+        )
+        return line.encode()

@@ -1,0 +1,162 @@
+"""MQTT source adapter (aiomqtt 2.x over paho-mqtt 2.x).
+
+aiomqtt owns the connection lifecycle (connect, subscribe, keepalive, disconnect errors); messages are
+taken straight from paho's ``on_message`` callback and handed to the pipeline without a queue hop or a
+``Message`` copy, and acknowledged manually (``manual_ack_set``) only once the pipeline says the points
+are durable. Acks go out in arrival order; acks for a previous connection are dropped (the broker
+redelivers those messages, and device timestamps make the rewrite idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.client import Client as PahoClient
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import MqttConfig
+from gateway.decode import AckToken
+
+__all__ = ["MqttSource"]
+
+log = logging.getLogger("gateway.sources.mqtt")
+
+MessageCallback = Callable[[str, bytes, AckToken | None], None]
+
+
+class MqttSource:
+    """Subscribes, feeds every message to ``on_message`` and acknowledges on request."""
+
+    def __init__(self, cfg: MqttConfig, on_message: MessageCallback) -> None:
+        self.cfg = cfg
+        self.on_message = on_message
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.messages = 0
+        self.paused = False
+        self._paho: PahoClient | None = None
+        self._last_in = time.monotonic()
+
+    # -- acking ---------------------------------------------------------------------------------
+    def ack(self, tokens: Sequence[AckToken]) -> int:
+        """Acknowledge ``tokens`` (arrival order) on the current connection; return how many went out."""
+        paho = self._paho
+        if paho is None:
+            return 0
+        sent = 0
+        gen = self.generation
+        for tok in tokens:
+            if tok.qos > 0 and tok.generation == gen:
+                paho.ack(tok.mid, tok.qos)
+                sent += 1
+        return sent
+
+    # -- connection -----------------------------------------------------------------------------
+    def _client(self) -> aiomqtt.Client:
+        cfg = self.cfg
+        v5 = cfg.protocol == "5"
+        props: Properties | None = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0 if cfg.clean_session else cfg.session_expiry_s
+            props.ReceiveMaximum = cfg.receive_maximum
+        tls_context: ssl.SSLContext | None = None
+        if cfg.tls is not None:
+            tls_context = ssl.create_default_context(cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None)
+            if cfg.tls.cert_file is not None and cfg.tls.key_file is not None:
+                tls_context.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file))
+            if cfg.tls.insecure:
+                tls_context.check_hostname = False
+        kwargs: dict[str, Any] = {}
+        if v5:
+            kwargs["clean_start"] = cfg.clean_session
+            kwargs["properties"] = props
+        else:
+            kwargs["clean_session"] = cfg.clean_session
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            identifier=cfg.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            keepalive=cfg.keepalive_s,
+            tls_context=tls_context,
+            timeout=10,
+            **kwargs,
+        )
+        paho: PahoClient = client._client  # the adapter owns paho: manual acks, direct callback
+        paho.manual_ack_set(True)
+        paho.on_message = self._on_paho_message
+        return client
+
+    def _on_paho_message(self, _client: PahoClient, _userdata: Any, msg: MQTTMessage) -> None:
+        self._last_in = time.monotonic()
+        self.messages += 1
+        token = AckToken(msg.mid, msg.qos, self.generation) if msg.qos > 0 else None
+        self.on_message(msg.topic, bytes(msg.payload), token)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, subscribe and keep reconnecting (capped backoff with jitter) until ``stop``."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                client = self._client()
+                async with client:
+                    self.generation += 1
+                    self._paho = client._client
+                    self.connects += 1
+                    attempt = 0
+                    subs: list[tuple[str, int]] = [(s.topic, s.qos or 0) for s in self.cfg.subscriptions()]
+                    await client.subscribe(subs)
+                    log.info("connected to %s:%d, subscribed to %s", self.cfg.host, self.cfg.port, subs)
+                    self.connected.set()
+                    await self._until_disconnected(client, stop)
+            except aiomqtt.MqttError as exc:
+                if stop.is_set():
+                    break
+                attempt += 1
+                delay = random.uniform(0.5, 1.0) * min(self.cfg.reconnect_max_s, 0.5 * 2 ** min(attempt, 10))
+                log.warning("MQTT connection to %s:%d lost or refused (%s); retry in %.1f s",
+                            self.cfg.host, self.cfg.port, exc, delay)
+                self.connected.clear()
+                self._paho = None
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+            finally:
+                self.connected.clear()
+                self._paho = None
+
+    async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Wait for ``stop`` or a disconnect; the watchdog reconnects a connection that went silent."""
+        disconnected: asyncio.Future[Any] = client._disconnected
+        stop_task: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {stop_task, disconnected}, timeout=min(5.0, self.cfg.stall_timeout_s)
+                )
+                if stop_task in done:
+                    return
+                if disconnected in done:
+                    exc = disconnected.exception()
+                    raise aiomqtt.MqttError(f"disconnected: {exc}")
+                paho = client._client
+                # paho records the last packet of any kind (PINGRESP too): silence means a stall.
+                last = max(getattr(paho, "_last_msg_in", 0.0), 0.0)
+                if last and time.monotonic() - last > max(self.cfg.stall_timeout_s, 2.5 * self.cfg.keepalive_s):
+                    raise aiomqtt.MqttError("connection stalled (no packets from the broker); reconnecting")
+        finally:
+            stop_task.cancel()

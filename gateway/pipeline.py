@@ -51,6 +51,7 @@ class Pipeline:
         *,
         check_time_window: bool = True,
         on_reject: RejectCallback | None = None,
+        emit_stats: bool = True,
     ) -> None:
         self.cfg = cfg
         self.registry = SeriesRegistry(cfg.gateway.max_series)
@@ -67,6 +68,7 @@ class Pipeline:
         self.ack: AckCallback | None = None
         self.on_reject = on_reject
         self.accepting = True
+        self.emit_stats = emit_stats
         self._builder = BatchBuilder()
         self._batch_size = cfg.influx.batch_size
         self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
@@ -119,7 +121,7 @@ class Pipeline:
         await self.flush()
 
     def _stats_due(self) -> bool:
-        return time.monotonic_ns() - self._last_stats_ns >= self.cfg.gateway.stats_interval_s * 1e9
+        return self.emit_stats and time.monotonic_ns() - self._last_stats_ns >= self.cfg.gateway.stats_interval_s * 1e9
 
     async def flush(self) -> None:
         """Close the open batch; compute, encode, write, then acknowledge its messages."""

@@ -106,7 +106,7 @@ async def replay(cfg: GatewayConfig, input_path: Path, *, sink: Sink | None = No
     """Feed a recorded JSONL file through decode → compute → encode → sink; return the pipeline."""
     out = sink or make_influx_sink(cfg.influx)
     await out.connect()
-    pipeline = Pipeline(cfg, out, check_time_window=False)
+    pipeline = Pipeline(cfg, out, check_time_window=False, emit_stats=False)
     try:
         with open(input_path, "rb") as fh:
             for topic, body in _read_jsonl(fh):

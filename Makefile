@@ -1,0 +1,25 @@
+# The two commands of the README. Both set up what is missing first (idempotent).
+.PHONY: setup run test test-chaos bench lint
+
+export PATH := /usr/sbin:$(PATH)
+
+setup:
+	@bash deploy/dev/setup.sh
+
+# Local broker + database + 20-machine simulated fleet + gateway, with a live summary. Ctrl-C stops all.
+run: setup
+	@.venv/bin/python deploy/dev/run_local.py $(ARGS)
+
+lint:
+	.venv/bin/ruff check gateway devices tests bench deploy
+	.venv/bin/mypy
+
+# The whole suite against real servers started by the fixtures (ruff and mypy included).
+test: setup lint
+	.venv/bin/python -m pytest -q -m "not chaos" -p no:cacheprovider
+
+test-chaos: setup
+	.venv/bin/python -m pytest -q -m chaos -p no:cacheprovider
+
+bench: setup
+	.venv/bin/python bench/run.py

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine: the servers the demo and the tests use, and a .venv
+# with the package. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v influxd >/dev/null 2>&1 || need+=(influxdb)
+command -v influx >/dev/null 2>&1 || need+=(influxdb-client)
+command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # Debian starts these as system services; the project runs its own copies on loopback instead.
+    for svc in mosquitto influxdb victoria-metrics; do
+        $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    done
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing the package and its test tools into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e ".[test]"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+export PATH="/usr/sbin:$PATH"
+echo "setup: ok ($(mosquitto -h 2>/dev/null | head -1 | cut -c1-40); influxd $(influxd version 2>/dev/null | awk '{print $2}'); victoria-metrics $(victoria-metrics -version 2>/dev/null | head -1 | cut -c1-40))"

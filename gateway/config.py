@@ -28,7 +28,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.deadletter import DeadLetterConfig
 from gateway.errors import ConfigError
+from gateway.wal import BufferConfig
 
 __all__ = [
     "GatewayConfig",
@@ -204,6 +206,8 @@ class GatewayConfig(BaseSettings):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     influx: InfluxConfig = Field(default_factory=InfluxConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    deadletter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass
 
 from gateway.batch import DecodedBatch, SeriesRegistry
 from gateway.config import GatewayConfig
+from gateway.deadletter import DeadLetterFile
 from gateway.decode import AckToken, BatchBuilder, Decoder
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
+from gateway.wal import WriteAheadLog
 
 __all__ = ["Pipeline", "PipelineStats"]
 
@@ -52,6 +54,8 @@ class Pipeline:
         check_time_window: bool = True,
         on_reject: RejectCallback | None = None,
         emit_stats: bool = True,
+        wal: WriteAheadLog | None = None,
+        deadletter: DeadLetterFile | None = None,
     ) -> None:
         self.cfg = cfg
         self.registry = SeriesRegistry(cfg.gateway.max_series)
@@ -63,7 +67,11 @@ class Pipeline:
             check_time_window=check_time_window,
         )
         self.encoder = LineProtocolEncoder(self.registry)
-        self.output = RunningOutput(sink, max_retry_s=cfg.influx.max_retry_s)
+        self.wal = wal
+        self.deadletter = deadletter
+        self.output = RunningOutput(
+            sink, max_retry_s=cfg.influx.max_retry_s, on_rejected=self._reject_lines if deadletter else None
+        )
         self.stats = PipelineStats()
         self.ack: AckCallback | None = None
         self.on_reject = on_reject
@@ -75,7 +83,10 @@ class Pipeline:
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._last_stats_ns = time.monotonic_ns()
-        self._stats_lines: list[str] = []
+        self._wal_appended = asyncio.Event()  # wakes the writer
+        self._wal_confirmed = asyncio.Event()  # wakes a flush waiting for room in the WAL
+        self._dead_pending = False
+        self.backpressure_waits = 0
 
     # -- hot path -------------------------------------------------------------------------------
     def submit(self, topic: str, payload: bytes, token: AckToken | None) -> None:
@@ -91,10 +102,13 @@ class Pipeline:
         except DecodeError as exc:
             self.stats.decode_errors += 1
             b.messages += 1
+            if self.deadletter is not None:
+                self.deadletter.write(topic, payload, str(exc), now)
+                self._dead_pending = True
             if self.on_reject is not None:
                 self.on_reject(topic, payload, str(exc), now)
-            else:
-                log.warning("rejected message on %r: %s", topic, exc)
+            if self.deadletter is None or self.stats.decode_errors <= 10 or self.stats.decode_errors % 1000 == 0:
+                log.warning("rejected message on %r: %s (%d so far)", topic, exc, self.stats.decode_errors)
         if token is not None:
             b.tokens.append(token)
         if b.points >= self._batch_size:
@@ -138,13 +152,81 @@ class Pipeline:
             if self._stats_due():
                 body = self.encoder.join([body, self._stats_line()])
             if body:
-                await self.output.write(body)
+                if self.wal is not None:
+                    await self._append_durably(body)
+                else:
+                    await self.output.write(body)
                 self.stats.points_out += body.count(b"\n") + 1
+            if self._dead_pending and self.deadletter is not None:
+                self._dead_pending = False
+                await asyncio.to_thread(self.deadletter.sync)  # rejected messages are acked only once kept
             if tokens and self.ack is not None:
                 self.stats.acks += self.ack(tokens)
             self.stats.batches += 1
             if messages:
                 self.stats.batch_latency_ms = (time.monotonic_ns() - started) / 1e6
+
+    async def _append_durably(self, body: bytes) -> None:
+        """Append to the WAL and fsync once; when the WAL is full, wait (not acking = back-pressure)."""
+        wal = self.wal
+        assert wal is not None
+        while not wal.has_room(len(body)):
+            self.backpressure_waits += 1
+            if self.backpressure_waits % 100 == 1:
+                log.warning("WAL full (%d bytes pending): holding acks until the database catches up",
+                            wal.bytes_pending)
+            self._wal_confirmed.clear()
+            try:
+                await asyncio.wait_for(self._wal_confirmed.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+        def append_and_sync() -> None:
+            wal.append(body)
+            wal.sync()
+
+        await asyncio.to_thread(append_and_sync)
+        self._wal_appended.set()
+
+    async def run_writer(self, stop: asyncio.Event, *, max_lines: int | None = None) -> None:
+        """Drain the WAL into the database in order, confirming what was accepted, until ``stop``.
+
+        On ``stop`` it keeps going until the WAL is empty (the caller bounds that with a timeout);
+        whatever is left is replayed at the next start.
+        """
+        wal = self.wal
+        assert wal is not None
+        limit = max_lines or self.cfg.influx.batch_size
+        sent = wal.confirmed_id
+        while True:
+            records = await asyncio.to_thread(wal.read, sent, max_records=64, max_bytes=8 << 20)
+            if not records:
+                if stop.is_set():
+                    return
+                self._wal_appended.clear()
+                try:
+                    await asyncio.wait_for(self._wal_appended.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+                continue
+            # Merge small records into writes of about batch_size lines: fewer, larger HTTP requests.
+            chunk: list[bytes] = []
+            lines = 0
+            for rec in records:
+                chunk.append(rec.payload)
+                lines += rec.payload.count(b"\n") + 1
+                last = rec.id
+                if lines >= limit or rec is records[-1]:
+                    await self.output.write(b"\n".join(chunk))
+                    await asyncio.to_thread(wal.confirm, last)
+                    sent = last
+                    chunk, lines = [], 0
+                    self._wal_confirmed.set()
+
+    def _reject_lines(self, lines: list[bytes], reason: str) -> None:
+        if self.deadletter is not None:
+            self.deadletter.write_lines(lines, reason)
+            self.deadletter.sync()
 
     def encode(self, batch: DecodedBatch) -> bytes:
         """Compute and encode one batch into a single line-protocol body."""
@@ -164,6 +246,8 @@ class Pipeline:
         fields["series"] = len(self.registry)
         o = self.output.stats
         fields.update(points_written=o.points_written, write_errors=o.write_errors, rejected_lines=o.rejected_lines)
+        if self.wal is not None:
+            fields.update(wal_bytes=self.wal.bytes_pending, wal_records=self.wal.records_pending)
         line = self.encoder.point("gateway_stats", {"instance": self.cfg.gateway.instance}, fields, time.time_ns())
         log.info(
             "in %d msgs / %d points, written %d points, decode errors %d, write errors %d, series %d, "

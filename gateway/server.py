@@ -15,10 +15,12 @@ from typing import IO, Any
 import orjson
 
 from gateway.config import GatewayConfig
+from gateway.deadletter import DeadLetterFile
 from gateway.pipeline import Pipeline
 from gateway.sinks import Sink
 from gateway.sinks.influx import make_influx_sink
 from gateway.sources.mqtt import MqttSource
+from gateway.wal import WriteAheadLog
 
 __all__ = ["Server", "replay"]
 
@@ -29,7 +31,13 @@ class Server:
     def __init__(self, cfg: GatewayConfig, sink: Sink | None = None) -> None:
         self.cfg = cfg
         self.sink = sink or make_influx_sink(cfg.influx)
-        self.pipeline = Pipeline(cfg, self.sink)
+        cfg.deadletter.path.parent.mkdir(parents=True, exist_ok=True)
+        self.deadletter = DeadLetterFile.from_config(cfg.deadletter)
+        self.wal = WriteAheadLog.from_config(cfg.buffer) if cfg.buffer.enabled else None
+        if self.wal is not None and self.wal.records_pending:
+            log.info("WAL holds %d unconfirmed records (%d bytes): replaying them first",
+                     self.wal.records_pending, self.wal.bytes_pending)
+        self.pipeline = Pipeline(cfg, self.sink, wal=self.wal, deadletter=self.deadletter)
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.should_exit = asyncio.Event()
@@ -43,12 +51,18 @@ class Server:
         await self.sink.connect()  # outputs start first
         flush_stop = asyncio.Event()
         flusher = asyncio.create_task(self.pipeline.run_flusher(flush_stop), name="flusher")
+        writer_stop = asyncio.Event()
+        tasks = [flusher]
+        writer: asyncio.Task[None] | None = None
+        if self.wal is not None:
+            writer = asyncio.create_task(self.pipeline.run_writer(writer_stop), name="writer")
+            tasks.append(writer)
         source_stop = asyncio.Event()
         source = asyncio.create_task(self.source.run(source_stop), name="mqtt-source")
         try:
-            await self._main_loop(flusher, source)
+            await self._main_loop(*tasks, source)
         finally:
-            await self._shutdown(flusher, flush_stop, source, source_stop)
+            await self._shutdown(flusher, flush_stop, source, source_stop, writer, writer_stop)
 
     async def _main_loop(self, *tasks: asyncio.Task[None]) -> None:
         exit_wait = asyncio.create_task(self.should_exit.wait())
@@ -64,8 +78,12 @@ class Server:
         flush_stop: asyncio.Event,
         source: asyncio.Task[None],
         source_stop: asyncio.Event,
+        writer: asyncio.Task[None] | None,
+        writer_stop: asyncio.Event,
     ) -> None:
         log.info("shutting down: draining")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.gateway.shutdown_timeout_s
         self.pipeline.accepting = False  # stop reading; unacked messages stay with the broker
         flush_stop.set()
         try:
@@ -77,12 +95,25 @@ class Server:
             flusher.cancel()
         except Exception:
             log.exception("flusher failed during shutdown")
+        if writer is not None:
+            writer_stop.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), timeout=max(0.5, deadline - loop.time()))
+            except TimeoutError:
+                log.warning("shutdown timeout: the WAL still holds unwritten data; it is replayed at next start")
+                self.pipeline.output.stop()
+                writer.cancel()
+            except Exception:
+                log.exception("writer failed during shutdown")
         source_stop.set()
         try:
             await asyncio.wait_for(source, timeout=5)
         except (TimeoutError, Exception):
             source.cancel()
         await self.sink.close()
+        if self.wal is not None:
+            self.wal.close()
+        self.deadletter.close()
         log.info("stopped")
 
 

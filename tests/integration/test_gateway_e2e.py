@@ -31,6 +31,10 @@ client_id = "{client_id}"
 {influx_section}
 flush_interval_ms = 100
 batch_size = 5000
+[buffer]
+dir = "{tmp_path / 'wal'}"
+[deadletter]
+path = "{tmp_path / 'deadletter.jsonl'}"
 """,
     )
 

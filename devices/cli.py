@@ -1,0 +1,271 @@
+"""``factory-devices``: the fleet simulator and the Raspberry Pi agent.
+
+    factory-devices simulate --broker 127.0.0.1:1883 --machines 20 --rate 1 --duration 60 --time-scale 60
+    factory-devices agent --config /etc/factory/agent.toml
+
+Bad arguments exit with status 2 and a message naming the option; a broker that cannot be reached
+exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from devices.fleet import (
+    BrokerAddress,
+    Fleet,
+    MqttPublisher,
+    PublishError,
+    fleet_layout,
+    password_from_env,
+    run_fleet,
+)
+from devices.machine import DEFAULT_FAULT_DURATION_S, FaultKind, FaultPlan, ScheduledFault
+
+__all__ = ["build_parser", "main", "parse_fault_at"]
+
+log = logging.getLogger("devices")
+
+
+def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _broker(text: str) -> BrokerAddress:
+    try:
+        return BrokerAddress.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _topic_level(text: str) -> str:
+    if not text or any(ch in text for ch in "/+#"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one MQTT topic level (non-empty, no '/', '+', '#')")
+    return text
+
+
+def _fault_kinds(text: str) -> tuple[FaultKind, ...]:
+    kinds = []
+    for name in (part.strip() for part in text.split(",")):
+        if not name:
+            continue
+        try:
+            kinds.append(FaultKind(name))
+        except ValueError:
+            allowed = ", ".join(k.value for k in FaultKind)
+            raise argparse.ArgumentTypeError(f"unknown fault kind {name!r}; allowed: {allowed}") from None
+    if not kinds:
+        raise argparse.ArgumentTypeError("empty fault list")
+    return tuple(dict.fromkeys(kinds))
+
+
+def parse_fault_at(text: str) -> tuple[str, ScheduledFault]:
+    """Parse ``MACHINE:KIND:SECONDS[:DURATION[:METRIC]]``.
+
+    >>> parse_fault_at("m003:stuck:12:20:power_kw")
+    ('m003', ScheduledFault(kind=<FaultKind.STUCK: 'stuck'>, at_s=12.0, duration_s=20.0, metric='power_kw'))
+    """
+    parts = text.split(":")
+    if not 3 <= len(parts) <= 5:
+        raise argparse.ArgumentTypeError(f"expected MACHINE:KIND:SECONDS[:DURATION[:METRIC]], got {text!r}")
+    machine, kind_text, at_text, *rest = parts
+    (kind,) = _fault_kinds(kind_text)
+    try:
+        at_s = float(at_text)
+        duration = float(rest[0]) if rest and rest[0] else None
+        return machine, ScheduledFault(kind, at_s, duration, rest[1] if len(rest) > 1 else None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad --fault-at {text!r}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (sub-commands ``simulate`` and ``agent``)."""
+    parser = argparse.ArgumentParser(
+        prog="factory-devices",
+        description="Simulated machine fleet and Raspberry Pi agent for factory-gateway.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{simulate,agent}")
+
+    sim = sub.add_parser("simulate", parents=[common], help="publish a simulated fleet of machines")
+    sim.add_argument("--broker", type=_broker, default=BrokerAddress("127.0.0.1"), help="HOST:PORT")
+    sim.add_argument("--machines", type=_positive(int), default=20, help="number of machines (default 20)")
+    sim.add_argument("--rate", type=_positive(float), default=1.0, help="telemetry samples/s per machine")
+    sim.add_argument("--duration", type=_positive(float), help="seconds to run (default: until SIGINT/SIGTERM)")
+    sim.add_argument("--seed", type=int, default=0, help="RNG seed; same seed + times = same data")
+    sim.add_argument("--qos", type=int, choices=[0, 1, 2], default=1)
+    sim.add_argument("--root", type=_topic_level, default="factory", help="topic root (default factory)")
+    sim.add_argument("--client-id", help="MQTT client id (default factory-sim-<seed>)")
+    sim.add_argument("--username")
+    sim.add_argument("--password", help="or set FGW_DEVICES_PASSWORD")
+    sim.add_argument("--tls-ca", type=Path, help="CA file; enables TLS")
+    sim.add_argument("--time-scale", type=_positive(float), default=1.0, help="divide state dwell times by X")
+    sim.add_argument("--count-every", type=_positive(float), default=5.0, help="seconds between count messages")
+    sim.add_argument("--faults", type=_fault_kinds, help="random fault kinds: drift,spike,stuck,bearing_wear")
+    sim.add_argument("--fault-rate", type=_non_negative, help="faults per machine per hour (default 1 with --faults)")
+    sim.add_argument(
+        "--fault-at",
+        type=parse_fault_at,
+        action="append",
+        default=[],
+        metavar="MACHINE:KIND:SECONDS[:DURATION[:METRIC]]",
+        help="inject a fault SECONDS after start (repeatable)",
+    )
+    sim.add_argument("--fault-duration", type=_positive(float), help="seconds for random drift/stuck/bearing_wear")
+    sim.add_argument("--fault-log", type=Path, help="write injected-fault ground truth as JSON lines")
+    sim.add_argument("--waveform-hz", type=_positive(float), help="also send 1 s accel_g blocks at this rate")
+    sim.add_argument("--waveform-every", type=_positive(float), default=10.0, help="seconds between blocks")
+    sim.add_argument("--drain-timeout", type=_non_negative, default=10.0, help="seconds to wait for acks at exit")
+
+    agent = sub.add_parser("agent", parents=[common], help="run the Raspberry Pi sensor agent")
+    agent.add_argument("--config", type=Path, required=True, help="agent TOML file")
+    return parser
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM (handlers only set the flag; the loop notices it)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)
+
+
+def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    specs = fleet_layout(args.machines)
+    names = {s.name for s in specs}
+    scheduled: dict[str, list[ScheduledFault]] = {}
+    for machine, fault in args.fault_at:
+        if machine not in names:
+            parser.error(f"--fault-at: no machine {machine!r} (machines are {specs[0].name}..{specs[-1].name})")
+        scheduled.setdefault(machine, []).append(fault)
+    kinds = args.faults or ()
+    if args.fault_rate and not kinds:
+        kinds = tuple(FaultKind)
+    rate = args.fault_rate if args.fault_rate is not None else (1.0 if args.faults else 0.0)
+    durations = dict(DEFAULT_FAULT_DURATION_S)
+    if args.fault_duration:
+        durations.update({k: args.fault_duration for k in FaultKind if k is not FaultKind.SPIKE})
+    plans = {s.name: FaultPlan(kinds, rate, tuple(scheduled.get(s.name, ())), durations) for s in specs}
+    fleet = Fleet(
+        specs,
+        args.seed,
+        root=args.root,
+        time_scale=args.time_scale,
+        faults=plans,
+        count_every_s=args.count_every,
+    )
+    publisher = MqttPublisher(
+        args.broker,
+        args.client_id or f"factory-sim-{args.seed}",
+        qos=args.qos,
+        username=args.username,
+        password=password_from_env(args.password),
+        tls_ca=args.tls_ca,
+        drain_timeout=args.drain_timeout,
+    )
+    fault_log: IO[bytes] | None = None
+    try:
+        if args.fault_log is not None:
+            fault_log = args.fault_log.open("wb")
+        with _stop_on_signals() as stop, publisher:
+            log.info("simulating %d machines at %g Hz on %s", len(specs), args.rate, args.broker)
+            summary = run_fleet(
+                fleet,
+                publisher.publish,
+                rate_hz=args.rate,
+                duration_s=args.duration,
+                stop=stop,
+                waveform_hz=args.waveform_hz,
+                waveform_every_s=args.waveform_every,
+                fault_log=fault_log,
+            )
+            summary.unacked = publisher.close()
+            summary.dropped = publisher.dropped
+    except PublishError as exc:
+        print(f"factory-devices: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"factory-devices: cannot write fault log {args.fault_log}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if fault_log is not None:
+            fault_log.close()
+    print(f"factory-devices: {summary.line()}", flush=True)
+    return 0 if summary.unacked == 0 else 1
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from devices.agent import AgentConfigError, load_config, run_agent
+
+    try:
+        cfg = load_config(args.config)
+    except AgentConfigError as exc:
+        print(f"factory-devices: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with _stop_on_signals() as stop:
+            sent = run_agent(cfg, stop)
+    except PublishError as exc:
+        print(f"factory-devices: {exc}", file=sys.stderr)
+        return 1
+    print(f"factory-devices: agent published {sent} samples", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``factory-devices`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "simulate":
+        return _simulate(args, parser)
+    return _agent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

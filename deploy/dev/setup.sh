@@ -30,10 +30,12 @@ fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing the package and its test tools into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q --upgrade pip >.venv/pip.log 2>&1 || true
+    if ! .venv/bin/python -m pip install -q -e ".[test]" >>.venv/pip.log 2>&1; then
+        cat .venv/pip.log; echo "setup: pip install failed" >&2; exit 1
+    fi
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
 export PATH="/usr/sbin:$PATH"
-echo "setup: ok ($(mosquitto -h 2>/dev/null | head -1 | cut -c1-40); influxd $(influxd version 2>/dev/null | awk '{print $2}'); victoria-metrics $(victoria-metrics -version 2>/dev/null | head -1 | cut -c1-40))"
+echo "setup: ok ($(mosquitto -h 2>/dev/null | head -1 | cut -c1-40), influxd $(influxd version 2>/dev/null | awk '{print $2}'), victoria-metrics, .venv)"

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.deadletter import DeadLetterConfig
+from gateway.detect.config import DetectionConfig
 from gateway.errors import ConfigError
 from gateway.wal import BufferConfig
 
@@ -208,6 +209,7 @@ class GatewayConfig(BaseSettings):
     influx: InfluxConfig = Field(default_factory=InfluxConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     deadletter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    detect: DetectionConfig = Field(default_factory=DetectionConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from gateway.batch import CountEvent, MachineKey, SeriesRegistry, StateEvent, TelemetryBatch
+from gateway.batch import F64, I64, CountEvent, MachineKey, SeriesRegistry, StateEvent, TelemetryBatch
 
 __all__ = [
     "LineProtocolEncoder",
@@ -30,6 +31,21 @@ __all__ = [
     "escape_tag",
     "format_fields",
 ]
+
+class AnomalyEvents(Protocol):
+    """What the encoder needs of the compute stage's flagged events (parallel arrays)."""
+
+    series: I64
+    ts_ns: I64
+    code: I64
+    score: F64
+    value: F64
+    expected: F64
+    zscore: F64
+    names: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
 
 _MEAS = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\t": r"\t"})
 _TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\t": r"\t"})
@@ -136,6 +152,27 @@ class LineProtocolEncoder:
         return "\n".join(
             f"production,{self.tags(e.machine)} total={e.total}i,good={e.good}i {e.ts_ns}" for e in events
         ).encode()
+
+    def anomalies(self, events: AnomalyEvents) -> bytes:
+        """``anomaly,<tags>,metric=..,detector=.. score=..,value=..,expected=..,zscore=.. <ts>``."""
+        if len(events) == 0:
+            return b""
+        reg = self.registry
+        names = [escape_tag(n) for n in events.names]
+        keys: dict[tuple[int, int], str] = {}
+        lines = []
+        for sid, code, ts, score, value, expected, z in zip(
+            events.series.tolist(), events.code.tolist(), events.ts_ns.tolist(), events.score.tolist(),
+            events.value.tolist(), events.expected.tolist(), events.zscore.tolist(), strict=True,
+        ):
+            key = keys.get((sid, code))
+            if key is None:
+                key = (f"anomaly,{self.tags(reg.machines[sid])},metric={escape_tag(reg.metrics[sid])},"
+                       f"detector={names[code]} ")
+                keys[(sid, code)] = key
+            fields = format_fields({"score": score, "value": value, "expected": expected, "zscore": z})
+            lines.append(f"{key}{fields} {ts}")
+        return "\n".join(lines).encode()
 
     def point(self, measurement: str, tags: Mapping[str, str], fields: Mapping[str, FieldValue], ts_ns: int) -> str:
         """A single generic line (tags sorted by key); empty if no field survives."""

@@ -18,6 +18,7 @@ from gateway.batch import DecodedBatch, SeriesRegistry
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import AckToken, BatchBuilder, Decoder
+from gateway.detect.fusion import AnomalyEngine
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError
 from gateway.output import RunningOutput
@@ -40,6 +41,7 @@ class PipelineStats:
     batches: int = 0
     points_out: int = 0
     acks: int = 0
+    anomalies: int = 0
     batch_latency_ms: float = 0.0
 
 
@@ -67,6 +69,7 @@ class Pipeline:
             check_time_window=check_time_window,
         )
         self.encoder = LineProtocolEncoder(self.registry)
+        self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
         self.wal = wal
         self.deadletter = deadletter
         self.output = RunningOutput(
@@ -231,9 +234,16 @@ class Pipeline:
     def encode(self, batch: DecodedBatch) -> bytes:
         """Compute and encode one batch into a single line-protocol body."""
         enc = self.encoder
+        tel = batch.telemetry
+        anomalies = b""
+        if self.anomaly is not None and len(tel):
+            events = self.anomaly.process(tel.series, tel.ts_ns, tel.value, self.registry.metrics)
+            self.stats.anomalies += len(events)
+            anomalies = enc.anomalies(events)
         return enc.join(
             [
-                enc.telemetry(batch.telemetry),
+                enc.telemetry(tel),
+                anomalies,
                 enc.states(batch.states),
                 enc.counts(batch.counts),
                 b"\n".join(batch.raw_lines),

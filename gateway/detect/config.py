@@ -1,0 +1,216 @@
+"""The ``[detect]`` configuration section: which detectors run on which metrics, and their parameters.
+
+Every model forbids unknown keys, so a typo is an error that names the key. Rules map metric-name globs
+(:func:`fnmatch.fnmatchcase`) to detector sets and parameter overrides; every matching rule applies, in
+order, later rules overriding earlier ones. Only the keys a rule actually sets override.
+
+>>> cfg = DetectionConfig.model_validate(
+...     {"rules": [{"metrics": ["*_count"], "detectors": ["flatline"]},
+...                {"metrics": ["vib*"], "ewma": {"alpha": 0.1}}]})
+>>> cfg.resolve("part_count").detectors
+('flatline',)
+>>> p = cfg.resolve("vib_rms")
+>>> p.params["ewma"].alpha, p.params["ewma"].z_alarm
+(0.1, 4.0)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "DETECTOR_NAMES",
+    "CusumParams",
+    "DetectRule",
+    "DetectionConfig",
+    "DetectorName",
+    "EwmaParams",
+    "FlatlineParams",
+    "FusionParams",
+    "ResolvedProfile",
+    "RobustParams",
+    "SpikeParams",
+    "WesternElectricParams",
+]
+
+DetectorName = Literal["ewma", "cusum", "western_electric", "robust", "flatline", "spike"]
+DETECTOR_NAMES: tuple[str, ...] = ("ewma", "cusum", "western_electric", "robust", "flatline", "spike")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EwmaParams(_Section):
+    """EWMA mean/variance z-score (``ewma``)."""
+
+    alpha: float = Field(0.02, gt=0, le=1, description="EWMA smoothing factor (≈ 2/(span+1)).")
+    z_alarm: float = Field(4.0, gt=0, description="|z| that maps to score 0.5 (the alarm point).")
+
+
+class CusumParams(_Section):
+    """Tabular two-sided CUSUM on the standardised stream (``cusum``)."""
+
+    alpha: float = Field(
+        0.005, ge=0, le=1,
+        description="EWMA factor of the in-control mean/σ estimate; 0 freezes them after the grace period.",
+    )
+    k: float = Field(0.5, ge=0, description="Allowance (slack) in σ units.")
+    h: float = Field(5.0, gt=0, description="Decision interval in σ units; S = h maps to score 0.5.")
+
+
+class WesternElectricParams(_Section):
+    """Western Electric rules 1–4 on the EWMA-standardised stream (``western_electric``)."""
+
+    alpha: float = Field(0.02, gt=0, le=1, description="EWMA factor of the centre line and σ.")
+    rules: tuple[int, ...] = Field((1, 2, 3, 4), description="Which rules (1..4) are active.")
+    rule_scores: tuple[float, float, float, float] = Field(
+        (1.0, 0.9, 0.8, 0.7), description="Score given when rule 1, 2, 3, 4 fires (highest fired wins)."
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _known(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [r for r in v if r not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"unknown rule(s) {bad}; allowed 1, 2, 3, 4")
+        return v
+
+
+class RobustParams(_Section):
+    """Hampel-style rolling median/MAD over a trailing window (``robust``)."""
+
+    window: int = Field(32, ge=4, le=1024, description="Trailing window length in samples.")
+    n_sigmas: float = Field(4.0, gt=0, description="|x - median| / (1.4826·MAD) that maps to score 0.5.")
+    refresh: int = Field(
+        4, ge=1, le=1024, description="Recompute median/MAD every `refresh` learned samples (1 = exact)."
+    )
+
+
+class FlatlineParams(_Section):
+    """Stuck sensor: ``n`` identical readings in a row (``flatline``)."""
+
+    n: int = Field(30, ge=2, description="Run length (identical readings) at which the score reaches 0.5.")
+    tolerance: float = Field(0.0, ge=0, description="Readings within this absolute distance count as same.")
+
+
+class SpikeParams(_Section):
+    """Spike / rate of change: z-score of the first difference against its EWMA RMS (``spike``)."""
+
+    alpha: float = Field(0.02, gt=0, le=1, description="EWMA factor of the mean squared step.")
+    z_alarm: float = Field(6.0, gt=0, description="|step| / RMS step that maps to score 0.5.")
+
+
+class FusionParams(_Section):
+    """How per-detector scores combine into the ``fused`` score."""
+
+    method: Literal["max", "noisy_or", "mean"] = Field(
+        "max", description="max: max(w·s); noisy_or: 1 - Π(1 - w·s); mean: Σ w·s / Σ w."
+    )
+    weights: dict[DetectorName, float] = Field(
+        default_factory=lambda: dict[DetectorName, float]({"western_electric": 0.5}),
+        description="Per-detector weight in [0, 1]; missing detectors weigh 1. Western Electric rules are "
+        "binary and fire often on autocorrelated data, so by default they only reach the threshold.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _unit(cls, v: dict[DetectorName, float]) -> dict[DetectorName, float]:
+        for name, w in v.items():
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"weights.{name} = {w} is outside [0, 1]")
+        return v
+
+
+class DetectRule(_Section):
+    """Per-metric overrides; a rule applies to metrics whose name matches any glob in ``metrics``."""
+
+    metrics: tuple[str, ...] = Field(min_length=1, description="Metric-name globs (fnmatch, case-sensitive).")
+    enabled: bool | None = Field(None, description="Turn detection on/off for these metrics.")
+    detectors: tuple[DetectorName, ...] | None = Field(None, description="Replace the detector set.")
+    ewma: EwmaParams | None = None
+    cusum: CusumParams | None = None
+    western_electric: WesternElectricParams | None = None
+    robust: RobustParams | None = None
+    flatline: FlatlineParams | None = None
+    spike: SpikeParams | None = None
+    fusion: FusionParams | None = None
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _one_glob(cls, v: object) -> object:
+        return (v,) if isinstance(v, str) else v
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    """The effective detection settings of one metric."""
+
+    enabled: bool
+    detectors: tuple[str, ...]
+    params: dict[str, _Section]
+    fusion: FusionParams
+
+    @property
+    def key(self) -> str:
+        """A string equal for equal profiles (detector instances are shared per key)."""
+        parts = [f"{k}={v.model_dump_json()}" for k, v in sorted(self.params.items())]
+        return f"{self.enabled}|{self.detectors}|{'|'.join(parts)}|{self.fusion.model_dump_json()}"
+
+
+_PARAM_KEYS = ("ewma", "cusum", "western_electric", "robust", "flatline", "spike")
+
+
+class DetectionConfig(_Section):
+    """The ``[detect]`` section.
+
+    Scores are in [0, 1]; each detector maps its classic alarm point (|z| = z_alarm, S = h, n identical
+    readings, any Western Electric rule) to 0.5, so the default ``threshold`` of 0.5 flags exactly there.
+
+    >>> DetectionConfig().threshold, DetectionConfig().detectors[:2]
+    (0.5, ('ewma', 'cusum'))
+    """
+
+    enabled: bool = Field(True, description="Run anomaly detection at all.")
+    threshold: float = Field(0.5, gt=0, le=1, description="Score at or above which a sample is flagged.")
+    grace_samples: int = Field(30, ge=0, description="Per-series warm-up: scores are 0 for the first N.")
+    learn_flagged: bool = Field(
+        True, description="Learn from flagged samples too (False keeps them out of the baselines)."
+    )
+    detectors: tuple[DetectorName, ...] = Field(
+        ("ewma", "cusum", "western_electric", "robust", "flatline", "spike"),
+        description="Detectors run on every metric unless a rule replaces the set.",
+    )
+    ewma: EwmaParams = EwmaParams()
+    cusum: CusumParams = CusumParams()
+    western_electric: WesternElectricParams = WesternElectricParams()
+    robust: RobustParams = RobustParams()
+    flatline: FlatlineParams = FlatlineParams()
+    spike: SpikeParams = SpikeParams()
+    fusion: FusionParams = FusionParams()
+    rules: tuple[DetectRule, ...] = Field((), description="Per-metric overrides, applied in order.")
+
+    def resolve(self, metric: str) -> ResolvedProfile:
+        """Return the effective settings for ``metric`` after applying every matching rule in order."""
+        enabled = self.enabled
+        detectors: tuple[str, ...] = tuple(self.detectors)
+        params: dict[str, _Section] = {k: getattr(self, k) for k in _PARAM_KEYS}
+        fusion = self.fusion
+        for rule in self.rules:
+            if not any(fnmatch.fnmatchcase(metric, g) for g in rule.metrics):
+                continue
+            if rule.enabled is not None:
+                enabled = rule.enabled
+            if rule.detectors is not None:
+                detectors = tuple(rule.detectors)
+            for key in _PARAM_KEYS:
+                over: _Section | None = getattr(rule, key)
+                if over is not None:
+                    params[key] = params[key].model_copy(update=over.model_dump(exclude_unset=True))
+            if rule.fusion is not None:
+                fusion = fusion.model_copy(update=rule.fusion.model_dump(exclude_unset=True))
+        return ResolvedProfile(enabled and bool(detectors), detectors, params, fusion)

@@ -1,0 +1,300 @@
+"""The anomaly engine: per-metric detector sets, score fusion, thresholding into events.
+
+Events are emitted for flagged samples only: one per (sample, detector whose score ≥ threshold), plus
+one ``fused`` event when a series' fused score crosses the threshold upwards (the previous sample of
+the series was below it) — a sustained anomaly yields one ``fused`` event, not one per sample.
+``expected`` and ``zscore`` of every event come from the EWMA baseline (mean and z of the sample
+against the state before it), whichever detector flagged it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.batch import F64, I64
+from gateway.detect.base import BatchLayout, Detector
+from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfile
+from gateway.detect.cusum import CusumDetector
+from gateway.detect.ewma import EwmaDetector
+from gateway.detect.flatline import FlatlineDetector
+from gateway.detect.robust import RobustDetector
+from gateway.detect.spike import SpikeDetector
+from gateway.detect.western_electric import WesternElectricDetector
+
+__all__ = ["DETECTOR_CLASSES", "EVENT_NAMES", "AnomalyEngine", "AnomalyEvents", "make_detector"]
+
+DETECTOR_CLASSES: dict[str, type[Detector]] = {
+    "ewma": EwmaDetector,
+    "cusum": CusumDetector,
+    "western_electric": WesternElectricDetector,
+    "robust": RobustDetector,
+    "flatline": FlatlineDetector,
+    "spike": SpikeDetector,
+}
+EVENT_NAMES: tuple[str, ...] = (*DETECTOR_NAMES, "fused")
+_FUSED = len(DETECTOR_NAMES)
+
+
+def make_detector(name: str, config: DetectionConfig | None = None, metric: str = "") -> Detector:
+    """Build detector ``name`` with the parameters ``config`` resolves for ``metric``.
+
+    >>> make_detector("cusum").h
+    5.0
+    """
+    if name not in DETECTOR_CLASSES:
+        raise ValueError(f"unknown detector {name!r}; allowed: {', '.join(DETECTOR_NAMES)}")
+    cfg = config or DetectionConfig()
+    params = cfg.resolve(metric).params[name].model_dump()
+    return DETECTOR_CLASSES[name](
+        grace_samples=cfg.grace_samples, threshold=cfg.threshold, learn_flagged=cfg.learn_flagged, **params
+    )
+
+
+def _empty_f() -> F64:
+    return np.empty(0, np.float64)
+
+
+def _empty_i() -> I64:
+    return np.empty(0, np.int64)
+
+
+@dataclass(slots=True)
+class AnomalyEvents:
+    """Flagged samples, as parallel arrays; ``code`` indexes :data:`EVENT_NAMES` (``detector``).
+
+    >>> ev = AnomalyEvents.empty()
+    >>> len(ev), ev.detector
+    (0, [])
+    """
+
+    series: I64 = field(default_factory=_empty_i)
+    ts_ns: I64 = field(default_factory=_empty_i)
+    code: I64 = field(default_factory=_empty_i)
+    score: F64 = field(default_factory=_empty_f)
+    value: F64 = field(default_factory=_empty_f)
+    expected: F64 = field(default_factory=_empty_f)
+    zscore: F64 = field(default_factory=_empty_f)
+
+    names: tuple[str, ...] = EVENT_NAMES
+
+    def __len__(self) -> int:
+        return int(self.series.shape[0])
+
+    @property
+    def detector(self) -> list[str]:
+        """Detector name per event (``fused`` for the fused threshold crossing)."""
+        names = self.names
+        return [names[c] for c in self.code.tolist()]
+
+    @classmethod
+    def empty(cls) -> AnomalyEvents:
+        return cls()
+
+    @classmethod
+    def concat(cls, parts: Sequence[AnomalyEvents]) -> AnomalyEvents:
+        if not parts:
+            return cls()
+        if len(parts) == 1:
+            return parts[0]
+        def cat(f: str) -> Any:
+            return np.concatenate([getattr(p, f) for p in parts])
+
+        return cls(cat("series"), cat("ts_ns"), cat("code"), cat("score"), cat("value"),
+                   cat("expected"), cat("zscore"))
+
+
+class _Profile:
+    """The detector instances shared by every series with the same resolved settings."""
+
+    def __init__(self, profile: ResolvedProfile, config: DetectionConfig) -> None:
+        self.enabled = profile.enabled
+        common: dict[str, Any] = {
+            "grace_samples": config.grace_samples,
+            "threshold": config.threshold,
+            "learn_flagged": config.learn_flagged,
+        }
+        self.detectors: list[Detector] = []
+        self.codes: list[int] = []
+        weights = profile.fusion.weights
+        self.weights: list[float] = []
+        self.baseline: EwmaDetector
+        for name in profile.detectors:
+            det = DETECTOR_CLASSES[name](**common, **profile.params[name].model_dump())
+            self.detectors.append(det)
+            self.codes.append(DETECTOR_NAMES.index(name))
+            self.weights.append(float(weights.get(name, 1.0)))  # type: ignore[call-overload]
+            if isinstance(det, EwmaDetector):
+                det.record = True
+                self.baseline = det
+        self.own_baseline = "ewma" not in profile.detectors
+        if self.own_baseline:
+            self.baseline = EwmaDetector(**common, **profile.params["ewma"].model_dump(), record=True)
+        self.method = profile.fusion.method
+        self.prev_fused: F64 = np.zeros(0, np.float64)
+
+    def fuse(self, scores: list[F64], n: int) -> F64:
+        fused = np.zeros(n, np.float64)
+        if self.method == "noisy_or":
+            fused += 1.0
+            for s, w in zip(scores, self.weights, strict=True):
+                fused *= 1.0 - w * s
+            return 1.0 - fused
+        if self.method == "mean":
+            total = sum(self.weights) or 1.0
+            for s, w in zip(scores, self.weights, strict=True):
+                fused += (w / total) * s
+            return fused
+        for s, w in zip(scores, self.weights, strict=True):
+            np.maximum(fused, s if w == 1.0 else w * s, out=fused)
+        return fused
+
+
+class AnomalyEngine:
+    """Runs the configured detectors on every telemetry batch and returns the flagged samples.
+
+    Parameters
+    ----------
+    config
+        The ``[detect]`` section; per-metric settings are resolved once per series id and cached.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(4)
+    >>> eng = AnomalyEngine(DetectionConfig())
+    >>> n = 400
+    >>> series = np.tile(np.array([0, 1], np.int64), n // 2)   # two interleaved series
+    >>> values = rng.normal(20.0, 0.5, n); values[301] = 35.0  # a spike on series 1
+    >>> ts = np.arange(n, dtype=np.int64) * 1_000_000_000
+    >>> ev = eng.process(series, ts, values, ["temp_c", "pressure_bar"])
+    >>> at = ev.ts_ns == 301_000_000_000
+    >>> sorted({d for d, a in zip(ev.detector, at) if a})
+    ['cusum', 'ewma', 'fused', 'robust', 'spike', 'western_electric']
+    >>> set(ev.series[at].tolist()), float(ev.value[at][0])
+    ({1}, 35.0)
+    """
+
+    def __init__(self, config: DetectionConfig) -> None:
+        self.config = config
+        self._profile_of: I64 = np.zeros(0, np.int64)
+        self._profiles: list[_Profile] = []
+        self._keys: dict[str, int] = {}
+        self.last_fused: F64 = np.empty(0, np.float64)
+
+    def _resolve(self, needed: int, metrics: Sequence[str]) -> None:
+        done = self._profile_of.shape[0]
+        if needed <= done:
+            return
+        if len(metrics) < needed:
+            raise ValueError(f"metrics has {len(metrics)} names but series id {needed - 1} was given")
+        new = np.empty(needed - done, np.int64)
+        for i, sid in enumerate(range(done, needed)):  # once per new series, not per sample
+            prof = self.config.resolve(metrics[sid])
+            key = prof.key
+            pid = self._keys.get(key)
+            if pid is None:
+                pid = len(self._profiles)
+                self._keys[key] = pid
+                self._profiles.append(_Profile(prof, self.config))
+            new[i] = pid
+        self._profile_of = np.concatenate((self._profile_of, new))
+
+    def process(self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str]) -> AnomalyEvents:
+        """Score and learn one batch (parallel arrays in arrival order); return the flagged samples.
+
+        Non-finite values are skipped (neither scored nor learned). The fused score of every sample
+        is left in :attr:`last_fused` (0 for skipped samples and metrics with detection disabled).
+        """
+        series = np.asarray(series, np.int64)
+        ts_ns = np.asarray(ts_ns, np.int64)
+        values = np.asarray(values, np.float64)
+        n = series.shape[0]
+        self.last_fused = np.zeros(n, np.float64)
+        if n == 0 or not self.config.enabled:
+            return AnomalyEvents()
+        self._resolve(int(series.max()) + 1, metrics)
+        finite = np.isfinite(values)
+        pids = self._profile_of[series]
+        pid_list = np.unique(pids).tolist() if self._profiles[1:] else [0]
+        parts: list[AnomalyEvents] = []
+        for pid in pid_list:
+            prof = self._profiles[pid]
+            if not prof.enabled:
+                continue
+            sel = finite if len(pid_list) == 1 else finite & (pids == pid)
+            idx = None if bool(sel.all()) else np.flatnonzero(sel)
+            if idx is None:
+                parts.append(self._run(prof, series, ts_ns, values, None))
+            elif idx.shape[0]:
+                parts.append(self._run(prof, series[idx], ts_ns[idx], values[idx], idx))
+        return AnomalyEvents.concat(parts)
+
+    def score(self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str]) -> F64:
+        """Like :meth:`process`, but return the fused score of every sample."""
+        self.process(series, ts_ns, values, metrics)
+        return self.last_fused
+
+    def _run(self, prof: _Profile, series: I64, ts_ns: I64, values: F64, idx: I64 | None) -> AnomalyEvents:
+        layout = BatchLayout.build(series)
+        packed = layout.pack(values)
+        n = packed.shape[0]
+        scores = [det.run(layout, packed) for det in prof.detectors]
+        if prof.own_baseline:
+            prof.baseline.run(layout, packed)
+        fused = prof.fuse(scores, n)
+        thr = self.config.threshold
+
+        # Rising edge of the fused score: compare with the previous sample of the same series.
+        need = int(layout.rows.max()) + 1
+        if prof.prev_fused.shape[0] < need:
+            grown = np.zeros(max(need, 2 * prof.prev_fused.shape[0]), np.float64)
+            grown[: prof.prev_fused.shape[0]] = prof.prev_fused
+            prof.prev_fused = grown
+        prev = np.empty(n, np.float64)
+        first = layout.active[0]
+        prev[:first] = prof.prev_fused[layout.rows]
+        if n > first:
+            # packed index offsets[k] + r has its predecessor at offsets[k-1] + r
+            rest = np.arange(first, n)
+            step = np.searchsorted(layout.offsets, rest, side="right") - 1
+            prev[first:] = fused[layout.offsets[step - 1] + (rest - layout.offsets[step])]
+        u = layout.rows.shape[0]
+        counts = np.searchsorted(-layout.active, -np.arange(u), side="left")  # samples per row
+        prof.prev_fused[layout.rows] = fused[layout.offsets[counts - 1] + np.arange(u)]
+
+        out_fused = layout.unpack(fused)
+        if idx is None:
+            self.last_fused = out_fused
+        else:
+            self.last_fused[idx] = out_fused
+
+        hits: list[tuple[I64, int, F64]] = []
+        for code, s in zip(prof.codes, scores, strict=True):
+            where = np.flatnonzero(s >= thr)
+            if where.shape[0]:
+                hits.append((where, code, s))
+        where = np.flatnonzero((fused >= thr) & (prev < thr))
+        if where.shape[0]:
+            hits.append((where, _FUSED, fused))
+        if not hits:
+            return AnomalyEvents()
+        packed_idx = np.concatenate([h[0] for h in hits])
+        inv = np.empty(n, np.int64)
+        inv[layout.flat] = np.arange(n)
+        sample = inv[packed_idx]  # packed slot -> position in this (sub)batch
+        order = np.argsort(sample, kind="stable")
+        packed_idx = packed_idx[order]
+        sample = sample[order]
+        return AnomalyEvents(
+            series=series[sample],
+            ts_ns=ts_ns[sample],
+            code=np.concatenate([np.full(h[0].shape[0], h[1], np.int64) for h in hits])[order],
+            score=np.concatenate([h[2][h[0]] for h in hits])[order],
+            value=packed[packed_idx],
+            expected=prof.baseline.expected[packed_idx],
+            zscore=prof.baseline.zscore[packed_idx],
+        )

@@ -1,0 +1,93 @@
+"""Compute through the real servers: anomalies and simulator faults reach InfluxDB as `anomaly` points."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from tests.gwproc import ROOT, GatewayProcess, publish, wait_until, write_config
+from tests.servers import InfluxDB1, Mosquitto
+
+
+def _config(tmp_path: Path, broker: Mosquitto, influx: InfluxDB1, db: str, client_id: str, extra: str = "") -> Path:
+    return write_config(
+        tmp_path / "gw.toml",
+        f"""
+[gateway]
+instance = "compute"
+[mqtt]
+host = "127.0.0.1"
+port = {broker.port}
+client_id = "{client_id}"
+[influx]
+url = "{influx.url}"
+database = "{db}"
+flush_interval_ms = 100
+[buffer]
+dir = "{tmp_path / 'wal'}"
+[deadletter]
+path = "{tmp_path / 'deadletter.jsonl'}"
+{extra}
+""",
+    )
+
+
+def test_spike_becomes_anomaly_point(tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str]) -> None:
+    influx, db = influx_db
+    cfg = _config(tmp_path, mosquitto, influx, db, "gw-spike")
+    t0 = time.time() - 600
+    spike_at = 400
+    msgs = []
+    for i in range(500):
+        value = 60.0 + 0.5 * math.sin(i / 10) + 0.05 * ((i * 7919) % 13 - 6)
+        if i == spike_at:
+            value = 95.0
+        msgs.append(("factory/p/a/l/press1/telemetry", {"ts": round(t0 + i, 3), "values": {"temp_c": value}}))
+    with GatewayProcess(cfg) as gw:
+        publish(mosquitto.port, msgs, client_id="pub-spike")
+        assert wait_until(lambda: influx.count("telemetry", db) >= len(msgs), timeout=30), gw.tail()
+        assert wait_until(lambda: influx.count("anomaly", db) >= 1, timeout=10), gw.tail()
+        assert gw.stop() == 0
+    rows = influx.query('SELECT * FROM "anomaly"', db)
+    spike_ns = round(round(t0 + spike_at, 3) * 1e6) * 1000
+    at_spike = [r for r in rows if r["time"] == spike_ns]
+    assert at_spike, f"no anomaly at the spike; anomalies at {[r['time'] for r in rows][:10]}"
+    r = at_spike[0]
+    assert (r["machine"], r["metric"], r["value"]) == ("press1", "temp_c", 95.0)
+    assert 0 < r["score"] <= 1 and r["expected"] < 70
+    assert {x["detector"] for x in at_spike} >= {"fused"} or any(x["detector"] == "fused" for x in rows)
+
+
+def test_simulator_10s_into_gateway(tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str]) -> None:
+    """The simulator for 10 s: telemetry, state and production for every machine; injected faults flagged."""
+    influx, db = influx_db
+    cfg = _config(tmp_path, mosquitto, influx, db, "gw-sim")
+    faults = tmp_path / "faults.jsonl"
+    with GatewayProcess(cfg) as gw:
+        sim = subprocess.run(
+            [sys.executable, "-m", "devices.cli", "simulate", "--broker", f"127.0.0.1:{mosquitto.port}",
+             "--machines", "20", "--rate", "5", "--duration", "10", "--seed", "3", "--time-scale", "60",
+             "--count-every", "2", "--fault-at", "m004:spike:8", "--fault-at", "m007:stuck:2:8",
+             "--fault-log", str(faults)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert sim.returncode == 0, sim.stderr
+        time.sleep(1.5)
+        assert gw.stop() == 0
+    machines = {f"m{i:03d}" for i in range(1, 21)}
+    for measurement in ("telemetry", "machine_state", "production"):
+        got = {r["value"] for r in influx.query(f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "machine"', db)}
+        assert got == machines, f"{measurement}: {sorted(machines - got)} missing"
+    truth = [orjson.loads(line) for line in faults.read_text().splitlines()]
+    assert {(f["machine"], f["kind"]) for f in truth} == {("m004", "spike"), ("m007", "stuck")}
+    anomalies = influx.query('SELECT * FROM "anomaly"', db)
+    for f in truth:
+        lo, hi = round(f["start_ts"] * 1e9) - 10**9, round(f["end_ts"] * 1e9) + 5 * 10**9
+        hits = [a for a in anomalies if a["machine"] == f["machine"] and a["metric"] == f["metric"]
+                and lo <= a["time"] <= hi]
+        assert hits, f"fault {f} not flagged; anomalies: {[(a['machine'], a['metric']) for a in anomalies][:20]}"

@@ -1,0 +1,144 @@
+"""One generic contract, run over every detector class and the fused engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.batch import F64, I64
+from gateway.detect import (
+    AnomalyEngine,
+    CusumDetector,
+    DetectionConfig,
+    EwmaDetector,
+    FlatlineDetector,
+    RobustDetector,
+    SpikeDetector,
+    WesternElectricDetector,
+)
+
+GRACE = 20
+Scorer = Callable[[I64, F64], F64]
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], Scorer]
+    anomaly: Callable[[F64, int], None]  # injects an obvious anomaly at index i (in place)
+
+
+def _det(cls: type, **kw: Any) -> Callable[[], Scorer]:
+    def make() -> Scorer:
+        det = cls(grace_samples=GRACE, **kw)
+        return lambda s, v: det.score_learn(s, v)  # type: ignore[no-any-return]
+    return make
+
+
+def _engine() -> Scorer:
+    eng = AnomalyEngine(DetectionConfig(grace_samples=GRACE))
+    metrics = [f"m{i}" for i in range(16)]
+    return lambda s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, metrics)
+
+
+def _spike(x: F64, i: int) -> None:
+    x[i] += 40.0
+
+
+def _shift(x: F64, i: int) -> None:
+    x[i:] += 4.0
+
+
+def _stuck(x: F64, i: int) -> None:
+    x[i - 40 : i + 1] = x[i - 40]
+
+
+CASES = [
+    Case("ewma", _det(EwmaDetector), _spike),
+    Case("cusum", _det(CusumDetector), _shift),
+    Case("western_electric", _det(WesternElectricDetector), _spike),
+    Case("robust", _det(RobustDetector, window=16), _spike),
+    Case("flatline", _det(FlatlineDetector, n=20), _stuck),
+    Case("spike", _det(SpikeDetector), _spike),
+    Case("fused", _engine, _spike),
+]
+
+
+def _data(n_series: int = 4, per: int = 250, seed: int = 0) -> tuple[I64, F64]:
+    """Interleaved series, each with its own level and noise; arrival order shuffled within blocks."""
+    rng = np.random.default_rng(seed)
+    series = np.tile(np.arange(n_series, dtype=np.int64), per)
+    # shuffle inside blocks of one round so per-series order is kept but series interleave irregularly
+    for a in range(0, series.shape[0], n_series):
+        rng.shuffle(series[a : a + n_series])
+    level = rng.uniform(-50, 50, n_series)
+    noise = rng.uniform(0.5, 3.0, n_series)
+    values = level[series] + noise[series] * rng.standard_normal(series.shape[0])
+    return series, values
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.name)
+def case(request: pytest.FixtureRequest) -> Case:
+    c: Case = request.param
+    return c
+
+
+def test_shapes_and_range(case: Case) -> None:
+    series, values = _data()
+    s = case.make()(series, values)
+    assert s.shape == values.shape
+    assert s.dtype == np.float64
+    assert np.all(np.isfinite(s))
+    assert np.all((s >= 0.0) & (s <= 1.0))
+
+
+def test_warm_up_returns_zero(case: Case) -> None:
+    series, values = _data()
+    values[:: 7] += 100.0  # anomalies everywhere, including during the grace period
+    s = case.make()(series, values)
+    for sid in range(4):
+        assert np.all(s[series == sid][:GRACE] == 0.0)
+
+
+def test_deterministic(case: Case) -> None:
+    series, values = _data()
+    np.testing.assert_array_equal(case.make()(series, values), case.make()(series, values))
+
+
+def test_state_isolated_between_series(case: Case) -> None:
+    series, values = _data()
+    base = case.make()(series, values)
+    other = values.copy()
+    other[series == 1] = np.random.default_rng(9).normal(1e3, 50.0, int((series == 1).sum()))
+    changed = case.make()(series, other)
+    keep = series != 1
+    np.testing.assert_array_equal(base[keep], changed[keep])
+
+
+def test_batch_size_invariance(case: Case) -> None:
+    series, values = _data(n_series=4, per=250)
+    assert series.shape[0] == 1000
+    whole = case.make()(series, values)
+    scorer = case.make()
+    parts = np.concatenate([scorer(series[a : a + 100], values[a : a + 100]) for a in range(0, 1000, 100)])
+    np.testing.assert_array_equal(whole, parts)
+    ragged = case.make()
+    cuts = [0, 1, 7, 130, 131, 500, 999, 1000]
+    pieces = np.concatenate([ragged(series[a:b], values[a:b]) for a, b in itertools.pairwise(cuts)])
+    np.testing.assert_array_equal(whole, pieces)
+
+
+def test_obvious_anomaly_scores_high(case: Case) -> None:
+    rng = np.random.default_rng(3)
+    n = 300
+    series = np.zeros(n, np.int64)
+    values = 10.0 + rng.standard_normal(n)
+    case.anomaly(values, 200)
+    s = case.make()(series, values)
+    assert s[200] >= 0.5
+    assert s[200] >= np.quantile(s[GRACE:200], 0.99)

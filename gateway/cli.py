@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--input", type=Path, required=True, help='JSONL: {"topic": "...", "payload": {...}}')
     rep.add_argument("--sink", choices=["config", "stdout"], default="config",
                      help="stdout prints line protocol instead of writing it")
+    det = sub.add_parser("detect", help="offline anomaly scores for NAB-format CSVs (timestamp,value)")
+    det.add_argument("--input", type=Path, required=True, help="directory of CSVs (searched recursively)")
+    det.add_argument("--output", type=Path, required=True, help="where <same relative path> CSVs are written")
+    det.add_argument("--detector", default=None, help="one detector instead of the fused set")
     return p
 
 
@@ -47,6 +51,8 @@ def _load(path: Path) -> GatewayConfig | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "detect":
+        return _detect(args)
     cfg = _load(args.config)
     if cfg is None:
         return 2
@@ -65,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         return asyncio.run(_replay(cfg, args.input, args.sink))
     return 2
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from gateway.detect.offline import DETECTOR_NAMES, run_detect
+
+    if args.detector is not None and args.detector not in DETECTOR_NAMES:
+        print(f"--detector: unknown {args.detector!r}; choose one of {', '.join(DETECTOR_NAMES)}", file=sys.stderr)
+        return 2
+    if not args.input.is_dir():
+        print(f"--input: {args.input} is not a directory", file=sys.stderr)
+        return 2
+    n = run_detect(args.input, args.output, args.detector)
+    print(f"scored {n} files into {args.output}", file=sys.stderr)
+    return 0 if n else 1
 
 
 async def _run(cfg: GatewayConfig) -> int:

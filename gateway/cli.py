@@ -97,7 +97,7 @@ async def _run(cfg: GatewayConfig) -> int:
 
 
 async def _replay(cfg: GatewayConfig, path: Path, sink_name: str) -> int:
-    from gateway.server import replay
+    from gateway.server import ReplayInputError, replay
     from gateway.sinks.stdout import StdoutSink
 
     if not path.is_file():
@@ -105,7 +105,7 @@ async def _replay(cfg: GatewayConfig, path: Path, sink_name: str) -> int:
         return 2
     try:
         pipeline = await replay(cfg, path, sink=StdoutSink() if sink_name == "stdout" else None)
-    except ValueError as exc:
+    except ReplayInputError as exc:
         print(f"--input: {exc}", file=sys.stderr)
         return 2
     s = pipeline.stats

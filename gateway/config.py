@@ -31,6 +31,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from gateway.deadletter import DeadLetterConfig
 from gateway.detect.config import DetectionConfig
 from gateway.errors import ConfigError
+from gateway.features import FeaturesConfig
+from gateway.oee import MachineConfig, OeeConfig
 from gateway.wal import BufferConfig
 
 __all__ = [
@@ -105,7 +107,7 @@ class MqttConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = Field("factory-gateway", min_length=1, description="Fixed id: the broker keeps our session.")
-    topics: list[Subscription | str] = Field(default_factory=lambda: list[Subscription | str](["factory/+/+/+/+/+"]))
+    topics: list[Subscription] = Field(default_factory=lambda: [Subscription(topic="factory/+/+/+/+/+")])
     qos: Literal[0, 1, 2] = 1
     topic_template: str = "factory/{site}/{area}/{line}/{machine}/{channel}"
     protocol: Literal["3.1.1", "5"] = "5"
@@ -119,6 +121,14 @@ class MqttConfig(_Section):
     password: SecretStr | None = None
     password_file: Path | None = None
     tls: TlsConfig | None = None
+
+    @field_validator("topics", mode="before")
+    @classmethod
+    def _topic_strings(cls, v: Any) -> Any:
+        # A plain string is shorthand for {topic = "..."}.
+        if isinstance(v, list):
+            return [{"topic": t} if isinstance(t, str) else t for t in v]
+        return v
 
     @field_validator("topic_template")
     @classmethod
@@ -138,11 +148,7 @@ class MqttConfig(_Section):
         return self
 
     def subscriptions(self) -> list[Subscription]:
-        out = []
-        for t in self.topics:
-            sub = Subscription(topic=t) if isinstance(t, str) else t
-            out.append(sub if sub.qos is not None else sub.model_copy(update={"qos": self.qos}))
-        return out
+        return [s if s.qos is not None else s.model_copy(update={"qos": self.qos}) for s in self.topics]
 
 
 class InfluxConfig(_Section):
@@ -210,6 +216,9 @@ class GatewayConfig(BaseSettings):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     deadletter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     detect: DetectionConfig = Field(default_factory=DetectionConfig)
+    oee: OeeConfig = Field(default_factory=OeeConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    machines: dict[str, MachineConfig] = Field(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -239,6 +248,10 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         msg = err["msg"].removeprefix("Value error, ")
+        # Model validators name the key in their message ("token_file: ..."): move it into the dotted key.
+        head, sep, rest = msg.partition(": ")
+        if sep and head.isidentifier() and err["type"] == "value_error":
+            loc, msg = f"{loc}.{head}" if loc else head, rest
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; see configs/gateway.example.toml)"
         lines.append(f"{loc or '(root)'}: {msg}")

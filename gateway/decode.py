@@ -112,6 +112,7 @@ class BatchBuilder:
 _LP_KEY = re.compile(rb"^((?:[^ \\]|\\.)+) (.+)$", re.S)
 _LP_TS = re.compile(rb"^(.*) (-?\d+)$", re.S)
 _UNESCAPED_COMMA = re.compile(rb"(?<!\\),")
+_UNESCAPED_QUOTE = re.compile(rb'(?<!\\)(?:\\\\)*"')
 
 
 def _lp_escape_tag(s: str) -> bytes:
@@ -298,7 +299,7 @@ class Decoder:
             # Tags the device already set win over the topic's (a duplicate key is an error in InfluxDB).
             extra = b"".join(b"," + t for t in tags[1:].split(b",") if t.split(b"=", 1)[0] not in present)
             tsm = _LP_TS.match(rest)
-            if tsm is not None and tsm.group(1).count(b'"') % 2 == 0 and b"=" in tsm.group(1):
+            if tsm is not None and len(_UNESCAPED_QUOTE.findall(tsm.group(1))) % 2 == 0 and b"=" in tsm.group(1):
                 fields, ts = tsm.group(1), int(tsm.group(2))
             else:
                 fields, ts = rest, arrival_ns

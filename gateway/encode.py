@@ -16,8 +16,9 @@ telemetry,area=a,line=l,machine=m\\=1,site=plant\\ 1 temp\\,c=61.5 1000
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -31,6 +32,11 @@ __all__ = [
     "escape_tag",
     "format_fields",
 ]
+
+if TYPE_CHECKING:  # types of the compute stage's outputs; no runtime import between stages
+    from gateway.features import FeatureRows
+    from gateway.oee import OeeRecord
+
 
 class AnomalyEvents(Protocol):
     """What the encoder needs of the compute stage's flagged events (parallel arrays)."""
@@ -83,16 +89,16 @@ def format_fields(fields: Mapping[str, FieldValue]) -> str:
     for key, value in fields.items():
         if value is None:
             continue
-        if isinstance(value, bool):
+        if isinstance(value, bool | np.bool_):
             text = "true" if value else "false"
-        elif isinstance(value, int):
-            text = f"{value}i"
-        elif isinstance(value, float):
+        elif isinstance(value, numbers.Integral):
+            text = f"{int(value)}i"
+        elif isinstance(value, float | np.floating):
             if not math.isfinite(value):
                 continue
-            text = repr(value)
+            text = repr(float(value))
         else:
-            text = escape_string_value(value)
+            text = escape_string_value(str(value))
         parts.append(f"{escape_field_key(key)}={text}")
     return ",".join(parts)
 
@@ -172,6 +178,34 @@ class LineProtocolEncoder:
                 keys[(sid, code)] = key
             fields = format_fields({"score": score, "value": value, "expected": expected, "zscore": z})
             lines.append(f"{key}{fields} {ts}")
+        return "\n".join(lines).encode()
+
+    def oee(self, records: Sequence[OeeRecord]) -> bytes:
+        """``oee,<tags>,window=..[,shift=..] availability=..,... <window start>``; unknown ratios omitted."""
+        lines = []
+        for r in records:
+            shift = f",shift={escape_tag(r.shift)}" if r.shift else ""
+            fields = format_fields({
+                "availability": r.availability, "performance": r.performance, "quality": r.quality,
+                "oee": r.oee, "planned_s": r.planned_s, "run_s": r.run_s, "down_s": r.down_s,
+                "total_count": r.total_count, "good_count": r.good_count, "mtbf_s": r.mtbf_s,
+                "mttr_s": r.mttr_s, "throughput_per_h": r.throughput_per_h,
+            })
+            lines.append(f"oee,{self.tags(r.machine)},window={escape_tag(r.window)}{shift} {fields} {r.start_ns}")
+        return "\n".join(lines).encode()
+
+    def features(self, rows: FeatureRows) -> bytes:
+        """``vibration_features,<tags>,metric=.. rms=..,peak=..,crest_factor=..,kurtosis=..[,zone=".."]``."""
+        lines = []
+        for i in range(len(rows)):
+            fields = format_fields({
+                "rms": float(rows.rms[i]), "peak": float(rows.peak[i]), "crest_factor": float(rows.crest[i]),
+                "kurtosis": float(rows.kurtosis[i]), "zone": str(rows.zone[i]) or None,
+            })
+            lines.append(
+                f"vibration_features,{self.tags(rows.machine[i])},metric={escape_tag(rows.metric[i])} "
+                f"{fields} {int(rows.ts_ns[i])}"
+            )
         return "\n".join(lines).encode()
 
     def point(self, measurement: str, tags: Mapping[str, str], fields: Mapping[str, FieldValue], ts_ns: int) -> str:

@@ -88,7 +88,7 @@ class RunningOutput:
                     await self._write_lines(lines[:mid])
                     await self._write_lines(lines[mid:])
                     return
-                if not exc.retryable and exc.status is not None and 400 <= exc.status < 500 and exc.status != 413:
+                if not exc.retryable and exc.status is not None and 400 <= exc.status < 500:
                     await self._isolate(lines, exc)
                     return
                 attempt += 1

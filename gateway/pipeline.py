@@ -21,6 +21,8 @@ from gateway.decode import AckToken, BatchBuilder, Decoder
 from gateway.detect.fusion import AnomalyEngine
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError
+from gateway.features import FeatureExtractor
+from gateway.oee import OeeEngine
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
 from gateway.wal import WriteAheadLog
@@ -42,6 +44,7 @@ class PipelineStats:
     points_out: int = 0
     acks: int = 0
     anomalies: int = 0
+    oee_windows: int = 0
     batch_latency_ms: float = 0.0
 
 
@@ -70,6 +73,9 @@ class Pipeline:
         )
         self.encoder = LineProtocolEncoder(self.registry)
         self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
+        self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
+        self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
+        self._last_oee_ns = 0
         self.wal = wal
         self.deadletter = deadletter
         self.output = RunningOutput(
@@ -118,6 +124,9 @@ class Pipeline:
             self._full.set()
 
     # -- flushing -------------------------------------------------------------------------------
+    def batch_full(self) -> bool:
+        return self._full.is_set()
+
     def pending(self) -> int:
         return self._builder.messages
 
@@ -133,9 +142,13 @@ class Pipeline:
                 await asyncio.wait_for(self._full.wait(), timeout=timeout)
             except TimeoutError:
                 pass
-            if self._builder.messages or self._stats_due():
+            if self._builder.messages or self._stats_due() or self._oee_due():
                 await self.flush()
         await self.flush()
+
+    def _oee_due(self) -> bool:
+        """OEE windows also close on wall-clock silence (idle_close_s): look at least once a second."""
+        return self.oee is not None and time.monotonic_ns() - self._last_oee_ns >= 1_000_000_000
 
     def _stats_due(self) -> bool:
         return self.emit_stats and time.monotonic_ns() - self._last_stats_ns >= self.cfg.gateway.stats_interval_s * 1e9
@@ -240,15 +253,41 @@ class Pipeline:
             events = self.anomaly.process(tel.series, tel.ts_ns, tel.value, self.registry.metrics)
             self.stats.anomalies += len(events)
             anomalies = enc.anomalies(events)
+        oee = b""
+        if self.oee is not None:
+            self._last_oee_ns = time.monotonic_ns()
+            records = self.oee.update(batch.states, batch.counts, time.time_ns())
+            self.stats.oee_windows += len(records)
+            oee = enc.oee(records)
+        features = b""
+        if self.features is not None and batch.waveforms:
+            reg = self.registry
+            features = enc.features(
+                self.features.process(
+                    batch.waveforms,
+                    [reg.metrics[b.series] for b in batch.waveforms],
+                    [reg.machines[b.series] for b in batch.waveforms],
+                )
+            )
         return enc.join(
             [
                 enc.telemetry(tel),
                 anomalies,
+                features,
+                oee,
                 enc.states(batch.states),
                 enc.counts(batch.counts),
                 b"\n".join(batch.raw_lines),
             ]
         )
+
+    async def finish(self) -> None:
+        """End of a recorded stream (replay): flush, then close every open OEE window as a partial one."""
+        await self.flush()
+        if self.oee is not None:
+            body = self.encoder.oee(self.oee.flush())
+            if body:
+                await self.output.write(body)
 
     def _stats_line(self) -> bytes:
         self._last_stats_ns = time.monotonic_ns()

@@ -33,8 +33,9 @@ __all__ = [
 CHANNELS = ("telemetry", "state", "count")
 
 # Metric names become InfluxDB field keys: no empty names, no leading "_" (reserved), no control chars.
-_BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f\\]")
 MAX_METRIC_NAME = 128
+MAX_EPOCH_S = 1e11  # year 5138: anything larger is not seconds (and would overflow int64 nanoseconds)
 
 
 class MachineState(StrEnum):
@@ -80,6 +81,8 @@ def _check_ts(value: Any) -> Any:
         parse_rfc3339_ns(value)
     elif isinstance(value, bool):
         raise ValueError("timestamp must be a number or an RFC 3339 string, not a boolean")
+    elif isinstance(value, int | float) and not 0 <= value < MAX_EPOCH_S:
+        raise ValueError(f"timestamp {value!r} is out of range (Unix epoch seconds, 0 to {MAX_EPOCH_S:.0e})")
     return value
 
 
@@ -90,7 +93,7 @@ def _check_metric_names(values: dict[str, Any]) -> None:
         if name.startswith("_"):
             raise ValueError(f"metric name {name!r} starts with '_' (reserved by InfluxDB)")
         if _BAD_NAME.search(name):
-            raise ValueError(f"metric name {name!r} holds a control character")
+            raise ValueError(f"metric name {name!r} holds a backslash or control character")
         if len(name) > MAX_METRIC_NAME:
             raise ValueError(f"metric name {name[:20]!r}... is longer than {MAX_METRIC_NAME} characters")
 
@@ -146,7 +149,7 @@ class TelemetryFixedRate(_Wire):
     """Fixed-rate samples: ``{"t0": 1763900000.0, "dt": 0.001, "values": {"accel_g": [...]}}``."""
 
     t0: Timestamp
-    dt: float = Field(gt=0)
+    dt: float = Field(gt=0, le=3600, description="Sample interval in seconds.")
     values: dict[str, list[float]] = Field(min_length=1)
 
     _t0 = field_validator("t0", mode="before")(classmethod(lambda cls, v: _check_ts(v)))
@@ -176,8 +179,8 @@ class CountMessage(_Wire):
     """``{"ts": ..., "total": 19271, "good": 18848}``: cumulative counters since the device started."""
 
     ts: Timestamp | None = None
-    total: int = Field(ge=0)
-    good: int = Field(ge=0)
+    total: int = Field(ge=0, le=2**63 - 1)
+    good: int = Field(ge=0, le=2**63 - 1)
 
     _ts = field_validator("ts", mode="before")(classmethod(lambda cls, v: _check_ts(v)))
 

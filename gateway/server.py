@@ -22,7 +22,7 @@ from gateway.sinks.influx import make_influx_sink
 from gateway.sources.mqtt import MqttSource
 from gateway.wal import WriteAheadLog
 
-__all__ = ["Server", "replay"]
+__all__ = ["ReplayInputError", "Server", "replay"]
 
 log = logging.getLogger("gateway.server")
 
@@ -117,6 +117,10 @@ class Server:
         log.info("stopped")
 
 
+class ReplayInputError(ValueError):
+    """A line of the replay file is not ``{"topic": "...", "payload": ...}``."""
+
+
 def _read_jsonl(stream: IO[bytes]) -> Any:
     for lineno, raw in enumerate(stream, 1):
         line = raw.strip()
@@ -125,9 +129,9 @@ def _read_jsonl(stream: IO[bytes]) -> Any:
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            raise ValueError(f"line {lineno}: not JSON: {exc}") from exc
+            raise ReplayInputError(f"line {lineno}: not JSON: {exc}") from exc
         if not isinstance(rec, dict) or not isinstance(rec.get("topic"), str) or "payload" not in rec:
-            raise ValueError(f'line {lineno}: expected {{"topic": "...", "payload": ...}}')
+            raise ReplayInputError(f'line {lineno}: expected {{"topic": "...", "payload": ...}}')
         payload = rec["payload"]
         body = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
         yield rec["topic"], body
@@ -142,9 +146,9 @@ async def replay(cfg: GatewayConfig, input_path: Path, *, sink: Sink | None = No
         with open(input_path, "rb") as fh:
             for topic, body in _read_jsonl(fh):
                 pipeline.submit(topic, body, None)
-                if pipeline._full.is_set():
+                if pipeline.batch_full():
                     await pipeline.flush()
-        await pipeline.flush()
+        await pipeline.finish()
     finally:
         await out.close()
     return pipeline

@@ -75,7 +75,8 @@ def test_10k_qos1_messages_land_exactly_in_influxdb(
         assert row["temp_c"] == values["temp_c"]  # type: ignore[index]
         assert row["vib"] == values["vib"]  # type: ignore[index]
     stats = influx.query('SELECT last("decode_errors") FROM "gateway_stats"', db)
-    assert stats and stats[0]["last"] == 0
+    assert stats
+    assert stats[0]["last"] == 0
 
 
 def test_v2_api_into_victoriametrics(tmp_path: Path, mosquitto: Mosquitto, victoria: VictoriaMetrics) -> None:
@@ -138,7 +139,8 @@ def test_check_config_names_keys(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
-    assert "influx.url:" in r.stderr and "mqtt.port:" in r.stderr
+    assert "influx.url:" in r.stderr
+    assert "mqtt.port:" in r.stderr
     good = ROOT / "configs" / "local.toml"
     r = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(good)],
                        capture_output=True, text=True, cwd=ROOT)

@@ -1,0 +1,296 @@
+"""Window features of high-rate waveforms (vibration): RMS, peak, crest factor, kurtosis, ISO 10816 zone.
+
+Fixed-rate blocks (:class:`~gateway.batch.WaveformBlock`) are cut into windows of ``window_samples``
+consecutive samples; a per-series carry-over buffer joins windows across blocks, so the result does not
+depend on how a device splits its stream (1000-sample blocks with 1000-sample windows give one row per
+block; 250-sample blocks give one row every fourth block). A block that does not continue its series
+(gap, overlap or a different ``dt``) discards the incomplete window before it (``dropped_samples``).
+All arithmetic is vectorised over windows; there is no per-sample Python.
+
+Features of one window (after removing the window mean when ``remove_mean``, as an AC-coupled vibration
+meter does, so gravity on an accelerometer axis does not count as vibration):
+
+* ``rms`` = √(mean x²); ``peak`` = max |x|; ``crest`` = peak / rms (NaN when rms = 0);
+* ``kurtosis`` = m4 / m2² (Pearson: 3 for Gaussian noise, 1.5 for a sine; NaN for a constant window);
+* ``zone``: ISO 10816-1 severity zone A/B/C/D of the velocity RMS in mm/s, for metrics whose name matches
+  ``velocity_metrics`` only ("" otherwise); the machine's class (I–IV) sets the boundaries, and a value
+  on a boundary belongs to the better zone.
+
+>>> import numpy as np
+>>> from gateway.batch import MachineKey, WaveformBlock
+>>> fan = MachineKey("plant1", "utilities", "hvac", "fan1")
+>>> t = np.arange(2000) * 1e-3
+>>> velocity = 5.0 * np.sin(2 * np.pi * 50 * t)  # mm/s peak, 1 kHz sampling
+>>> fx = FeatureExtractor(FeaturesConfig(window_samples=1000), {})
+>>> rows = fx.process([WaveformBlock(7, 0, 1_000_000, velocity)], ["vibration_mm_s"], [fan])
+>>> len(rows), rows.ts_ns.tolist(), rows.zone.tolist()
+(2, [0, 1000000000], ['C', 'C'])
+>>> [round(float(v), 3) for v in (rows.rms[0], rows.peak[0], rows.crest[0], rows.kurtosis[0])]
+[3.536, 5.0, 1.414, 1.5]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.batch import MachineKey, WaveformBlock
+
+__all__ = [
+    "ISO10816_LIMITS_MM_S",
+    "FeatureExtractor",
+    "FeatureRows",
+    "FeaturesConfig",
+    "VibrationClass",
+    "severity_zones",
+]
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+Zones = npt.NDArray[np.str_]
+
+VibrationClass = Literal["I", "II", "III", "IV"]
+
+# ISO 10816-1 zone boundaries A/B, B/C, C/D for velocity RMS in mm/s, per machine class.
+ISO10816_LIMITS_MM_S: dict[VibrationClass, tuple[float, float, float]] = {
+    "I": (0.71, 1.8, 4.5),
+    "II": (1.12, 2.8, 7.1),
+    "III": (1.8, 4.5, 11.2),
+    "IV": (2.8, 7.1, 18.0),
+}
+_CLASSES: tuple[VibrationClass, ...] = ("I", "II", "III", "IV")
+_LIMITS = np.array([ISO10816_LIMITS_MM_S[c] for c in _CLASSES], dtype=np.float64)
+_ZONE_LETTERS = np.array(["A", "B", "C", "D", ""], dtype="<U1")
+_NO_ZONE = -1
+
+
+class FeaturesConfig(BaseModel):
+    """The ``[features]`` section.
+
+    >>> FeaturesConfig().window_samples, FeaturesConfig().default_vibration_class
+    (1000, 'II')
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    window_samples: int = Field(default=1000, ge=4, le=10_000_000)
+    default_vibration_class: VibrationClass = "II"
+    velocity_metrics: list[str] = Field(default_factory=lambda: ["*velocity*", "*vel*mm_s*", "vibration_mm_s"])
+    remove_mean: bool = True
+
+    @field_validator("velocity_metrics")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern.strip():
+                raise ValueError("velocity_metrics: a pattern is empty; use globs such as '*velocity*'")
+        return v
+
+
+class HasVibrationClass(Protocol):
+    """What the extractor needs of a ``[machines."<name>"]`` entry (``gateway.oee.MachineConfig``)."""
+
+    @property
+    def vibration_class(self) -> VibrationClass | None: ...
+
+
+@dataclass(slots=True)
+class FeatureRows:
+    """One row per complete window, as parallel arrays; measurement ``vibration_features``.
+
+    ``zone`` is "" where it does not apply (not a velocity metric); ``crest`` and ``kurtosis`` are NaN
+    where undefined (a constant window).
+    """
+
+    series: I64
+    ts_ns: I64
+    rms: F64
+    peak: F64
+    crest: F64
+    kurtosis: F64
+    zone: Zones
+    metric: list[str] = field(default_factory=list)
+    machine: list[MachineKey] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.series.shape[0])
+
+    @classmethod
+    def empty(cls) -> FeatureRows:
+        f = np.empty(0, np.float64)
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), f, f.copy(), f.copy(), f.copy(), np.empty(0, "<U1"))
+
+
+def severity_zones(rms_mm_s: npt.ArrayLike, vibration_class: VibrationClass | Sequence[VibrationClass]) -> Zones:
+    """ISO 10816-1 zone letters of velocity RMS values (mm/s); a boundary value is in the better zone.
+
+    >>> severity_zones([0.5, 1.12, 1.13, 2.81, 7.2], "II").tolist()
+    ['A', 'A', 'B', 'C', 'D']
+    """
+    rms = np.asarray(rms_mm_s, dtype=np.float64)
+    if isinstance(vibration_class, str):
+        limits = np.broadcast_to(np.asarray(ISO10816_LIMITS_MM_S[vibration_class]), (*rms.shape, 3))
+    else:
+        limits = _LIMITS[[_CLASSES.index(c) for c in vibration_class]]
+    codes: I64 = (rms[..., None] > limits).sum(axis=-1)
+    zones: Zones = _ZONE_LETTERS[codes]
+    return zones
+
+
+@dataclass(slots=True)
+class _Carry:
+    t0_ns: int  # time of the first carried sample
+    dt_ns: int
+    values: F64
+
+    @property
+    def next_ns(self) -> int:
+        return self.t0_ns + int(self.values.shape[0]) * self.dt_ns
+
+
+class FeatureExtractor:
+    """Cuts waveform blocks into windows and computes their features.
+
+    Parameters
+    ----------
+    config
+        The ``[features]`` section.
+    machines
+        ``[machines."<name>"]`` entries keyed by machine name (for ``vibration_class``).
+
+    Attributes
+    ----------
+    dropped_samples
+        Samples of incomplete windows discarded because their series did not continue.
+
+    Examples
+    --------
+    Four 250-sample blocks make one 1000-sample window:
+
+    >>> import numpy as np
+    >>> from gateway.batch import MachineKey, WaveformBlock
+    >>> m = MachineKey("plant1", "assembly", "line1", "press1")
+    >>> rng = np.random.default_rng(0)
+    >>> accel = rng.normal(0.0, 0.2, 1000)
+    >>> fx = FeatureExtractor(FeaturesConfig(), {})
+    >>> blocks = [WaveformBlock(3, i * 250_000_000, 1_000_000, accel[i * 250:(i + 1) * 250]) for i in range(4)]
+    >>> [len(fx.process([b], ["accel_g"], [m])) for b in blocks]
+    [0, 0, 0, 1]
+    >>> rows = fx.process([], [], [])
+    >>> len(rows), rows.zone.tolist()
+    (0, [])
+    """
+
+    def __init__(self, config: FeaturesConfig, machines: Mapping[str, HasVibrationClass]) -> None:
+        self.config = config
+        self._machines = machines
+        self._window = config.window_samples
+        self._carry: dict[int, _Carry] = {}
+        self._is_velocity: dict[str, bool] = {}
+        self.dropped_samples = 0
+
+    def _class_code(self, metric: str, machine: MachineKey) -> int:
+        is_velocity = self._is_velocity.get(metric)
+        if is_velocity is None:
+            is_velocity = any(fnmatchcase(metric, g) for g in self.config.velocity_metrics)
+            self._is_velocity[metric] = is_velocity
+        if not is_velocity:
+            return _NO_ZONE
+        cfg = self._machines.get(machine.machine)
+        cls = cfg.vibration_class if cfg is not None and cfg.vibration_class else None
+        return _CLASSES.index(cls or self.config.default_vibration_class)
+
+    def process(
+        self, blocks: Sequence[WaveformBlock], metrics: Sequence[str], machine_of: Sequence[MachineKey]
+    ) -> FeatureRows:
+        """Features of every window completed by ``blocks`` (``metrics``/``machine_of``: one per block)."""
+        if not len(blocks) == len(metrics) == len(machine_of):
+            raise ValueError(
+                f"blocks, metrics and machine_of differ in length ({len(blocks)}, {len(metrics)}, {len(machine_of)})"
+            )
+        w = self._window
+        windows: list[F64] = []
+        series: list[I64] = []
+        starts: list[I64] = []
+        classes: list[I64] = []
+        metric_rows: list[str] = []
+        machine_rows: list[MachineKey] = []
+        for block, metric, machine in zip(blocks, metrics, machine_of, strict=True):
+            values = np.asarray(block.values, dtype=np.float64)
+            if values.shape[0] == 0:
+                continue
+            sid, dt = block.series, block.dt_ns
+            carry = self._carry.pop(sid, None)
+            if carry is not None and carry.dt_ns == dt and abs(block.t0_ns - carry.next_ns) <= dt // 2:
+                data, t0 = np.concatenate((carry.values, values)), carry.t0_ns
+            else:
+                if carry is not None:
+                    self.dropped_samples += carry.values.shape[0]
+                data, t0 = values, block.t0_ns
+            k = data.shape[0] // w
+            if k:
+                windows.append(data[: k * w].reshape(k, w))
+                series.append(np.full(k, sid, dtype=np.int64))
+                starts.append(t0 + np.arange(k, dtype=np.int64) * (w * dt))
+                classes.append(np.full(k, self._class_code(metric, machine), dtype=np.int64))
+                metric_rows.extend([metric] * k)
+                machine_rows.extend([machine] * k)
+            if data.shape[0] > k * w:
+                self._carry[sid] = _Carry(t0 + k * w * dt, dt, data[k * w :].copy())
+        if not windows:
+            return FeatureRows.empty()
+        x = np.concatenate(windows)
+        rms, peak, crest, kurt = self._features(x)
+        return FeatureRows(
+            series=np.concatenate(series),
+            ts_ns=np.concatenate(starts),
+            rms=rms,
+            peak=peak,
+            crest=crest,
+            kurtosis=kurt,
+            zone=self._zones(rms, np.concatenate(classes)),
+            metric=metric_rows,
+            machine=machine_rows,
+        )
+
+    def _features(self, x: F64) -> tuple[F64, F64, F64, F64]:
+        raw_ms = np.einsum("ij,ij->i", x, x) / x.shape[1]
+        mean = x.mean(axis=1, keepdims=True)
+        centred = x - mean
+        sq = centred * centred
+        m2 = sq.mean(axis=1)
+        m4 = (sq * sq).mean(axis=1)
+        if self.config.remove_mean:
+            rms = np.sqrt(m2)
+            peak = np.abs(centred).max(axis=1)
+        else:
+            rms = np.sqrt(raw_ms)
+            peak = np.abs(x).max(axis=1)
+        crest = np.full_like(rms, np.nan)
+        np.divide(peak, rms, out=crest, where=rms > 0)
+        # a constant window leaves only rounding noise in m2: call its kurtosis undefined
+        spread = m2 > 1e-24 * np.maximum(raw_ms, np.finfo(np.float64).tiny)
+        kurt = np.full_like(rms, np.nan)
+        np.divide(m4, m2 * m2, out=kurt, where=spread)
+        if self.config.remove_mean:
+            rms = np.where(spread, rms, 0.0)
+            peak = np.where(spread, peak, 0.0)
+            crest = np.where(spread, crest, np.nan)
+        return rms, peak, crest, kurt
+
+    @staticmethod
+    def _zones(rms: F64, classes: I64) -> Zones:
+        has_zone = classes != _NO_ZONE
+        codes = np.full(rms.shape[0], 4, dtype=np.int64)  # 4 → ""
+        if has_zone.any():
+            limits = _LIMITS[classes[has_zone]]
+            codes[has_zone] = (rms[has_zone, None] > limits).sum(axis=1)
+        zones: Zones = _ZONE_LETTERS[codes]
+        return zones

@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -89,14 +90,21 @@ def _require_binary(name: str) -> str:
     return path
 
 
+_CA_FILES: dict[str, Path] = {}  # https base URL -> CA that signed its certificate
+
+
 def _http(
     method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
     timeout: float = 10.0,
 ) -> tuple[int, bytes]:
     """One HTTP request; returns (status, body) for any status instead of raising on 4xx/5xx."""
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    context = None
+    for base, ca in _CA_FILES.items():
+        if url.startswith(base):
+            context = ssl.create_default_context(cafile=str(ca))
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
@@ -485,9 +493,11 @@ class InfluxDB1(ServerProcess):
         auth: bool = False,
         username: str = "admin",
         password: str = "admin-password",
+        tls: TlsFiles | None = None,
         log_to: Path | None = None,
     ) -> None:
         super().__init__(workdir, log_to=log_to)
+        self.tls = tls
         self._fixed_port = port
         self._fixed_rpc_port = rpc_port
         self.auth = auth
@@ -501,6 +511,10 @@ class InfluxDB1(ServerProcess):
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            base = f"https://localhost:{self.port}"
+            _CA_FILES[base] = self.tls.ca_cert
+            return base
         return f"http://{self.host}:{self.port}"
 
     def _pick_ports(self) -> None:
@@ -541,6 +555,9 @@ bind-address = "{self.host}:{self.rpc_port}"
   enabled = true
   bind-address = "{self.host}:{self.port}"
   auth-enabled = {'true' if self.auth else 'false'}
+  https-enabled = {'true' if self.tls else 'false'}
+  https-certificate = "{self.tls.server_cert if self.tls else ''}"
+  https-private-key = "{self.tls.server_key if self.tls else ''}"
   log-enabled = false
   pprof-enabled = false
 

@@ -56,7 +56,8 @@ path = "{tmp_path / 'dl.jsonl'}"
             cwd=ROOT, capture_output=True, text=True, env={"FGW_MQTT__PASSWORD": MQTT_SECRET, "PATH": "/usr/bin"},
         )
         assert shown.returncode == 0, shown.stderr
-        assert MQTT_SECRET not in shown.stdout and INFLUX_SECRET not in shown.stdout
+        assert MQTT_SECRET not in shown.stdout
+        assert INFLUX_SECRET not in shown.stdout
         assert '"password": "***"' in shown.stdout
 
         ts = int(time.time()) - 30
@@ -70,7 +71,8 @@ path = "{tmp_path / 'dl.jsonl'}"
             assert wait_until(lambda: influx.count("telemetry", "secure") == 1, timeout=20), gw.tail()
             assert gw.stop() == 0
         log = gw.log.read_text()
-        assert MQTT_SECRET not in log and INFLUX_SECRET not in log
+        assert MQTT_SECRET not in log
+        assert INFLUX_SECRET not in log
         [row] = influx.query('SELECT * FROM "telemetry"', "secure")
         assert (row["t"], row["time"]) == (1.5, ts * 10**9)
 

@@ -37,6 +37,7 @@ from gateway.batch import (
 from gateway.config import GatewaySection, Subscription
 from gateway.errors import DecodeError
 from gateway.schema import (
+    MAX_EPOCH_S,
     CountMessage,
     StateMessage,
     TelemetryColumnar,
@@ -58,6 +59,16 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "payload"
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+@dataclass(slots=True)
+class _Route:
+    """What a topic resolves to, cached: devices publish on the same few topics again and again."""
+
+    machine: MachineKey
+    channel: str
+    format: Format
+    sids: dict[str, int]  # metric name -> series id, for names already validated on this topic
 
 
 @dataclass(slots=True)
@@ -140,6 +151,16 @@ class Decoder:
         self._past_ns = int(limits.max_past_s * 1e9)
         self._future_ns = int(limits.max_future_s * 1e9)
         self._tag_cache: dict[MachineKey, bytes] = {}
+        self._routes: dict[str, _Route] = {}
+
+    def _route(self, topic: str) -> _Route:
+        route = self._routes.get(topic)
+        if route is None:
+            machine, channel = self.topics.parse(topic)
+            route = _Route(machine, channel, self._format(topic), {})
+            if len(self._routes) < 200_000:
+                self._routes[topic] = route
+        return route
 
     def _format(self, topic: str) -> Format:
         fmt = self._formats.get(topic)
@@ -159,13 +180,16 @@ class Decoder:
             raise DecodeError(
                 f"payload is {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}"
             )
-        machine, channel = self.topics.parse(topic)
+        route = self._route(topic)
+        machine, channel = route.machine, route.channel
         if channel == "telemetry":
-            fmt = self._format(topic)
+            fmt = route.format
             if fmt == "line" or (fmt == "auto" and payload.lstrip()[:1] not in (b"{", b"[")):
                 n = self._decode_lines(machine, payload, arrival_ns, out)
             else:
-                n = self._decode_telemetry(machine, self._json(payload), arrival_ns, out)
+                data = self._json(payload)
+                fast = self._fast_sample(route, data, arrival_ns, out) if type(data) is dict else None
+                n = fast if fast is not None else self._decode_telemetry(route, data, arrival_ns, out)
         elif channel == "state":
             msg = self._validate(StateMessage, self._json(payload))
             ts = self._ts(msg.ts, arrival_ns, "ts")
@@ -217,35 +241,73 @@ class Decoder:
         self._check_window(ns, ns, arrival_ns, field)
         return ns
 
-    def _series_ids(self, machine: MachineKey, names: list[str]) -> list[int]:
-        return [self.registry.series_id(machine, name) for name in names]
+    def _series_ids(self, route: _Route, names: list[str]) -> list[int]:
+        ids = [self.registry.series_id(route.machine, name) for name in names]
+        route.sids.update(zip(names, ids, strict=True))  # validated: later messages take the fast path
+        return ids
 
-    def _decode_telemetry(self, machine: MachineKey, data: Any, arrival_ns: int, out: BatchBuilder) -> int:
+    def _fast_sample(self, route: _Route, data: dict[str, Any], arrival_ns: int, out: BatchBuilder) -> int | None:
+        """The common case, one sample of known metrics, checked without building a model.
+
+        Returns None whenever anything is unusual; the full :class:`TelemetrySample` validation then
+        decides (and names the problem), so this path accepts a subset of what the model accepts.
+        """
+        values = data.get("values")
+        if type(values) is not dict or not values or len(data) > 3:
+            return None
+        sids = route.sids
+        ids = []
+        for name, v in values.items():
+            tv = type(v)
+            sid = sids.get(name)
+            if sid is None or (tv is not float and tv is not int):
+                return None
+            ids.append(sid)
+        seq = data.get("seq")
+        if seq is not None and type(seq) is not int:
+            return None
+        ts = data.get("ts")
+        if ts is None:
+            if "ts" in data or len(data) > 1 + ("seq" in data):
+                return None
+            ns = arrival_ns
+        else:
+            tt = type(ts)
+            if (tt is not float and tt is not int) or not 0 <= ts < MAX_EPOCH_S:
+                return None
+            ns = int(round(ts * 1e6)) * 1000
+            self._check_window(ns, ns, arrival_ns, "ts")
+        out.series.extend(ids)
+        out.ts_ns.extend([ns] * len(ids))
+        out.values.extend(values.values())
+        return len(ids)
+
+    def _decode_telemetry(self, route: _Route, data: Any, arrival_ns: int, out: BatchBuilder) -> int:
         if not isinstance(data, dict):
             raise DecodeError(f"payload must be a JSON object, got {type(data).__name__}")
         if "t0" in data:
             fixed: TelemetryFixedRate = self._validate(TelemetryFixedRate, data)
-            return self._append_fixed(machine, fixed, arrival_ns, out)
+            return self._append_fixed(route, fixed, arrival_ns, out)
         if isinstance(data.get("ts"), list):
             col: TelemetryColumnar = self._validate(TelemetryColumnar, data)
-            return self._append_columnar(machine, col, arrival_ns, out)
+            return self._append_columnar(route, col, arrival_ns, out)
         sample: TelemetrySample = self._validate(TelemetrySample, data)
         ts = self._ts(sample.ts, arrival_ns, "ts")
         names = list(sample.values)
-        sids = self._series_ids(machine, names)
+        sids = self._series_ids(route, names)
         out.series.extend(sids)
         out.ts_ns.extend([ts] * len(sids))
         out.values.extend(sample.values.values())
         return len(sids)
 
-    def _append_columnar(self, machine: MachineKey, msg: TelemetryColumnar, arrival_ns: int, out: BatchBuilder) -> int:
+    def _append_columnar(self, route: _Route, msg: TelemetryColumnar, arrival_ns: int, out: BatchBuilder) -> int:
         if all(isinstance(t, float | int) for t in msg.ts):
             ts = np.rint(np.asarray(msg.ts, dtype=np.float64) * 1e6).astype(np.int64) * 1000
         else:
             ts = np.asarray([ts_to_ns(t) for t in msg.ts], dtype=np.int64)
         self._check_window(int(ts.min()), int(ts.max()), arrival_ns, "ts")
         names = list(msg.values)
-        sids = self._series_ids(machine, names)
+        sids = self._series_ids(route, names)
         n = len(ts)
         for sid, name in zip(sids, names, strict=True):
             out.column_chunks.append(
@@ -253,7 +315,7 @@ class Decoder:
             )
         return n * len(names)
 
-    def _append_fixed(self, machine: MachineKey, msg: TelemetryFixedRate, arrival_ns: int, out: BatchBuilder) -> int:
+    def _append_fixed(self, route: _Route, msg: TelemetryFixedRate, arrival_ns: int, out: BatchBuilder) -> int:
         t0 = ts_to_ns(msg.t0)
         dt_ns = int(round(msg.dt * 1e9))
         if dt_ns <= 0:
@@ -261,7 +323,7 @@ class Decoder:
         names = list(msg.values)
         n = len(msg.values[names[0]])
         self._check_window(t0, t0 + dt_ns * (n - 1), arrival_ns, "t0")
-        sids = self._series_ids(machine, names)
+        sids = self._series_ids(route, names)
         ts = t0 + np.arange(n, dtype=np.int64) * dt_ns
         for sid, name in zip(sids, names, strict=True):
             vals = np.asarray(msg.values[name], dtype=np.float64)

@@ -116,7 +116,7 @@ class Pipeline:
                 self._dead_pending = True
             if self.on_reject is not None:
                 self.on_reject(topic, payload, str(exc), now)
-            if self.deadletter is None or self.stats.decode_errors <= 10 or self.stats.decode_errors % 1000 == 0:
+            if self.stats.decode_errors <= 10 or self.stats.decode_errors % 1000 == 0:  # rate-limited
                 log.warning("rejected message on %r: %s (%d so far)", topic, exc, self.stats.decode_errors)
         if token is not None:
             b.tokens.append(token)

@@ -23,6 +23,7 @@ from gateway.errors import CardinalityError
 from gateway.schema import MachineState
 
 __all__ = [
+    "AckToken",
     "CountEvent",
     "MachineKey",
     "SeriesRegistry",
@@ -33,6 +34,15 @@ __all__ = [
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
+
+
+@dataclass(slots=True)
+class AckToken:
+    """What the source needs to acknowledge one message once its points are durable."""
+
+    mid: int
+    qos: int
+    generation: int
 
 
 @dataclass(frozen=True, slots=True)

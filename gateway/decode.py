@@ -26,6 +26,7 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.batch import (
+    AckToken,
     CountEvent,
     DecodedBatch,
     MachineKey,
@@ -69,15 +70,6 @@ class _Route:
     channel: str
     format: Format
     sids: dict[str, int]  # metric name -> series id, for names already validated on this topic
-
-
-@dataclass(slots=True)
-class AckToken:
-    """What the source needs to acknowledge one message once its points are durable."""
-
-    mid: int
-    qos: int
-    generation: int
 
 
 class BatchBuilder:

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from gateway.batch import DecodedBatch, SeriesRegistry
+from gateway.batch import AckToken, DecodedBatch, SeriesRegistry
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
-from gateway.decode import AckToken, BatchBuilder, Decoder
+from gateway.decode import BatchBuilder, Decoder
 from gateway.detect.fusion import AnomalyEngine
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError

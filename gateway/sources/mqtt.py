@@ -23,8 +23,8 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.batch import AckToken
 from gateway.config import MqttConfig
-from gateway.decode import AckToken
 
 __all__ = ["MqttSource"]
 

@@ -25,7 +25,7 @@ ts = st.one_of(st.none(), st.floats(1.7e9, 1.8e9), st.integers(1_763_000_000, 1_
 payloads = st.fixed_dictionaries(
     {"values": st.dictionaries(st.sampled_from(["t", "v", "_x", ""]), scalar, max_size=3)},
     optional={"ts": ts, "seq": st.one_of(st.integers(0, 10), st.text(max_size=2), st.booleans()),
-              "extra": st.integers()},
+              "extra": st.integers(-(2**63), 2**63 - 1)},
 )
 
 

@@ -82,13 +82,10 @@ class WesternElectricParams(_Section):
 
 
 class RobustParams(_Section):
-    """Hampel-style rolling median/MAD over a trailing window (``robust``)."""
+    """Streaming Huber-type centre/scale, outliers clipped at 3 scales when learning (``robust``)."""
 
-    window: int = Field(32, ge=4, le=1024, description="Trailing window length in samples.")
-    n_sigmas: float = Field(4.0, gt=0, description="|x - median| / (1.4826·MAD) that maps to score 0.5.")
-    refresh: int = Field(
-        4, ge=1, le=1024, description="Recompute median/MAD every `refresh` learned samples (1 = exact)."
-    )
+    window: int = Field(32, ge=2, description="Memory in samples: EWMA factor 1/window (running mean while younger).")
+    n_sigmas: float = Field(4.0, gt=0, description="|x - centre| / scale that maps to score 0.5.")
 
 
 class FlatlineParams(_Section):
@@ -106,15 +103,24 @@ class SpikeParams(_Section):
 
 
 class FusionParams(_Section):
-    """How per-detector scores combine into the ``fused`` score."""
+    """How per-detector scores combine into the ``fused`` score, and how repeats are suppressed."""
 
     method: Literal["max", "noisy_or", "mean"] = Field(
         "max", description="max: max(w·s); noisy_or: 1 - Π(1 - w·s); mean: Σ w·s / Σ w."
     )
     weights: dict[DetectorName, float] = Field(
-        default_factory=lambda: dict[DetectorName, float]({"western_electric": 0.5}),
-        description="Per-detector weight in [0, 1]; missing detectors weigh 1. Western Electric rules are "
-        "binary and fire often on autocorrelated data, so by default they only reach the threshold.",
+        default_factory=lambda: dict[DetectorName, float](
+            {"ewma": 0.3, "cusum": 0.3, "western_electric": 0.3, "robust": 0.3, "flatline": 0.3}
+        ),
+        description="Per-detector weight in [0, 1]; missing detectors weigh 1. By default only the spike "
+        "(onset) score can reach the threshold; the level/state detectors stay high for the whole of a "
+        "persistent condition, saturate at 1 on quantised data, and raise their own events anyway.",
+    )
+    holdoff: float = Field(
+        70.0, ge=0,
+        description="Half-life in samples of the peak a fused score must beat to be reported; 0 = off. "
+        "After a peak P the fused score is reported as 0 until it exceeds P·2**(-k/holdoff), so one "
+        "anomaly yields one alarm, not a train of them.",
     )
 
     @field_validator("weights")

@@ -3,6 +3,8 @@
 Events are emitted for flagged samples only: one per (sample, detector whose score ≥ threshold), plus
 one ``fused`` event when a series' fused score crosses the threshold upwards (the previous sample of
 the series was below it) — a sustained anomaly yields one ``fused`` event, not one per sample.
+The fused score is first suppressed to 0 unless it beats the series' recent peak, which decays with a
+half-life of ``fusion.holdoff`` samples, so a repeat of the same alarm soon after is not reported.
 ``expected`` and ``zscore`` of every event come from the EWMA baseline (mean and z of the sample
 against the state before it), whichever detector flagged it.
 """
@@ -134,7 +136,27 @@ class _Profile:
         if self.own_baseline:
             self.baseline = EwmaDetector(**common, **profile.params["ewma"].model_dump(), record=True)
         self.method = profile.fusion.method
+        half = profile.fusion.holdoff
+        self.decay = 2.0 ** (-1.0 / half) if half > 0 else 0.0
         self.prev_fused: F64 = np.zeros(0, np.float64)
+        self.peak: F64 = np.zeros(0, np.float64)
+
+    def suppress(self, layout: BatchLayout, fused: F64) -> None:
+        """Zero (in place) every fused score that does not beat its series' decaying recent peak."""
+        if self.decay <= 0.0:
+            return
+        rows = layout.rows
+        peak = self.peak[rows]
+        offsets = layout.offsets.tolist()
+        g = self.decay
+        for k, m in enumerate(layout.active.tolist()):
+            s = fused[offsets[k] : offsets[k + 1]]
+            p = peak[:m]
+            beat = s > p
+            p *= g
+            np.maximum(p, s, out=p)
+            s *= beat
+        self.peak[rows] = peak
 
     def fuse(self, scores: list[F64], n: int) -> F64:
         fused = np.zeros(n, np.float64)
@@ -148,8 +170,9 @@ class _Profile:
             for s, w in zip(scores, self.weights, strict=True):
                 fused += (w / total) * s
             return fused
+        tmp = np.empty(n, np.float64)
         for s, w in zip(scores, self.weights, strict=True):
-            np.maximum(fused, s if w == 1.0 else w * s, out=fused)
+            np.maximum(fused, s if w == 1.0 else np.multiply(s, w, out=tmp), out=fused)
         return fused
 
 
@@ -247,21 +270,23 @@ class AnomalyEngine:
             prof.baseline.run(layout, packed)
         fused = prof.fuse(scores, n)
         thr = self.config.threshold
-
-        # Rising edge of the fused score: compare with the previous sample of the same series.
         need = int(layout.rows.max()) + 1
         if prof.prev_fused.shape[0] < need:
-            grown = np.zeros(max(need, 2 * prof.prev_fused.shape[0]), np.float64)
-            grown[: prof.prev_fused.shape[0]] = prof.prev_fused
-            prof.prev_fused = grown
+            cap = max(need, 2 * prof.prev_fused.shape[0])
+            for name in ("prev_fused", "peak"):
+                old = getattr(prof, name)
+                grown = np.zeros(cap, np.float64)
+                grown[: old.shape[0]] = old
+                setattr(prof, name, grown)
+        prof.suppress(layout, fused)
+
+        # Rising edge of the fused score: compare with the previous sample of the same series.
         prev = np.empty(n, np.float64)
-        first = layout.active[0]
+        first = int(layout.active[0])
         prev[:first] = prof.prev_fused[layout.rows]
-        if n > first:
-            # packed index offsets[k] + r has its predecessor at offsets[k-1] + r
-            rest = np.arange(first, n)
-            step = np.searchsorted(layout.offsets, rest, side="right") - 1
-            prev[first:] = fused[layout.offsets[step - 1] + (rest - layout.offsets[step])]
+        offs = layout.offsets.tolist()
+        for k, m in enumerate(layout.active.tolist()[1:], start=1):
+            prev[offs[k] : offs[k] + m] = fused[offs[k - 1] : offs[k - 1] + m]  # same row, one step back
         u = layout.rows.shape[0]
         counts = np.searchsorted(-layout.active, -np.arange(u), side="left")  # samples per row
         prof.prev_fused[layout.rows] = fused[layout.offsets[counts - 1] + np.arange(u)]
@@ -283,9 +308,12 @@ class AnomalyEngine:
         if not hits:
             return AnomalyEvents()
         packed_idx = np.concatenate([h[0] for h in hits])
-        inv = np.empty(n, np.int64)
-        inv[layout.flat] = np.arange(n)
-        sample = inv[packed_idx]  # packed slot -> position in this (sub)batch
+        if layout.in_order:
+            sample = packed_idx  # tiled batch: packed order is input order
+        else:
+            inv = np.empty(n, np.int64)
+            inv[layout.flat] = np.arange(n)
+            sample = inv[packed_idx]  # packed slot -> position in this (sub)batch
         order = np.argsort(sample, kind="stable")
         packed_idx = packed_idx[order]
         sample = sample[order]

@@ -41,8 +41,8 @@ def score_series(
     >>> import numpy as np
     >>> x = np.r_[np.random.default_rng(5).normal(0, 1, 500), 12.0]
     >>> s = score_series(x)
-    >>> s.shape, bool(s[-1] > 0.9)
-    ((501,), True)
+    >>> s.shape, bool(s[-1] >= 0.5), int(np.argmax(s))
+    ((501,), True, 500)
     """
     cfg = config or DetectionConfig()
     n = values.shape[0]

@@ -72,11 +72,11 @@ class WesternElectricDetector(Detector):
         if 2 in self.rules:
             hi2 = push(st["hi2"][:m], z > 2.0)
             lo2 = push(st["lo2"][:m], z < -2.0)
-            np.maximum(raw, (_RULE2[hi2] | _RULE2[lo2]) * self.rule_scores[1], out=raw)
+            np.maximum(raw, (_RULE2.take(hi2) | _RULE2.take(lo2)) * self.rule_scores[1], out=raw)
         if 3 in self.rules:
             hi1 = push(st["hi1"][:m], z > 1.0)
             lo1 = push(st["lo1"][:m], z < -1.0)
-            np.maximum(raw, (_RULE3[hi1] | _RULE3[lo1]) * self.rule_scores[2], out=raw)
+            np.maximum(raw, (_RULE3.take(hi1) | _RULE3.take(lo1)) * self.rule_scores[2], out=raw)
         if 4 in self.rules:
             pos = push(st["pos"][:m], z > 0.0)
             neg = push(st["neg"][:m], z < 0.0)

@@ -47,10 +47,10 @@ path = "{tmp_path / 'deadletter.jsonl'}"
     )
 
 
-def _messages(n: int, t0: float, machines: int = 20) -> list[tuple[str, dict[str, object]]]:
+def _messages(n: int, t0: float, machines: int = 20, site: str = "plant1") -> list[tuple[str, dict[str, object]]]:
     return [
         (
-            f"factory/plant1/hall/line1/m{seq % machines:02d}/telemetry",
+            f"factory/{site}/hall/line1/m{seq % machines:02d}/telemetry",
             {"ts": round(t0 + seq * 0.001, 3), "seq": seq, "values": {"v": seq * 0.5}},
         )
         for seq in range(n)
@@ -60,6 +60,7 @@ def _messages(n: int, t0: float, machines: int = 20) -> list[tuple[str, dict[str
 def _check_exact(influx: InfluxDB1, db: str, msgs: list[tuple[str, dict[str, object]]]) -> tuple[int, int]:
     """Every published (machine, ts, value) is in InfluxDB exactly once; return (points, distinct)."""
     rows = influx.query('SELECT "v", "machine" FROM "telemetry"', db)
+    assert rows, "no telemetry points at all"
     got = {(r["machine"], r["time"]): r["v"] for r in rows}
     expected = {
         (t.split("/")[4], round(float(p["ts"]) * 1e6) * 1000): p["values"]["v"]  # type: ignore[arg-type,index]
@@ -80,7 +81,7 @@ def _publisher(port: int, msgs: list[tuple[str, dict[str, object]]], client_id: 
 
 def _crash_loop(tmp_path: Path, mosquitto: Mosquitto, influx: InfluxDB1, db: str, n: int, cid: str) -> dict[str, int]:
     cfg = _config(tmp_path, mosquitto, influx, db, cid)
-    msgs = _messages(n, time.time() - 3000)
+    msgs = _messages(n, time.time() - 3000, site=cid)
     rng = random.Random(7)
     gw = GatewayProcess(cfg).start()
     pub = _publisher(mosquitto.port, msgs, f"pub-{cid}")
@@ -114,7 +115,7 @@ def test_sigkill_100k(tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[Inf
 
 def _outage(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1, db: str, seconds: float, n: int) -> None:
     cfg = _config(tmp_path, mosquitto, influxdb, db, f"gw-outage-{int(seconds)}")
-    msgs = _messages(n, time.time() - 2000)
+    msgs = _messages(n, time.time() - 2000, site=f"outage{int(seconds)}")
     with GatewayProcess(cfg) as gw:
         publish(mosquitto.port, msgs[: n // 3], client_id="pub-outage-1")
         assert wait_until(lambda: influxdb.count("telemetry", db) >= n // 3, timeout=30), gw.tail()
@@ -151,7 +152,7 @@ def test_broker_restart_mid_stream(tmp_path: Path, influx_db: tuple[InfluxDB1, s
 
     with Broker(tmp_path / "broker", autosave_interval=1) as broker:
         cfg = _config(tmp_path, broker, influx, db, "gw-broker-restart")
-        msgs = _messages(6000, time.time() - 1000)
+        msgs = _messages(6000, time.time() - 1000, site="brokerrestart")
         with GatewayProcess(cfg) as gw:
             publish(broker.port, msgs[:3000], client_id="pub-br-1")
             broker.restart()
@@ -168,7 +169,7 @@ def test_bad_input_dead_lettered_and_acked(
     influx, db = influx_db
     cfg = _config(tmp_path, mosquitto, influx, db, "gw-bad-input", extra="")
     now = time.time()
-    good = _messages(100, now - 100)
+    good = _messages(100, now - 100, site="badinput")
     bad: list[tuple[str, object]] = [
         ("factory/p/a/l/m1/telemetry", b"{not json"),
         ("factory/p/a/l/m1/telemetry", b"\xff\xfe\x00"),

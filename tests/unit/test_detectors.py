@@ -107,7 +107,7 @@ def test_robust_ignores_outliers_in_its_window() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(0.0, 1.0, 60)
     x[40:44] = 50.0  # a burst of outliers does not move the median
-    det = RobustDetector(window=32, refresh=1, grace_samples=20)
+    det = RobustDetector(window=32, grace_samples=20)
     s = _one(det, x)
     assert np.all(s[40:44] > 0.9)
 
@@ -170,3 +170,31 @@ def test_engine_events_and_fused_crossing() -> None:
     assert np.all(eng.last_fused[series == 2] == 0.0)
     assert eng.last_fused[20] == 0.0
     assert len(ev) == ev.code.shape[0] == ev.expected.shape[0]
+
+
+def test_fused_holdoff_reports_only_new_peaks() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 1.0, 400)
+    x[200] += 30.0
+    x[203] += 30.0  # a repeat of the same size soon after: suppressed
+    x[350] += 30.0  # long after (≫ half-life): reported again
+    series = np.zeros(400, np.int64)
+    ts = np.arange(400, dtype=np.int64)
+    on = AnomalyEngine(DetectionConfig(grace_samples=20)).score(series, ts, x, ["m"])
+    off = AnomalyEngine(DetectionConfig.model_validate({"grace_samples": 20, "fusion": {"holdoff": 0}}))
+    raw = off.score(series, ts, x, ["m"])
+    assert on[200] == raw[200] >= 0.5
+    assert on[203] == 0.0 < raw[203]
+    assert on[350] >= 0.5
+    assert np.all((on == raw) | (on == 0.0))
+
+
+def test_robust_layout_fast_path_matches_general() -> None:
+    series = np.tile(np.arange(5, dtype=np.int64), 40)
+    values = np.random.default_rng(4).normal(0.0, 1.0, 200)
+    fast = RobustDetector(grace_samples=5).score_learn(series, values)
+    assert BatchLayout.build(series).in_order
+    order = np.argsort(series, kind="stable")  # series-major: not tiled, takes the sorting path
+    assert not BatchLayout.build(series[order]).in_order
+    slow = RobustDetector(grace_samples=5).score_learn(series[order], values[order])
+    np.testing.assert_array_equal(fast[order], slow)

@@ -88,9 +88,18 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 async def _run(cfg: GatewayConfig) -> int:
+    from gateway.deadletter import DeadLetterError
     from gateway.server import Server
+    from gateway.wal import WalError
 
-    server = Server(cfg)
+    try:
+        server = Server(cfg)
+    except WalError as exc:
+        print(f"buffer.dir: {exc}", file=sys.stderr)
+        return 2
+    except (DeadLetterError, OSError) as exc:
+        print(f"deadletter.path: {exc}", file=sys.stderr)
+        return 2
     server.install_signal_handlers()
     await server.run()
     return 0

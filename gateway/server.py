@@ -31,9 +31,12 @@ class Server:
     def __init__(self, cfg: GatewayConfig, sink: Sink | None = None) -> None:
         self.cfg = cfg
         self.sink = sink or make_influx_sink(cfg.influx)
-        cfg.deadletter.path.parent.mkdir(parents=True, exist_ok=True)
         self.deadletter = DeadLetterFile.from_config(cfg.deadletter)
-        self.wal = WriteAheadLog.from_config(cfg.buffer) if cfg.buffer.enabled else None
+        try:
+            self.wal = WriteAheadLog.from_config(cfg.buffer) if cfg.buffer.enabled else None
+        except BaseException:
+            self.deadletter.close()
+            raise
         if self.wal is not None and self.wal.records_pending:
             log.info("WAL holds %d unconfirmed records (%d bytes): replaying them first",
                      self.wal.records_pending, self.wal.bytes_pending)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -88,15 +89,23 @@ def publish(
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    infos = []
+    pending: deque[mqtt.MQTTMessageInfo] = deque()
+    count = 0
     for topic, payload in messages:
         body = payload if isinstance(payload, bytes | str) else orjson.dumps(payload)
-        infos.append(client.publish(topic, body, qos=qos))
-    for info in infos:
-        info.wait_for_publish(timeout=60)
+        # Message ids are 16-bit: keep well under 65535 outstanding so they never collide.
+        while len(pending) >= 20_000:
+            pending.popleft().wait_for_publish(timeout=120)
+        info = client.publish(topic, body, qos=qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
+        pending.append(info)
+        count += 1
+    for info in pending:
+        info.wait_for_publish(timeout=120)
     client.loop_stop()
     client.disconnect()
-    return len(infos)
+    return count
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30, every: float = 0.25) -> bool:

@@ -108,6 +108,7 @@ def test_sigkill_loses_nothing(tmp_path: Path, mosquitto: Mosquitto, influx_db: 
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(1800)
 def test_sigkill_100k(tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str]) -> None:
     influx, db = influx_db
     _crash_loop(tmp_path, mosquitto, influx, db, 100_000, "gw-crash-long")
@@ -139,6 +140,7 @@ def test_influx_outage_wal_drains(tmp_path: Path, mosquitto: Mosquitto, influxdb
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(600)
 def test_influx_outage_30s(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
     db = "outage_long"
     influxdb.create_database(db)

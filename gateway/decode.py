@@ -36,7 +36,7 @@ from gateway.batch import (
     WaveformBlock,
 )
 from gateway.config import GatewaySection, Subscription
-from gateway.errors import DecodeError
+from gateway.errors import CardinalityError, DecodeError
 from gateway.schema import (
     MAX_EPOCH_S,
     CountMessage,
@@ -234,7 +234,15 @@ class Decoder:
         return ns
 
     def _series_ids(self, route: _Route, names: list[str]) -> list[int]:
-        ids = [self.registry.series_id(route.machine, name) for name in names]
+        reg = self.registry
+        new = [n for n in names if reg.lookup(route.machine, n) is None]
+        if new and len(reg) + len(new) > reg.max_series:
+            # Checked before registering any, so a rejected message uses none of the budget.
+            raise CardinalityError(
+                f"values: {len(new)} new series ({new[0]!r}...) on {route.machine.machine} would exceed "
+                f"max_series={reg.max_series}"
+            )
+        ids = [reg.series_id(route.machine, name) for name in names]
         route.sids.update(zip(names, ids, strict=True))  # validated: later messages take the fast path
         return ids
 

@@ -63,10 +63,28 @@ class BatchLayout:
     rows: I64
     active: I64
     offsets: I64
-    flat: I64
-    pos: I64
-    row: I64
+    _flat: I64 | None
+    _pos: I64 | None
+    _row: I64 | None
     in_order: bool = False  # packed order is input order (flat is the identity)
+
+    @property
+    def flat(self) -> I64:
+        if self._flat is None:  # tiled: the identity, built only if asked for
+            self._flat = np.arange(int(self.offsets[-1]), dtype=np.int64)
+        return self._flat
+
+    @property
+    def pos(self) -> I64:
+        if self._pos is None:
+            self._pos = np.repeat(np.arange(self.n_steps, dtype=np.int64), int(self.rows.shape[0]))
+        return self._pos
+
+    @property
+    def row(self) -> I64:
+        if self._row is None:
+            self._row = np.tile(np.arange(int(self.rows.shape[0]), dtype=np.int64), self.n_steps)
+        return self._row
 
     @property
     def n_steps(self) -> int:
@@ -118,15 +136,13 @@ class BatchLayout:
             return None
         if np.unique(head).shape[0] != u:
             return None
-        ar = np.arange(n, dtype=np.int64)
         offsets = np.arange(per + 1, dtype=np.int64) * u
-        return cls(head.astype(np.int64), np.full(per, u, np.int64), offsets, ar,
-                   np.repeat(ar[:per], u), np.tile(ar[:u], per), True)
+        return cls(head.astype(np.int64), np.full(per, u, np.int64), offsets, None, None, None, True)
 
     def pack(self, values: F64) -> F64:
         """Reorder per-sample values into the packed step-by-step order."""
-        if self.in_order:
-            return np.array(values, np.float64)
+        if self.in_order:  # nothing writes into the packed input, so no copy
+            return np.asarray(values, np.float64)
         out = np.empty(values.shape[0], np.float64)
         out[self.flat] = values
         return out

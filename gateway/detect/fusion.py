@@ -6,7 +6,8 @@ the series was below it) — a sustained anomaly yields one ``fused`` event, not
 The fused score is first suppressed to 0 unless it beats the series' recent peak, which decays with a
 half-life of ``fusion.holdoff`` samples, so a repeat of the same alarm soon after is not reported.
 ``expected`` and ``zscore`` of every event come from the EWMA baseline (mean and z of the sample
-against the state before it), whichever detector flagged it.
+against the state before it), whichever detector flagged it. By default the detectors run fused in one
+loop (:mod:`gateway.detect.kernel`, same scores); the separate classes run when the kernel does not apply.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfi
 from gateway.detect.cusum import CusumDetector
 from gateway.detect.ewma import EwmaDetector
 from gateway.detect.flatline import FlatlineDetector
+from gateway.detect.kernel import FusedKernel, supports
 from gateway.detect.robust import RobustDetector
 from gateway.detect.spike import SpikeDetector
 from gateway.detect.western_electric import WesternElectricDetector
@@ -133,6 +135,8 @@ class _Profile:
                 det.record = True
                 self.baseline = det
         self.own_baseline = "ewma" not in profile.detectors
+        # the fused kernel replaces the separate detectors (same scores, one loop); kept for fallback
+        self.kernel = FusedKernel(profile, config) if supports(profile, config) else None
         if self.own_baseline:
             self.baseline = EwmaDetector(**common, **profile.params["ewma"].model_dump(), record=True)
         self.method = profile.fusion.method
@@ -241,14 +245,14 @@ class AnomalyEngine:
             return AnomalyEvents()
         self._resolve(int(series.max()) + 1, metrics)
         finite = np.isfinite(values)
-        pids = self._profile_of[series]
-        pid_list = np.unique(pids).tolist() if self._profiles[1:] else [0]
+        pids = self._profile_of[series] if self._profiles[1:] else None
+        pid_list = np.unique(pids).tolist() if pids is not None else [0]
         parts: list[AnomalyEvents] = []
         for pid in pid_list:
             prof = self._profiles[pid]
             if not prof.enabled:
                 continue
-            sel = finite if len(pid_list) == 1 else finite & (pids == pid)
+            sel = finite if pids is None or len(pid_list) == 1 else finite & (pids == pid)
             idx = None if bool(sel.all()) else np.flatnonzero(sel)
             if idx is None:
                 parts.append(self._run(prof, series, ts_ns, values, None))
@@ -265,11 +269,32 @@ class AnomalyEngine:
         layout = BatchLayout.build(series)
         packed = layout.pack(values)
         n = packed.shape[0]
-        scores = [det.run(layout, packed) for det in prof.detectors]
-        if prof.own_baseline:
-            prof.baseline.run(layout, packed)
-        fused = prof.fuse(scores, n)
         thr = self.config.threshold
+        hits: list[tuple[I64, int, F64]] = []
+        if prof.kernel is not None:
+            res = prof.kernel.run(layout, packed)
+            fused = res.fused
+            for name, expo in res.expo.items():
+                s = -np.expm1(expo)
+                sel = np.flatnonzero(s >= thr)
+                if sel.shape[0]:
+                    hits.append((sel, DETECTOR_NAMES.index(name), s[sel]))
+            if res.we_score is not None:
+                sel = np.flatnonzero(res.we_score >= thr)
+                if sel.shape[0]:
+                    hits.append((sel, DETECTOR_NAMES.index("western_electric"), res.we_score[sel]))
+            cand, expected, zscore = res.cand, res.expected, res.zscore
+        else:
+            scores = [det.run(layout, packed) for det in prof.detectors]
+            if prof.own_baseline:
+                prof.baseline.run(layout, packed)
+            fused = prof.fuse(scores, n)
+            for code, s in zip(prof.codes, scores, strict=True):
+                where = np.flatnonzero(s >= thr)
+                if where.shape[0]:
+                    hits.append((where, code, s[where]))
+            cand = np.arange(n)
+            expected, zscore = prof.baseline.expected, prof.baseline.zscore
         need = int(layout.rows.max()) + 1
         if prof.prev_fused.shape[0] < need:
             cap = max(need, 2 * prof.prev_fused.shape[0])
@@ -281,15 +306,19 @@ class AnomalyEngine:
         prof.suppress(layout, fused)
 
         # Rising edge of the fused score: compare with the previous sample of the same series.
-        prev = np.empty(n, np.float64)
-        first = int(layout.active[0])
-        prev[:first] = prof.prev_fused[layout.rows]
-        offs = layout.offsets.tolist()
-        for k, m in enumerate(layout.active.tolist()[1:], start=1):
-            prev[offs[k] : offs[k] + m] = fused[offs[k - 1] : offs[k - 1] + m]  # same row, one step back
         u = layout.rows.shape[0]
         counts = np.searchsorted(-layout.active, -np.arange(u), side="left")  # samples per row
-        prof.prev_fused[layout.rows] = fused[layout.offsets[counts - 1] + np.arange(u)]
+        last = fused[layout.offsets[counts - 1] + np.arange(u)]
+        high = np.flatnonzero(fused >= thr)  # sparse: only these can be crossings
+        if high.shape[0]:
+            step = np.searchsorted(layout.offsets, high, side="right") - 1
+            r = high - layout.offsets[step]
+            prev = np.where(step > 0, fused[layout.offsets[np.maximum(step - 1, 0)] + r],
+                            prof.prev_fused[layout.rows[r]])
+            where = high[prev < thr]
+        else:
+            where = high
+        prof.prev_fused[layout.rows] = last
 
         out_fused = layout.unpack(fused)
         if idx is None:
@@ -297,17 +326,15 @@ class AnomalyEngine:
         else:
             self.last_fused[idx] = out_fused
 
-        hits: list[tuple[I64, int, F64]] = []
-        for code, s in zip(prof.codes, scores, strict=True):
-            where = np.flatnonzero(s >= thr)
-            if where.shape[0]:
-                hits.append((where, code, s))
-        where = np.flatnonzero((fused >= thr) & (prev < thr))
+        # hits index ``cand``; the fused crossings index packed slots directly
+        events = [(cand[w], code, sc, w) for w, code, sc in hits]
         if where.shape[0]:
-            hits.append((where, _FUSED, fused))
-        if not hits:
+            at = np.searchsorted(cand, where)  # every crossing is a candidate (fused ≥ thr needs one)
+            events.append((where, _FUSED, fused[where], at))
+        if not events:
             return AnomalyEvents()
-        packed_idx = np.concatenate([h[0] for h in hits])
+        packed_idx = np.concatenate([e[0] for e in events])
+        at_cand = np.concatenate([e[3] for e in events])
         if layout.in_order:
             sample = packed_idx  # tiled batch: packed order is input order
         else:
@@ -317,12 +344,13 @@ class AnomalyEngine:
         order = np.argsort(sample, kind="stable")
         packed_idx = packed_idx[order]
         sample = sample[order]
+        at_cand = at_cand[order]
         return AnomalyEvents(
             series=series[sample],
             ts_ns=ts_ns[sample],
-            code=np.concatenate([np.full(h[0].shape[0], h[1], np.int64) for h in hits])[order],
-            score=np.concatenate([h[2][h[0]] for h in hits])[order],
+            code=np.concatenate([np.full(e[0].shape[0], e[1], np.int64) for e in events])[order],
+            score=np.concatenate([e[2] for e in events])[order],
             value=packed[packed_idx],
-            expected=prof.baseline.expected[packed_idx],
-            zscore=prof.baseline.zscore[packed_idx],
+            expected=expected[at_cand],
+            zscore=zscore[at_cand],
         )

@@ -108,7 +108,10 @@ class Pipeline:
             b.first_arrival_ns = time.monotonic_ns()
         try:
             self.decoder.decode(topic, payload, now, b)
-        except DecodeError as exc:
+        except Exception as exc:  # one bad message must never jam the session: reject it, keep going
+            if not isinstance(exc, DecodeError):
+                log.exception("internal error decoding a message on %r; it is dead-lettered", topic)
+                exc = DecodeError(f"internal error while decoding: {exc!r}")
             self.stats.decode_errors += 1
             b.messages += 1
             if self.deadletter is not None:

@@ -45,7 +45,6 @@ class MqttSource:
         self.messages = 0
         self.paused = False
         self._paho: PahoClient | None = None
-        self._last_in = time.monotonic()
 
     # -- acking ---------------------------------------------------------------------------------
     def ack(self, tokens: Sequence[AckToken]) -> int:
@@ -97,14 +96,21 @@ class MqttSource:
         )
         paho: PahoClient = client._client  # the adapter owns paho: manual acks, direct callback
         paho.manual_ack_set(True)
-        paho.on_message = self._on_paho_message
+        # Per message, paho matches the topic against per-topic callbacks (we register none) and logs
+        # every packet; both cost more than our decode. Deliver straight to the pipeline instead.
+        paho._handle_on_message = self._deliver  # type: ignore[method-assign,assignment]
+        if not log.isEnabledFor(logging.DEBUG):
+            paho.disable_logger()
         return client
 
-    def _on_paho_message(self, _client: PahoClient, _userdata: Any, msg: MQTTMessage) -> None:
-        self._last_in = time.monotonic()
+    def _deliver(self, msg: MQTTMessage) -> None:
         self.messages += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # brokers refuse these; if one slips through, the decoder rejects it
+            topic = msg._topic.decode("utf-8", "backslashreplace")
         token = AckToken(msg.mid, msg.qos, self.generation) if msg.qos > 0 else None
-        self.on_message(msg.topic, bytes(msg.payload), token)
+        self.on_message(topic, msg.payload if type(msg.payload) is bytes else bytes(msg.payload), token)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, subscribe and keep reconnecting (capped backoff with jitter) until ``stop``."""

@@ -1,0 +1,294 @@
+"""The benchmark suite: one command, a table of ratios against baselines measured in the same run.
+
+``make bench`` runs ``.venv/bin/python bench/run.py``: it starts its own mosquitto and InfluxDB 1.x on
+free loopback ports (``tests/servers.py``), runs the gateway as a subprocess, prints a table and writes
+``bench/results.json`` (every absolute figure, the machine description, and the profile if asked).
+
+Rows (``--only`` takes names or numbers, comma-separated):
+
+1. ``ingest``   one-sample JSON telemetry, QoS 1: counting paho subscriber (ceiling) vs gateway into InfluxDB
+2. ``columnar`` 1000-sample fixed-rate blocks: samples/s, ``store_waveforms`` true and false
+3. ``encode``   ``LineProtocolEncoder.telemetry`` vs influxdb-client ``Point`` (and an f-string loop)
+4. ``latency``  publish → visible in InfluxDB at 5,000 msg/s, flush_interval_ms 500 and 100
+5. ``memory``   RSS with detector state for 10,000 machines × 8 metrics
+6. ``peer``     HARDWARIO ``mqtt2influxdb`` 1.5.2 on workload 1 (throwaway venv under /tmp)
+
+Usage: ``python bench/run.py [--only ingest,encode] [--quick] [--profile DIR] [--out FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for p in (str(REPO), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+ROWS = ("ingest", "columnar", "encode", "latency", "memory", "peer")
+
+FULL = {"ingest": 200_000, "blocks_false": 10_000, "blocks_true": 600, "latency_s": 20.0,
+        "mem_rounds": 5, "mem_per": 10, "peer": 5_000, "encode_rows": 200_000}
+QUICK = {"ingest": 40_000, "blocks_false": 2_000, "blocks_true": 150, "latency_s": 6.0,
+         "mem_rounds": 2, "mem_per": 25, "peer": 1_000, "encode_rows": 50_000}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
+                                  if ln.startswith("model name")), "?")
+    except OSError:
+        info["cpu_model"] = "?"
+    info["cores"] = os.cpu_count()
+    info["cores_usable"] = len(os.sched_getaffinity(0))
+    try:
+        kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                  if ln.startswith("MemTotal"))
+        info["ram_gb"] = round(kb / 1024 / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+    import numpy as np
+
+    info["numpy"] = np.__version__
+    try:
+        cfg = np.show_config(mode="dicts")
+        info["blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("name")
+    except Exception:
+        pass
+    info["blas_env"] = {k: v for k, v in os.environ.items()
+                        if k.startswith(("OPENBLAS", "OMP_", "MKL_")) or k == "GOTO_NUM_THREADS"} or "unset"
+    for binary, args in (("mosquitto", ["-h"]), ("influxd", ["version"])):
+        try:
+            out = subprocess.run([f"/usr/sbin/{binary}" if binary == "mosquitto" else binary, *args],
+                                 capture_output=True, text=True, timeout=10)
+            first = (out.stdout or out.stderr).splitlines()
+            info[binary] = first[0].strip() if first else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            info[binary] = "not found"
+    return info
+
+
+def row(name: str, what: str, value: float | None, unit: str, baseline: float | None, baseline_what: str,
+        ratio: float | None, target: str, ok: bool | None, note: str = "") -> dict[str, Any]:
+    return {"row": name, "what": what, "value": value, "unit": unit, "baseline": baseline,
+            "baseline_what": baseline_what, "ratio": ratio, "target": target,
+            "status": "-" if ok is None else ("PASS" if ok else "MISS"), "note": note}
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# -- the rows ---------------------------------------------------------------------------------------------
+def run_ingest(sz: dict[str, Any], profile: Path | None, raw: dict[str, Any]) -> list[dict[str, Any]]:
+    import e2e
+
+    r = e2e.row_ingest(sz["ingest"], profile_dir=profile)
+    raw["ingest"] = r
+    c, g, n = r["ceiling"], r["gateway"], r["gateway_nodetect"]
+    loss = f"loss: ceiling {c['loss']}, gateway {g['loss']}, no-detect {n['loss']}"
+    return [
+        row("1 ingest", f"gateway msgs/s ({r['count']:,} msgs, detect on)", g["msgs_per_s"], "msg/s",
+            c["msgs_per_s"], "paho counting subscriber", _div(g["msgs_per_s"], c["msgs_per_s"]), ">= 0.7x",
+            g["loss"] == 0 and g["msgs_per_s"] >= 0.7 * c["msgs_per_s"], loss),
+        row("1 ingest", "gateway msgs/s, [detect] enabled = false", n["msgs_per_s"], "msg/s",
+            c["msgs_per_s"], "paho counting subscriber", _div(n["msgs_per_s"], c["msgs_per_s"]), ">= 0.7x",
+            n["loss"] == 0 and n["msgs_per_s"] >= 0.7 * c["msgs_per_s"]),
+        row("1 ingest", "publisher alone (PUBACKed msgs/s, subscriber attached)", c["publisher_msgs_per_s"],
+            "msg/s", c["msgs_per_s"], "paho counting subscriber",
+            _div(c["publisher_msgs_per_s"], c["msgs_per_s"]), "> 1x (not the bottleneck)",
+            c["publisher_msgs_per_s"] > c["msgs_per_s"]),
+    ]
+
+
+def run_columnar(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    import e2e
+
+    r = e2e.row_columnar(sz["blocks_true"], sz["blocks_false"])
+    raw["columnar"] = r
+    c = r["ceiling"]
+    f, t = r["gateway_store_waveforms_false"], r["gateway_store_waveforms_true"]
+    n = r["gateway_store_waveforms_true_nodetect"]
+    return [
+        row("2 columnar", "store_waveforms=false samples/s (decode only: features not wired)",
+            f["samples_per_s"], "sample/s", c["samples_per_s"], "paho counting subscriber",
+            _div(f["samples_per_s"], c["samples_per_s"]), ">= 2M sample/s",
+            f["loss"] == 0 and f["samples_per_s"] >= 2e6, f"loss {f['loss']} msgs"),
+        row("2 columnar", "store_waveforms=true samples/s (every sample a point)", t["samples_per_s"],
+            "sample/s", c["samples_per_s"], "paho counting subscriber",
+            _div(t["samples_per_s"], c["samples_per_s"]), ">= 2M sample/s",
+            t["loss"] == 0 and t["samples_per_s"] >= 2e6, f"loss {t['loss']} points"),
+        row("2 columnar", "store_waveforms=true, [detect] enabled = false", n["samples_per_s"],
+            "sample/s", c["samples_per_s"], "paho counting subscriber",
+            _div(n["samples_per_s"], c["samples_per_s"]), ">= 2M sample/s",
+            n["loss"] == 0 and n["samples_per_s"] >= 2e6, f"loss {n['loss']} points"),
+    ]
+
+
+def run_encode(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    import encode
+
+    r = encode.run(sz["encode_rows"])
+    raw["encode"] = r
+    return [
+        row("3 encode", f"LineProtocolEncoder.telemetry rows/s ({r['rows']:,} rows)", r["ours_rows_per_s"],
+            "row/s", r["point_rows_per_s"], "influxdb-client Point", r["ratio_vs_point"], ">= 5x",
+            r["ratio_vs_point"] >= 5, f"outputs equal on {r['checked_rows']:,} rows"),
+        row("3 encode", "same, vs naive f-string loop", r["ours_rows_per_s"], "row/s", r["naive_rows_per_s"],
+            "f-string per row", r["ratio_vs_naive"], "-", None),
+    ]
+
+
+def run_latency(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    import e2e
+
+    r = e2e.row_latency(sz["latency_s"])
+    raw["latency"] = r
+    out = []
+    for key in ("flush_500", "flush_100"):
+        x = r[key]
+        note = (f"p50 {x['p50_ms']:.0f} ms, max {x['max_ms']:.0f} ms, {x['stored']}/{x['sent']} stored, "
+                f"latency of {x['seen']} msgs of {x['sampled_machines']} machines ({x['missed_by_poller']} missed), "
+                f"poll every 50 ms (+{x['poll_query_ms_median']:.0f} ms query)") if x["p99_ms"] else "no data"
+        out.append(row("4 latency", f"p99 publish->visible, 5k msg/s, flush_interval_ms={x['flush_interval_ms']}",
+                       x["p99_ms"], "ms", float(x["flush_interval_ms"]), "flush_interval_ms",
+                       _div(x["p99_ms"], x["flush_interval_ms"]), "p99 <= 500 ms",
+                       x["p99_ms"] is not None and x["p99_ms"] <= 500 and x["loss"] == 0, note))
+    return out
+
+
+def run_memory(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    out, res = [], []
+    for bs in (5000, 20000):
+        cmd = [sys.executable, str(BENCH / "memory.py"), "--rounds", str(sz["mem_rounds"]),
+               "--per", str(sz["mem_per"]), "--batch-size", str(bs)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, cwd=REPO)
+        m = json.loads(p.stdout.strip().splitlines()[-1])
+        res.append(m)
+        out.append(row("5 memory", f"RSS, {m['machines']:,} machines x {m['metrics']} metrics, batch_size {bs}",
+                       m["rss_after_mb"], "MB", m["rss_baseline_mb"], "RSS after imports",
+                       _div(m["rss_after_mb"], m["rss_baseline_mb"]), "<= 200 MB", m["rss_after_mb"] <= 200,
+                       f"{m['series']:,} series; after malloc_trim {m['rss_after_malloc_trim_mb']:.0f} MB; "
+                       f"OEE engine (not wired) +{m['oee_delta_mb']:.0f} MB"))
+    raw["memory"] = res
+    return out
+
+
+def run_peer(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    import e2e
+    import peer
+    import publisher
+
+    msgs = publisher.telemetry_messages(sz["peer"], 50, time.time() - 600)
+    with e2e.servers() as srv:
+        p = peer.run_peer(srv, msgs)
+        g = e2e.gateway_throughput(srv, "peer_cmp", msgs, expect=len(msgs), measurement="telemetry",
+                                   field="temp_c")
+    raw["peer"] = {"peer": p, "gateway_same_load": g}
+    if "error" in p:
+        return [row("6 peer", "mqtt2influxdb", None, "msg/s", g["msgs_per_s"], "gateway, same load", None, "-",
+                    None, p["error"][:200])]
+    return [row("6 peer", f"mqtt2influxdb 1.5.2 msgs/s ({p['messages']:,} msgs, QoS 0)", p["msgs_per_s"], "msg/s",
+                g["msgs_per_s"], "gateway, same load", _div(p["msgs_per_s"], g["msgs_per_s"]), "- (info)", None,
+                f"loss {p['loss']}; one HTTP write per message; seq tag added (it stamps arrival time, 1 s)")]
+
+
+# -- output -----------------------------------------------------------------------------------------------
+def _fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if unit == "ms" or abs(v) < 100:
+        return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.0f}"
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:,.2f}M"
+    if abs(v) >= 1e4:
+        return f"{v / 1e3:,.1f}k"
+    return f"{v:,.0f}"
+
+
+def print_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    print(f"\nmachine: {info.get('cpu_model')}, {info.get('cores')} cores, {info.get('ram_gb')} GB RAM, "
+          f"Python {info['python']}, numpy {info['numpy']} ({info.get('blas')}), BLAS env {info['blas_env']}")
+    print(f"         {info.get('mosquitto')}; {info.get('influxd')}\n")
+    head = ("row", "what", "value", "unit", "baseline", "ratio", "target", "status")
+    table = [head] + [(r["row"], r["what"], _fmt(r["value"], r["unit"]), r["unit"], _fmt(r["baseline"], r["unit"]),
+                       "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"], r["status"])
+                      for r in rows]
+    widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
+    for i, t in enumerate(table):
+        print("  ".join(str(c).ljust(w) if j in (0, 1, 3, 6) else str(c).rjust(w)
+                        for j, (c, w) in enumerate(zip(t, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    notes = [(r["row"], r["baseline_what"], r["note"]) for r in rows]
+    print()
+    for name, base, note in notes:
+        print(f"  {name}: baseline = {base}" + (f"; {note}" if note else ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="factory-gateway benchmark suite")
+    ap.add_argument("--only", default="", help="rows to run: names or numbers, comma-separated")
+    ap.add_argument("--quick", action="store_true", help="smaller loads (a smoke run, noisier)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="py-spy the gateway during row 1 (detect on); collapsed stacks written to DIR")
+    ap.add_argument("--out", type=Path, default=BENCH / "results.json")
+    a = ap.parse_args()
+    wanted = []
+    for item in filter(None, (s.strip() for s in a.only.split(","))):
+        name = ROWS[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(ROWS) else item
+        if name not in ROWS:
+            ap.error(f"--only: unknown row {item!r}; choose from {', '.join(ROWS)} or 1..{len(ROWS)}")
+        wanted.append(name)
+    wanted = wanted or list(ROWS)
+    sz = QUICK if a.quick else FULL
+    if a.profile is not None:
+        a.profile.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    raw: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    runners: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "ingest": lambda: run_ingest(sz, a.profile, raw),
+        "columnar": lambda: run_columnar(sz, raw),
+        "encode": lambda: run_encode(sz, raw),
+        "latency": lambda: run_latency(sz, raw),
+        "memory": lambda: run_memory(sz, raw),
+        "peer": lambda: run_peer(sz, raw),
+    }
+    t0 = time.monotonic()
+    for name in ROWS:
+        if name not in wanted:
+            continue
+        t = time.monotonic()
+        print(f"[{time.monotonic() - t0:5.0f}s] {name} ...", flush=True)
+        try:
+            rows += runners[name]()
+        except Exception as exc:
+            errors[name] = "".join(traceback.format_exception(exc))[-2000:]
+            rows.append(row(name, "FAILED", None, "", None, "-", None, "-", False, str(exc)[:200]))
+            print(errors[name], file=sys.stderr)
+        print(f"        {name} took {time.monotonic() - t:.0f} s", flush=True)
+    print_table(rows, info)
+    doc = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": a.quick, "seconds": time.monotonic() - t0,
+           "machine": info, "rows": rows, "raw": raw, "errors": errors}
+    a.out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"\nwrote {a.out} ({time.monotonic() - t0:.0f} s)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

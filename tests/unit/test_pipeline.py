@@ -1,0 +1,141 @@
+"""Pipeline wiring with fakes: ack order, dead-lettering, WAL durability before acks, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.batch import AckToken
+from gateway.config import GatewayConfig
+from gateway.deadletter import DeadLetterFile
+from gateway.pipeline import Pipeline
+from gateway.wal import WriteAheadLog
+
+TOPIC = "factory/s/a/l/m1/telemetry"
+
+
+class FakeSink:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def connect(self) -> None:
+        return None
+
+    async def write(self, body: bytes) -> None:
+        await self.gate.wait()
+        self.bodies.append(body)
+
+    async def close(self) -> None:
+        return None
+
+
+def _cfg(**influx: object) -> GatewayConfig:
+    return GatewayConfig.model_validate({"influx": {"batch_size": 1000, **influx}, "detect": {"enabled": False}})
+
+
+def _msg(i: int) -> bytes:
+    return orjson.dumps({"ts": time.time() - 10 + i * 0.001, "values": {"t": float(i)}})
+
+
+async def test_acks_in_arrival_order_after_write(tmp_path: Path) -> None:
+    sink = FakeSink()
+    dead = DeadLetterFile(tmp_path / "dl.jsonl")
+    p = Pipeline(_cfg(), sink, deadletter=dead, emit_stats=False)
+    acked: list[int] = []
+    written_before_ack: list[int] = []
+
+    def ack(tokens: Sequence[AckToken]) -> int:
+        written_before_ack.append(len(sink.bodies))
+        acked.extend(t.mid for t in tokens)
+        return len(tokens)
+
+    p.ack = ack
+    for i in range(5):
+        p.submit(TOPIC, _msg(i) if i != 2 else b"{broken", AckToken(i + 1, 1, 1))
+    await p.flush()
+    assert acked == [1, 2, 3, 4, 5]  # the bad message is acked too, once it is dead-lettered
+    assert written_before_ack == [1]
+    assert sink.bodies[0].count(b"\n") == 3  # four good points
+    [rec] = [orjson.loads(line) for line in (tmp_path / "dl.jsonl").read_bytes().splitlines()]
+    assert "not valid JSON" in rec["reason"]
+    dead.close()
+
+
+async def test_internal_error_is_dead_lettered_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = FakeSink()
+    dead = DeadLetterFile(tmp_path / "dl.jsonl")
+    p = Pipeline(_cfg(), sink, deadletter=dead, emit_stats=False)
+
+    def boom(*_: object) -> int:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(p.decoder, "decode", boom)
+    p.submit(TOPIC, _msg(0), AckToken(7, 1, 1))
+    await p.flush()
+    assert p.stats.decode_errors == 1
+    [rec] = [orjson.loads(line) for line in (tmp_path / "dl.jsonl").read_bytes().splitlines()]
+    assert rec["reason"].startswith("internal error while decoding: RuntimeError('bug')")
+    dead.close()
+
+
+async def test_wal_makes_batch_durable_before_ack_then_writer_drains(tmp_path: Path) -> None:
+    sink = FakeSink()
+    sink.gate.clear()  # the database is "down"
+    wal = WriteAheadLog(tmp_path / "wal")
+    p = Pipeline(_cfg(), sink, wal=wal, emit_stats=False)
+    acked: list[int] = []
+    p.ack = lambda tokens: acked.extend(t.mid for t in tokens) or len(tokens)
+    for i in range(10):
+        p.submit(TOPIC, _msg(i), AckToken(i + 1, 1, 1))
+    await p.flush()
+    assert acked == list(range(1, 11))  # acked although the database has nothing yet: it is in the WAL
+    assert wal.records_pending == 1 and not sink.bodies
+    stop = asyncio.Event()
+    writer = asyncio.create_task(p.run_writer(stop))
+    sink.gate.set()
+    for _ in range(100):
+        if wal.records_pending == 0:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(writer, 5)
+    assert wal.records_pending == 0
+    assert sum(b.count(b"\n") + 1 for b in sink.bodies) == 10
+    wal.close()
+
+
+async def test_full_wal_holds_acks_until_the_writer_confirms(tmp_path: Path) -> None:
+    sink = FakeSink()
+    sink.gate.clear()
+    wal = WriteAheadLog(tmp_path / "wal", max_bytes=3000)
+    p = Pipeline(_cfg(), sink, wal=wal, emit_stats=False)
+    acked: list[int] = []
+    p.ack = lambda tokens: acked.extend(t.mid for t in tokens) or len(tokens)
+    mid = 0
+    for _ in range(3):  # three batches of ~1.9 KB: the second no longer fits
+        for i in range(20):
+            mid += 1
+            p.submit(TOPIC, _msg(mid), AckToken(mid, 1, 1))
+        flush = asyncio.create_task(p.flush())
+        await asyncio.sleep(0.05)
+        if not flush.done():
+            break
+    assert not flush.done(), "the flush should wait for room in the WAL"
+    assert acked == list(range(1, mid - 20 + 1))  # every batch but the waiting one is acked
+    stop = asyncio.Event()
+    writer = asyncio.create_task(p.run_writer(stop))
+    sink.gate.set()
+    await asyncio.wait_for(flush, 5)
+    assert acked == list(range(1, mid + 1))
+    stop.set()
+    await asyncio.wait_for(writer, 5)
+    wal.close()

@@ -98,7 +98,8 @@ async def test_wal_makes_batch_durable_before_ack_then_writer_drains(tmp_path: P
         p.submit(TOPIC, _msg(i), AckToken(i + 1, 1, 1))
     await p.flush()
     assert acked == list(range(1, 11))  # acked although the database has nothing yet: it is in the WAL
-    assert wal.records_pending == 1 and not sink.bodies
+    assert wal.records_pending == 1
+    assert not sink.bodies
     stop = asyncio.Event()
     writer = asyncio.create_task(p.run_writer(stop))
     sink.gate.set()
@@ -122,7 +123,7 @@ async def test_full_wal_holds_acks_until_the_writer_confirms(tmp_path: Path) -> 
     p.ack = lambda tokens: acked.extend(t.mid for t in tokens) or len(tokens)
     mid = 0
     for _ in range(3):  # three batches of ~1.9 KB: the second no longer fits
-        for i in range(20):
+        for _i in range(20):
             mid += 1
             p.submit(TOPIC, _msg(mid), AckToken(mid, 1, 1))
         flush = asyncio.create_task(p.flush())

@@ -374,6 +374,9 @@ def _all_points(influx: InfluxDB1, db: str) -> list[tuple[str, int]]:
 def row_latency(seconds: float, rate: int = 5000) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with servers() as srv:
-        for flush in (500, 100):
+        from gateway.config import InfluxConfig
+
+        default = int(InfluxConfig.model_fields["flush_interval_ms"].default)
+        for flush in (default, 500):
             out[f"flush_{flush}"] = latency_run(srv, f"latency_{flush}", rate=rate, seconds=seconds, flush_ms=flush)
     return out

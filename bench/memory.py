@@ -1,4 +1,4 @@
-"""Memory: RSS of a gateway pipeline holding detector state for 10,000 machines × 8 metrics.
+"""Memory: RSS of a gateway pipeline holding detector and OEE state for 10,000 machines × 8 metrics.
 
 Builds a :class:`gateway.pipeline.Pipeline` with a sink that discards what it gets (no WAL), and feeds
 columnar telemetry messages through ``submit``/``flush`` exactly as the MQTT source does: ``--rounds``
@@ -7,8 +7,8 @@ flushing whenever ``batch_size`` points are pending (as ``replay`` does), so det
 across batches. RSS is read from
 ``/proc/self/status`` (VmRSS; baseline = after imports and pipeline construction, before data).
 
-OEE: ``gateway/oee.py`` is not wired into the pipeline yet, so its engine is driven directly with
-state and count events for the same machines and reported as a separate increment.
+OEE: every round also sends one ``state`` and one ``count`` message per machine through ``submit``, so
+the pipeline's OEE engine holds open 1m/1h windows for every machine, as in production.
 
 Run it in a fresh process (``bench/run.py`` does): ``python bench/memory.py [--machines 10000]``
 """
@@ -64,11 +64,8 @@ async def _feed(machines: int, metrics: int, rounds: int, per: int, batch_size: 
     import numpy as np
     import orjson
 
-    from gateway.batch import CountEvent, MachineKey, StateEvent
     from gateway.config import GatewayConfig
-    from gateway.oee import OeeConfig, OeeEngine
     from gateway.pipeline import Pipeline
-    from gateway.schema import MachineState
 
     cfg = GatewayConfig.model_validate({
         "gateway": {"max_series": max(100_000, machines * metrics + 10)},
@@ -83,13 +80,18 @@ async def _feed(machines: int, metrics: int, rounds: int, per: int, batch_size: 
     base = rss_mb()
     t0 = time.perf_counter()
     t_start = 1_763_900_000.0
+    cycle = ["RUNNING", "IDLE", "RUNNING", "DOWN"]
     for r in range(rounds):
         ts = (t_start + (r * per + np.arange(per)) * 1.0).tolist()
-        for topic in topics:
+        for i, topic in enumerate(topics):
             vals = np.round(rng.standard_normal((metrics, per)) + 20, 3)
             body = orjson.dumps({"ts": ts, "values": dict(zip(names, vals.tolist(), strict=True))})
             pipe.submit(topic, body, None)
-            if pipe._full.is_set():  # as `replay` does: flush whenever batch_size points are pending
+            base_topic = topic.rsplit("/", 1)[0]
+            pipe.submit(f"{base_topic}/state", orjson.dumps({"ts": ts[0], "state": cycle[(r + i) % 4]}), None)
+            pipe.submit(f"{base_topic}/count", orjson.dumps({"ts": ts[-1], "total": 100 * (r + 1),
+                                                             "good": 95 * (r + 1)}), None)
+            if pipe.batch_full():  # as `replay` does: flush whenever batch_size points are pending
                 await pipe.flush()
         await pipe.flush()
     feed_s = time.perf_counter() - t0
@@ -99,23 +101,11 @@ async def _feed(machines: int, metrics: int, rounds: int, per: int, batch_size: 
     series = len(pipe.registry)
     points = pipe.stats.points_in
 
-    # OEE engine (not wired into the pipeline): state + count events for every machine.
-    oee = OeeEngine(OeeConfig(windows=["1m", "1h"]), {})
-    keys = [MachineKey("plant1", f"area{i // 500}", f"line{i // 50}", f"m{i:05d}") for i in range(machines)]
-    cycle = [MachineState.RUNNING, MachineState.IDLE, MachineState.RUNNING, MachineState.DOWN]
-    ns = 1_000_000_000
-    for r in range(rounds):
-        ts_ns = int(t_start * ns) + r * per * ns
-        states = [StateEvent(k, ts_ns, cycle[(r + i) % len(cycle)]) for i, k in enumerate(keys)]
-        counts = [CountEvent(k, ts_ns + 1, 100 * (r + 1), 95 * (r + 1)) for k in keys]
-        oee.update(states, counts, now_wall_ns=ts_ns)
-    gc.collect()
-    after_oee = rss_mb()
+    oee_machines = pipe.oee.machine_count if pipe.oee is not None else 0
     return {"machines": machines, "metrics": metrics, "series": series, "samples_per_series": rounds * per,
             "points_fed": points, "feed_seconds": feed_s, "rss_baseline_mb": base, "rss_after_mb": after,
             "rss_delta_mb": after - base, "rss_after_malloc_trim_mb": trimmed, "batch_size": batch_size,
-            "rss_after_oee_mb": after_oee, "oee_delta_mb": after_oee - (trimmed or after),
-            "oee_wired_into_pipeline": False}
+            "oee_machines": oee_machines}
 
 
 def main() -> None:

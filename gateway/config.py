@@ -166,7 +166,7 @@ class InfluxConfig(_Section):
     token: SecretStr | None = None
     token_file: Path | None = None
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Points per write.")
-    flush_interval_ms: int = Field(500, ge=1, description="Longest a point waits before it is written.")
+    flush_interval_ms: int = Field(200, ge=1, description="Longest a point waits before it is written.")
     gzip: bool = False
     timeout_s: float = Field(10.0, gt=0)
     ca_file: Path | None = None

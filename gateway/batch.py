@@ -170,3 +170,4 @@ class DecodedBatch:
     states: list[StateEvent] = field(default_factory=list)
     counts: list[CountEvent] = field(default_factory=list)
     raw_lines: list[bytes] = field(default_factory=list)
+    detect_rows: int = 0  # telemetry[:detect_rows] are scalar samples for the detectors; the rest is waveform

@@ -83,6 +83,8 @@ class BatchBuilder:
         self.ts_ns = array("q")
         self.values = array("d")
         self.column_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+        # Raw samples of fixed-rate blocks: written, but analysed by window features, not the detectors.
+        self.wave_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
         self.waveforms: list[WaveformBlock] = []
         self.states: list[StateEvent] = []
         self.counts: list[CountEvent] = []
@@ -97,16 +99,19 @@ class BatchBuilder:
         s = np.frombuffer(self.series, dtype=np.int64) if self.series else np.empty(0, np.int64)
         t = np.frombuffer(self.ts_ns, dtype=np.int64) if self.ts_ns else np.empty(0, np.int64)
         v = np.frombuffer(self.values, dtype=np.float64) if self.values else np.empty(0, np.float64)
-        if self.column_chunks:
-            s = np.concatenate([s, *(c[0] for c in self.column_chunks)])
-            t = np.concatenate([t, *(c[1] for c in self.column_chunks)])
-            v = np.concatenate([v, *(c[2] for c in self.column_chunks)])
+        detect_rows = len(s) + sum(len(c[0]) for c in self.column_chunks)
+        chunks = self.column_chunks + self.wave_chunks
+        if chunks:
+            s = np.concatenate([s, *(c[0] for c in chunks)])
+            t = np.concatenate([t, *(c[1] for c in chunks)])
+            v = np.concatenate([v, *(c[2] for c in chunks)])
         batch = DecodedBatch(
             telemetry=TelemetryBatch(s, t, v),
             waveforms=self.waveforms,
             states=self.states,
             counts=self.counts,
             raw_lines=self.raw_lines,
+            detect_rows=detect_rows,
         )
         self._reset()
         return batch
@@ -329,7 +334,7 @@ class Decoder:
             vals = np.asarray(msg.values[name], dtype=np.float64)
             out.waveforms.append(WaveformBlock(sid, t0, dt_ns, vals))
             if self.limits.store_waveforms:
-                out.column_chunks.append((np.full(n, sid, np.int64), ts, vals))
+                out.wave_chunks.append((np.full(n, sid, np.int64), ts, vals))
         return n * len(names) if self.limits.store_waveforms else 0
 
     def _machine_tags(self, machine: MachineKey) -> bytes:

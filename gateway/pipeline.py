@@ -252,8 +252,9 @@ class Pipeline:
         enc = self.encoder
         tel = batch.telemetry
         anomalies = b""
-        if self.anomaly is not None and len(tel):
-            events = self.anomaly.process(tel.series, tel.ts_ns, tel.value, self.registry.metrics)
+        n = batch.detect_rows
+        if self.anomaly is not None and n:
+            events = self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics)
             self.stats.anomalies += len(events)
             anomalies = enc.anomalies(events)
         oee = b""

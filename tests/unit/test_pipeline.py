@@ -140,3 +140,25 @@ async def test_full_wal_holds_acks_until_the_writer_confirms(tmp_path: Path) -> 
     stop.set()
     await asyncio.wait_for(writer, 5)
     wal.close()
+
+
+async def test_waveform_samples_are_written_but_not_run_through_the_detectors() -> None:
+    sink = FakeSink()
+    cfg = GatewayConfig.model_validate({"influx": {"batch_size": 100_000}})
+    p = Pipeline(cfg, sink, emit_stats=False)
+    seen: list[int] = []
+    assert p.anomaly is not None
+    real = p.anomaly.process
+
+    def spy(series, ts_ns, values, metrics):  # type: ignore[no-untyped-def]
+        seen.append(len(series))
+        return real(series, ts_ns, values, metrics)
+
+    p.anomaly.process = spy  # type: ignore[method-assign]
+    now = time.time() - 5
+    p.submit("factory/s/a/l/m1/telemetry", orjson.dumps({"t0": now, "dt": 0.001, "values": {"a": [0.1] * 1000}}), None)
+    p.submit(TOPIC, _msg(1), None)
+    p.submit(TOPIC, orjson.dumps({"ts": [now, now + 1], "values": {"c": [1.0, 2.0]}}), None)
+    await p.flush()
+    assert seen == [3]  # one sample + two columnar rows; the 1000 waveform samples go to features only
+    assert sum(b.count(b"\n") + 1 for b in sink.bodies) >= 1003

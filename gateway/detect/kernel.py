@@ -39,6 +39,7 @@ import numpy as np
 from gateway.batch import F64, I64
 from gateway.detect.base import Arr, BatchLayout
 from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfile
+from gateway.detect.spike import UP_RATE
 
 __all__ = ["FusedKernel", "KernelResult", "supports"]
 
@@ -222,6 +223,7 @@ class FusedKernel:
         c_r = -_LN2 / float(self.p["robust"]["n_sigmas"])
         inv_win = 1.0 / win
         s_alpha = float(self.p["spike"]["alpha"])
+        s_up = min(UP_RATE * s_alpha, 1.0)
         c_s = -_LN2 / float(self.p["spike"]["z_alarm"])
         f_n = float(self.p["flatline"]["n"])
         c_f = -_LN2 / f_n
@@ -375,15 +377,21 @@ class FusedKernel:
                 np.divide(d, f, out=vs)
                 np.abs(vs, out=vs)
                 vs *= c_s
-                if hot:
+                d *= d
+                d -= ms  # > 0: the squared step is above its mean, which then rises at UP_RATE·alpha
+                if hot and s_up == s_alpha:
                     a = s_alpha
+                elif hot:
+                    a = f
+                    up = same[:m]
+                    np.greater(d, 0.0, out=up)
+                    f.fill(s_alpha)
+                    np.copyto(f, s_up, where=up)
                 else:
                     a = np.maximum(nk, 1.0)
                     np.divide(1.0, a, out=a)
-                    np.maximum(a, s_alpha, out=a)
+                    np.maximum(a, np.where(d > 0.0, s_up, s_alpha), out=a)
                     a *= nk > 0
-                d *= d
-                d -= ms
                 d *= a
                 ms += d
             if not hot:

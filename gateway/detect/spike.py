@@ -7,13 +7,17 @@ import numpy as np
 from gateway.batch import F64
 from gateway.detect.base import Arr, Detector, StateField, squash
 
-__all__ = ["SpikeDetector"]
+__all__ = ["UP_RATE", "SpikeDetector"]
+
+UP_RATE = 2.5  # the mean squared step learns this many times faster when a step is above it
 
 
 class SpikeDetector(Detector):
     """``z = (x - previous) / RMS(step)``, ``score = 1 - 2**(-|z| / z_alarm)``.
 
-    The mean squared step is an EWMA (``alpha``, 1/n while young); the previous reading always
+    The mean squared step is an EWMA (1/n while young) with factor ``UP_RATE·alpha`` when the squared
+    step is above it and ``alpha`` when below, so it rises fast in a burst of large steps and the burst
+    raises one alarm rather than one per step; the previous reading always
     advances, flagged steps stay out of the RMS when ``learn_flagged`` is False.
 
     Examples
@@ -21,7 +25,7 @@ class SpikeDetector(Detector):
     >>> import numpy as np
     >>> x = np.sin(np.arange(200) / 5.0); x[120] += 3.0
     >>> s = SpikeDetector().score_learn(np.zeros(200, np.int64), x)
-    >>> int(np.argmax(s)), bool(s[120] > 0.9)
+    >>> int(np.argmax(s)), bool(s[120] > 0.8)
     (120, True)
     """
 
@@ -37,6 +41,7 @@ class SpikeDetector(Detector):
         learn_flagged: bool = True,
     ) -> None:
         self.alpha = alpha
+        self.alpha_up = min(UP_RATE * alpha, 1.0)
         self.z_alarm = z_alarm
         super().__init__(grace_samples=grace_samples, threshold=threshold, learn_flagged=learn_flagged)
 
@@ -59,13 +64,13 @@ class SpikeDetector(Detector):
         floor += msq
         z = d / np.sqrt(floor, out=floor)
         score, learn = self._gate(st, squash(np.abs(z), self.z_alarm), m)
+        d *= d
+        d -= msq
         a = 1.0 / np.maximum(nl, 1.0)
-        np.maximum(a, self.alpha, out=a)
+        np.maximum(a, np.where(d > 0.0, self.alpha_up, self.alpha), out=a)
         a *= nl > 0  # no step to learn from on the first reading
         if learn is not None:
             a *= learn
-        d *= d
-        d -= msq
         d *= a
         msq += d
         nl += 1.0

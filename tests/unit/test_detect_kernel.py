@@ -18,6 +18,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "subset": {"detectors": ["cusum", "spike", "flatline"]},
     "no_ewma": {"detectors": ["western_electric", "robust"], "western_electric": {"alpha": 0.05}},
     "frozen_cusum": {"cusum": {"alpha": 0.0}, "flatline": {"n": 5, "tolerance": 0.5}},
+    "spike_fast": {"spike": {"alpha": 0.5}, "grace_samples": 3},  # UP_RATE·alpha capped at 1
     "weights": {"fusion": {"weights": {"spike": 0.8, "robust": 1.0}, "holdoff": 0},
                 "western_electric": {"rules": [2, 4], "rule_scores": [0.2, 0.95, 0.3, 0.6]}},
 }

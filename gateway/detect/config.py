@@ -184,6 +184,18 @@ class DetectionConfig(_Section):
     enabled: bool = Field(True, description="Run anomaly detection at all.")
     threshold: float = Field(0.5, gt=0, le=1, description="Score at or above which a sample is flagged.")
     grace_samples: int = Field(30, ge=0, description="Per-series warm-up: scores are 0 for the first N.")
+    events: Literal["fused", "onset", "all"] = Field(
+        "fused",
+        description=(
+            "'fused': an event where the fused score rises over the threshold, with the rules that fired"
+            " there, plus the onsets of the always_report detectors; 'onset': an event where any detector's"
+            " flag turns on for a series; 'all': every sample any detector flags."
+        ),
+    )
+    always_report: tuple[DetectorName, ...] = Field(
+        ("flatline",),
+        description="Detectors whose own onsets are always events (a stuck sensor is a fault by itself).",
+    )
     learn_flagged: bool = Field(
         True, description="Learn from flagged samples too (False keeps them out of the baselines)."
     )

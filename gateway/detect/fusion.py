@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.batch import F64, I64
 from gateway.detect.base import BatchLayout, Detector
@@ -143,6 +144,8 @@ class _Profile:
         half = profile.fusion.holdoff
         self.decay = 2.0 ** (-1.0 / half) if half > 0 else 0.0
         self.prev_fused: F64 = np.zeros(0, np.float64)
+        # Per detector code: was the series' last sample flagged by that detector (for onset events).
+        self.prev_flag: npt.NDArray[np.bool_] = np.zeros((len(DETECTOR_NAMES), 0), np.bool_)
         self.peak: F64 = np.zeros(0, np.float64)
 
     def suppress(self, layout: BatchLayout, fused: F64) -> None:
@@ -265,6 +268,35 @@ class AnomalyEngine:
         self.process(series, ts_ns, values, metrics)
         return self.last_fused
 
+    @staticmethod
+    def _onsets(
+        prof: _Profile, layout: BatchLayout, cand: I64, hits: list[tuple[I64, int, F64]], codes: set[int],
+        counts: I64, u: int, n: int,
+    ) -> list[tuple[I64, int, F64]]:
+        """The hits where a detector's flag turns on for its series (the previous sample was not flagged)."""
+        last_slot = layout.offsets[counts - 1] + np.arange(u)
+        flagged = np.zeros(n, np.bool_)
+        out: list[tuple[I64, int, F64]] = []
+        seen: set[int] = set()
+        for w, code, sc in hits:
+            if code not in codes:
+                continue
+            p = cand[w]
+            flagged[:] = False
+            flagged[p] = True
+            step = np.searchsorted(layout.offsets, p, side="right") - 1
+            r = p - layout.offsets[step]
+            prev = np.where(step > 0, flagged[layout.offsets[np.maximum(step - 1, 0)] + r],
+                            prof.prev_flag[code, layout.rows[r]])
+            keep = ~prev
+            if keep.any():
+                out.append((w[keep], code, sc[keep]))
+            prof.prev_flag[code, layout.rows] = flagged[last_slot]
+            seen.add(code)
+        for code in codes - seen:
+            prof.prev_flag[code, layout.rows] = False
+        return out
+
     def _run(self, prof: _Profile, series: I64, ts_ns: I64, values: F64, idx: I64 | None) -> AnomalyEvents:
         layout = BatchLayout.build(series)
         packed = layout.pack(values)
@@ -303,6 +335,9 @@ class AnomalyEngine:
                 grown = np.zeros(cap, np.float64)
                 grown[: old.shape[0]] = old
                 setattr(prof, name, grown)
+            flags = np.zeros((len(DETECTOR_NAMES), cap), np.bool_)
+            flags[:, : prof.prev_flag.shape[1]] = prof.prev_flag
+            prof.prev_flag = flags
         prof.suppress(layout, fused)
 
         # Rising edge of the fused score: compare with the previous sample of the same series.
@@ -327,6 +362,21 @@ class AnomalyEngine:
             self.last_fused[idx] = out_fused
 
         # hits index ``cand``; the fused crossings index packed slots directly
+        mode = self.config.events
+        always = {DETECTOR_NAMES.index(d) for d in self.config.always_report}
+        onset_codes = set(range(len(DETECTOR_NAMES))) if mode == "onset" else always
+        onsets = self._onsets(prof, layout, cand, hits, onset_codes, counts, u, n) if onset_codes else []
+        if mode == "onset":
+            hits = onsets
+        elif mode == "fused":  # the rules that fired where the fused score rose, plus always-reported onsets
+            kept = [o for o in onsets if o[1] in always]
+            for w, code, sc in hits:
+                m = np.isin(cand[w], where)
+                if code in always:
+                    m &= ~np.isin(w, next((o[0] for o in onsets if o[1] == code), w[:0]))
+                if m.any():
+                    kept.append((w[m], code, sc[m]))
+            hits = kept
         events = [(cand[w], code, sc, w) for w, code, sc in hits]
         if where.shape[0]:
             at = np.searchsorted(cand, where)  # every crossing is a candidate (fused ≥ thr needs one)

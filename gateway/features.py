@@ -294,3 +294,85 @@ class FeatureExtractor:
             codes[has_zone] = (rms[has_zone, None] > limits).sum(axis=1)
         zones: Zones = _ZONE_LETTERS[codes]
         return zones
+
+
+@dataclass(slots=True)
+class SeverityEvents:
+    """Samples where a velocity metric's ISO 10816 zone worsened into C or D (parallel arrays)."""
+
+    series: I64
+    ts_ns: I64
+    value: F64
+    zone: I64  # 2 = C, 3 = D
+    limit: F64  # the zone's lower boundary (mm/s) for the machine's class
+
+    def __len__(self) -> int:
+        return int(self.series.shape[0])
+
+
+class SeverityMonitor:
+    """ISO 10816-1 severity of scalar velocity-RMS telemetry (e.g. ``vibration_mm_s`` from a sensor).
+
+    Reports a sample when its series enters zone C ("restricted long-term operation") or zone D
+    ("damage"), latched: the same series reports again only after it has been back in zone A, so a
+    value dithering around a boundary reports once. Zone boundaries come from the machine's class
+    (``[machines."<m>"] vibration_class``, default ``[features] default_vibration_class``).
+
+    >>> import numpy as np
+    >>> from gateway.batch import MachineKey
+    >>> mon = SeverityMonitor(FeaturesConfig(), {})
+    >>> v = np.array([1.0, 2.0, 3.0, 2.9, 3.1, 8.0, 7.5, 0.5, 3.0])  # class II: 1.12 / 2.8 / 7.1
+    >>> ev = mon.process(np.zeros(9, np.int64), np.arange(9), v, ["vibration_mm_s"], [MachineKey("s", "a", "l", "m")])
+    >>> ev.ts_ns.tolist(), ev.zone.tolist()
+    ([2, 5, 8], [2, 3, 2])
+    """
+
+    def __init__(self, config: FeaturesConfig, machines: Mapping[str, HasVibrationClass]) -> None:
+        self._zones = FeatureExtractor(config, machines)  # shares the velocity-metric and class rules
+        self._class: I64 = np.zeros(0, np.int64)  # per series id: class index, or _NO_ZONE
+        self._latch: I64 = np.zeros(0, np.int64)  # per series id: worst zone since it was last in A
+
+    def _classes(self, n: int, metrics: Sequence[str], machine_of: Sequence[MachineKey]) -> I64:
+        known = self._class.shape[0]
+        if n > known:
+            new = [self._zones._class_code(metrics[s], machine_of[s]) for s in range(known, n)]
+            self._class = np.concatenate([self._class, np.asarray(new, np.int64)])
+            self._latch = np.concatenate([self._latch, np.zeros(n - known, np.int64)])
+        return self._class
+
+    def process(
+        self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str], machine_of: Sequence[MachineKey]
+    ) -> SeverityEvents:
+        """Scan one batch (arrival order; ``metrics``/``machine_of`` indexed by series id)."""
+        empty = SeverityEvents(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64),
+                               np.empty(0))
+        if series.shape[0] == 0:
+            return empty
+        classes = self._classes(int(series.max()) + 1, metrics, machine_of)
+        sel = np.flatnonzero(classes[series] != _NO_ZONE)
+        if sel.shape[0] == 0:
+            return empty
+        order = sel[np.argsort(series[sel], kind="stable")]  # by series, arrival order within one
+        s = series[order]
+        v = values[order]
+        limits = _LIMITS[classes[s]]
+        code = (v[:, None] > limits).sum(axis=1)
+        # Latch = worst zone since the series was last in zone A: a running max that restarts at every A.
+        start = np.r_[True, s[1:] != s[:-1]]
+        seg = np.cumsum(start | (code == 0))
+        first = np.flatnonzero(start)
+        carried = np.where(code[first] == 0, 0, self._latch[s[first]])  # the previous batch's latch
+        key = seg * 4 + code
+        key[first] = np.maximum(key[first], seg[first] * 4 + carried)
+        latch = np.maximum.accumulate(key) - seg * 4
+        prev = np.empty_like(latch)
+        prev[1:] = latch[:-1]
+        prev[first] = carried
+        prev[(code == 0) & ~start] = 0
+        hit = np.flatnonzero((latch > prev) & (latch >= 2))
+        last = np.r_[first[1:] - 1, s.shape[0] - 1]
+        self._latch[s[last]] = latch[last]
+        by_arrival = np.argsort(order[hit], kind="stable")
+        hit = hit[by_arrival]
+        idx = order[hit]
+        return SeverityEvents(series[idx], ts_ns[idx], values[idx], latch[hit], limits[hit, latch[hit] - 1])

@@ -14,14 +14,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from gateway.batch import AckToken, DecodedBatch, SeriesRegistry
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, Decoder
-from gateway.detect.fusion import AnomalyEngine
+from gateway.detect.context import StateChangeFilter
+from gateway.detect.fusion import AnomalyEngine, AnomalyEvents
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError
-from gateway.features import FeatureExtractor
+from gateway.features import FeatureExtractor, SeverityEvents, SeverityMonitor
 from gateway.oee import OeeEngine
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
@@ -46,6 +49,15 @@ class PipelineStats:
     anomalies: int = 0
     oee_windows: int = 0
     batch_latency_ms: float = 0.0
+
+
+def severity_events(sev: SeverityEvents) -> AnomalyEvents:
+    """ISO 10816 zone C/D entries as `anomaly` events: detector ``iso10816``, score 0.75 (C) or 1.0 (D),
+    ``expected`` = the zone's lower boundary in mm/s."""
+    return AnomalyEvents(
+        sev.series, sev.ts_ns, np.zeros(len(sev), np.int64), np.where(sev.zone >= 3, 1.0, 0.75), sev.value,
+        sev.limit, np.full(len(sev), np.nan), names=("iso10816",),
+    )
 
 
 class Pipeline:
@@ -73,8 +85,10 @@ class Pipeline:
         )
         self.encoder = LineProtocolEncoder(self.registry)
         self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
+        self.state_filter = StateChangeFilter(cfg.detect.state_change_holdoff_s)
         self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
         self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
+        self.severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self._last_oee_ns = 0
         self.wal = wal
         self.deadletter = deadletter
@@ -253,10 +267,19 @@ class Pipeline:
         tel = batch.telemetry
         anomalies = b""
         n = batch.detect_rows
+        self.state_filter.observe(batch.states)
         if self.anomaly is not None and n:
             events = self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics)
+            events = self.state_filter.keep(events, self.registry.machines)
             self.stats.anomalies += len(events)
             anomalies = enc.anomalies(events)
+        if self.severity is not None and n:
+            sev = self.severity.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics,
+                                        self.registry.machines)
+            if len(sev):
+                # Starting a machine takes it through every zone: the same state-change hold-off applies.
+                anomalies = enc.join([anomalies, enc.anomalies(self.state_filter.keep(severity_events(sev),
+                                                                                   self.registry.machines))])
         oee = b""
         if self.oee is not None:
             self._last_oee_ns = time.monotonic_ns()

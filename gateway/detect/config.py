@@ -192,6 +192,15 @@ class DetectionConfig(_Section):
             " flag turns on for a series; 'all': every sample any detector flags."
         ),
     )
+    state_change_holdoff_s: float = Field(
+        120.0,
+        ge=0,
+        description=(
+            "Events of a machine within this many seconds after its state changed (RUNNING, IDLE, DOWN, ...)"
+            " are not reported: starting and stopping moves every signal. Scoring and learning go on;"
+            " always_report detectors are still reported. 0 turns this off."
+        ),
+    )
     always_report: tuple[DetectorName, ...] = Field(
         ("flatline",),
         description="Detectors whose own onsets are always events (a stuck sensor is a fault by itself).",

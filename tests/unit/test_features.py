@@ -212,3 +212,44 @@ def test_empty_input_and_length_mismatch() -> None:
 def test_config_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         FeaturesConfig.model_validate(kwargs)
+
+
+def test_severity_monitor_latches_and_ignores_batch_size() -> None:
+    import numpy as np
+
+    from gateway.batch import MachineKey
+    from gateway.features import FeaturesConfig, SeverityMonitor
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    series = rng.integers(0, 3, n)
+    wear = np.linspace(1.0, 12.0, n)  # a bearing wearing out: B -> C -> D (class II)
+    values = wear + rng.normal(0, 0.3, n)
+    values[series == 2] = 0.5  # a healthy machine stays in zone A
+    metrics = ["vibration_mm_s", "vibration_mm_s", "vibration_mm_s"]
+    machines = [MachineKey("s", "a", "l", f"m{i}") for i in range(3)]
+
+    def run(chunk: int) -> list[tuple[int, int, int]]:
+        mon = SeverityMonitor(FeaturesConfig(), {})
+        out = []
+        for a in range(0, n, chunk):
+            sl = slice(a, a + chunk)
+            ev = mon.process(series[sl], np.arange(n)[sl], values[sl], metrics, machines)
+            out += list(zip(ev.series.tolist(), ev.ts_ns.tolist(), ev.zone.tolist(), strict=True))
+        return out
+
+    whole = run(n)
+    assert whole == run(97) == run(1)
+    assert sorted((s, z) for s, _, z in whole) == [(0, 2), (0, 3), (1, 2), (1, 3)]  # once per zone per machine
+
+
+def test_severity_monitor_skips_non_velocity_metrics() -> None:
+    import numpy as np
+
+    from gateway.batch import MachineKey
+    from gateway.features import FeaturesConfig, SeverityMonitor
+
+    mon = SeverityMonitor(FeaturesConfig(), {})
+    ev = mon.process(np.zeros(3, np.int64), np.arange(3), np.array([50.0, 60.0, 70.0]), ["spindle_temp_c"],
+                     [MachineKey("s", "a", "l", "m")])
+    assert len(ev) == 0

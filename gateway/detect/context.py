@@ -1,0 +1,70 @@
+"""Machine context for anomaly events: what the state channel says about the telemetry.
+
+A machine that starts, stops or goes down changes every signal at once (temperature, power,
+vibration), which statistical detectors rightly find surprising and an operator rightly finds normal.
+:class:`StateChangeFilter` drops the events of a machine for ``holdoff_s`` seconds (event time) after
+each of its state changes; detectors keep scoring and learning. Sensor-health events (``flatline``: a
+stuck sensor is wrong whatever the machine does) are exempt.
+
+>>> import numpy as np
+>>> from gateway.batch import MachineKey, StateEvent
+>>> from gateway.detect.fusion import AnomalyEvents
+>>> from gateway.schema import MachineState
+>>> m = MachineKey("s", "a", "l", "m1")
+>>> f = StateChangeFilter(holdoff_s=60)
+>>> f.observe([StateEvent(m, 0, MachineState.IDLE), StateEvent(m, 100 * 10**9, MachineState.RUNNING)])
+>>> ev = AnomalyEvents(np.array([0, 0]), np.array([130, 200]) * 10**9, np.array([6, 6]),
+...                    np.ones(2), np.ones(2), np.ones(2), np.ones(2))
+>>> f.keep(ev, [m]).ts_ns.tolist()  # 30 s after the change: dropped; 100 s after: kept
+[200000000000]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from gateway.batch import MachineKey, StateEvent
+from gateway.detect.config import DETECTOR_NAMES
+from gateway.detect.fusion import AnomalyEvents
+
+__all__ = ["StateChangeFilter"]
+
+
+class StateChangeFilter:
+    """Drops anomaly events that follow a state change of their machine too closely."""
+
+    def __init__(self, holdoff_s: float, exempt: Sequence[str] = ("flatline",)) -> None:
+        self.holdoff_ns = int(holdoff_s * 1e9)
+        self._always = np.array([DETECTOR_NAMES.index(d) for d in exempt], np.int64)
+        self._state: dict[MachineKey, str] = {}
+        self._changed: dict[MachineKey, int] = {}
+        self.dropped = 0
+
+    def observe(self, states: Sequence[StateEvent]) -> None:
+        """Note the state changes (a repeated state is not a change) of a batch of state events."""
+        for e in states:
+            previous = self._state.get(e.machine)
+            self._state[e.machine] = e.state
+            if previous is not None and previous != e.state:
+                self._changed[e.machine] = max(self._changed.get(e.machine, e.ts_ns), e.ts_ns)
+
+    def keep(self, events: AnomalyEvents, machine_of_series: Sequence[MachineKey]) -> AnomalyEvents:
+        """The events that are not within ``holdoff_s`` after their machine's last state change."""
+        if len(events) == 0 or self.holdoff_ns == 0 or not self._changed:
+            return events
+        changed = np.array(
+            [self._changed.get(machine_of_series[s], -(2**62)) for s in events.series.tolist()], np.int64
+        )
+        age = events.ts_ns - changed
+        keep = ~((age >= 0) & (age < self.holdoff_ns))
+        if self._always.size:
+            keep |= np.isin(events.code, self._always)
+        if keep.all():
+            return events
+        self.dropped += int((~keep).sum())
+        return AnomalyEvents(
+            events.series[keep], events.ts_ns[keep], events.code[keep], events.score[keep],
+            events.value[keep], events.expected[keep], events.zscore[keep], events.names,
+        )

@@ -64,11 +64,15 @@ Counters and windows
 
 from __future__ import annotations
 
+import logging
+import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from operator import attrgetter
+from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -78,6 +82,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.batch import CountEvent, MachineKey, StateEvent
 from gateway.schema import MachineState
+
+log = logging.getLogger("gateway.oee")
 
 __all__ = [
     "MachineConfig",
@@ -401,6 +407,35 @@ class OeeEngine:
     @property
     def machine_count(self) -> int:
         return len(self._by_index)
+
+    def save(self, path: Path) -> None:
+        """Write the open windows and counter baselines atomically (write, fsync, rename)."""
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, config: OeeConfig, machines: Mapping[str, MachineConfig]) -> OeeEngine | None:
+        """The engine saved at ``path`` if it was made with the same settings, else None.
+
+        The file is the gateway's own (in ``[buffer] dir``); a missing, unreadable or outdated one
+        means a fresh start, never an error.
+        """
+        try:
+            with path.open("rb") as fh:
+                engine = pickle.load(fh)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a torn or foreign file: start fresh, say so
+            log.warning("ignoring OEE state %s: %r", path, exc)
+            return None
+        if not isinstance(engine, cls) or engine.config != config or dict(engine._machine_cfg) != dict(machines):
+            log.info("OEE settings changed since %s was saved: starting fresh", path)
+            return None
+        return engine
 
     def update(
         self, states: Sequence[StateEvent], counts: Sequence[CountEvent], now_wall_ns: int

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -87,6 +88,8 @@ class Pipeline:
         self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
         self.state_filter = StateChangeFilter(cfg.detect.state_change_holdoff_s)
         self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
+        self.oee_state_path: Path | None = None  # set by the server: where open OEE windows survive restarts
+        self._oee_saved_ns = time.monotonic_ns()
         self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self.severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self._last_oee_ns = 0
@@ -141,6 +144,25 @@ class Pipeline:
             self._full.set()
 
     # -- flushing -------------------------------------------------------------------------------
+    def load_oee(self, path: Path) -> None:
+        """Continue the OEE windows and counter baselines saved at ``path`` (if the settings match)."""
+        self.oee_state_path = path
+        if self.oee is not None:
+            saved = OeeEngine.load(path, self.cfg.oee, self.cfg.machines)
+            if saved is not None:
+                self.oee = saved
+                log.info("OEE: continuing %d machines' open windows from %s", saved.machine_count, path)
+
+    def save_oee(self) -> None:
+        """Snapshot the OEE state (periodically and at shutdown); a failure is logged, never fatal."""
+        self._oee_saved_ns = time.monotonic_ns()
+        if self.oee is None or self.oee_state_path is None:
+            return
+        try:
+            self.oee.save(self.oee_state_path)
+        except OSError as exc:
+            log.warning("could not save OEE state to %s: %s", self.oee_state_path, exc)
+
     def batch_full(self) -> bool:
         return self._full.is_set()
 
@@ -161,6 +183,8 @@ class Pipeline:
                 pass
             if self._builder.messages or self._stats_due() or self._oee_due():
                 await self.flush()
+            if self.oee_state_path is not None and time.monotonic_ns() - self._oee_saved_ns > 60 * 10**9:
+                self.save_oee()
         await self.flush()
 
     def _oee_due(self) -> bool:

@@ -41,6 +41,9 @@ class Server:
             log.info("WAL holds %d unconfirmed records (%d bytes): replaying them first",
                      self.wal.records_pending, self.wal.bytes_pending)
         self.pipeline = Pipeline(cfg, self.sink, wal=self.wal, deadletter=self.deadletter)
+        if cfg.oee.enabled:
+            cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
+            self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.should_exit = asyncio.Event()
@@ -98,6 +101,7 @@ class Server:
             flusher.cancel()
         except Exception:
             log.exception("flusher failed during shutdown")
+        self.pipeline.save_oee()
         if writer is not None:
             writer_stop.set()
             try:

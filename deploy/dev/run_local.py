@@ -92,7 +92,8 @@ def main() -> int:
         procs.append(subprocess.Popen(
             [str(bindir / "factory-devices"), "simulate", "--broker", f"127.0.0.1:{broker.port}",
              "--machines", str(args.machines), "--rate", str(args.rate), "--time-scale", str(args.time_scale),
-             "--faults", "drift,spike,stuck,bearing_wear", "--fault-log", str(state / "faults.jsonl")],
+             "--faults", "drift,spike,stuck,bearing_wear", "--fault-log", str(state / "faults.jsonl"),
+             "--waveform-hz", "1000", "--waveform-every", "10"],
             env=env, stdout=sim_log, stderr=subprocess.STDOUT, start_new_session=True))
         print(f"gateway pid {procs[0].pid} (log {state / 'gateway.log'}), "
               f"simulator pid {procs[1].pid}: {args.machines} machines at {args.rate} Hz. Ctrl-C stops.")

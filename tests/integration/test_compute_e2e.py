@@ -120,3 +120,35 @@ def test_vorne_shift_replayed_into_influxdb(tmp_path: Path, influx_db: tuple[Inf
     assert row["time"] == 1763618400 * 10**9  # 2025-11-20T06:00:00Z, the window start
     hourly = influx.query("""SELECT "oee" FROM "oee" WHERE "window" = '1h'""", db)
     assert len(hourly) >= 8
+
+
+def test_vorne_shift_over_mqtt_with_a_gateway_restart_mid_shift(
+    tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str]
+) -> None:
+    """The Vorne shift published over MQTT; the gateway is restarted (SIGTERM) in the middle of the shift.
+
+    The open shift window and the counter baselines are saved at shutdown and reloaded, so the shift's
+    OEE is the same as without the restart.
+    """
+    influx, db = influx_db
+    data = ROOT / "tests" / "data" / "replay"
+    cfg = _config(tmp_path, mosquitto, influx, db, "gw-vorne-restart", extra=(
+        '[oee]\nwindows = ["1h"]\ntimezone = "UTC"\ndefault_ideal_cycle_s = 1.0\n'
+        '[[oee.shifts]]\nname = "early"\nstart = "06:00"\nend = "14:00"\n'
+    ))
+    env = {"FGW_GATEWAY__MAX_PAST_S": str(10 * 365 * 86400)}  # the example is from 2025
+    records = [orjson.loads(line) for line in (data / "vorne_shift.jsonl").read_text().splitlines() if line]
+    half = len(records) // 2
+    done = 0
+    for part in (records[:half], records[half:]):
+        with GatewayProcess(cfg, env=env) as gw:
+            publish(mosquitto.port, [(r["topic"], r["payload"]) for r in part], client_id="pub-vorne")
+            done += sum(1 for r in part if r["topic"].endswith("/count"))
+            expect = done
+            assert wait_until(lambda e=expect: influx.count("production", db) >= e, timeout=30), gw.tail()
+            time.sleep(0.5)
+            assert gw.stop() == 0
+    assert (tmp_path / "wal" / "oee-state.pickle").exists()
+    [row] = influx.query("""SELECT * FROM "oee" WHERE "window" = 'shift'""", db)
+    assert abs(row["oee"] - 0.7479) <= 0.0005
+    assert (row["total_count"], row["good_count"]) == (19271, 18848)

@@ -488,3 +488,35 @@ def test_machine_config_validation() -> None:
 )
 def test_parse_duration(text: str, ns: int) -> None:
     assert parse_duration_ns(text) == ns
+
+
+def test_saved_state_continues_windows_across_a_restart(tmp_path: Path) -> None:
+    """A gateway restart in the middle of a shift: the reloaded engine closes the same windows."""
+    from gateway.batch import CountEvent, MachineKey, StateEvent
+    from gateway.oee import OeeConfig, OeeEngine
+    from gateway.schema import MachineState
+
+    cfg = OeeConfig(windows=["1h"], shifts=[{"name": "early", "start": "06:00", "end": "14:00"}])
+    m = MachineKey("s", "a", "l", "press1")
+    t0 = 1_763_618_400 * 10**9  # 2025-11-20T06:00Z
+    first = ([StateEvent(m, t0, MachineState.RUNNING)], [CountEvent(m, t0, 1000, 990)])
+    second = ([StateEvent(m, t0 + 8 * 3600 * 10**9 + 1, MachineState.IDLE)],
+              [CountEvent(m, t0 + 4 * 3600 * 10**9, 5000, 4900), CountEvent(m, t0 + 8 * 3600 * 10**9, 9000, 8800)])
+    live = OeeEngine(cfg, {})
+    live.update(*first, now_wall_ns=t0)
+    expected = live.update(*second, now_wall_ns=t0)
+
+    before = OeeEngine(cfg, {})
+    before.update(*first, now_wall_ns=t0)
+    before.save(tmp_path / "oee.pickle")
+    after = OeeEngine.load(tmp_path / "oee.pickle", cfg, {})
+    assert after is not None
+    assert after.update(*second, now_wall_ns=t0) == expected
+    shift = [r for r in expected if r.window == "shift"]
+    assert shift and shift[0].total_count == 8000
+
+    other = OeeConfig(windows=["1m"])
+    assert OeeEngine.load(tmp_path / "oee.pickle", other, {}) is None  # settings changed: fresh start
+    (tmp_path / "bad.pickle").write_bytes(b"not a pickle")
+    assert OeeEngine.load(tmp_path / "bad.pickle", cfg, {}) is None
+    assert OeeEngine.load(tmp_path / "missing.pickle", cfg, {}) is None

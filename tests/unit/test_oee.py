@@ -513,7 +513,8 @@ def test_saved_state_continues_windows_across_a_restart(tmp_path: Path) -> None:
     assert after is not None
     assert after.update(*second, now_wall_ns=t0) == expected
     shift = [r for r in expected if r.window == "shift"]
-    assert shift and shift[0].total_count == 8000
+    assert shift
+    assert shift[0].total_count == 8000
 
     other = OeeConfig(windows=["1m"])
     assert OeeEngine.load(tmp_path / "oee.pickle", other, {}) is None  # settings changed: fresh start

@@ -211,3 +211,26 @@ def test_bad_input_dead_lettered_and_acked(
     assert len((tmp_path / "deadletter.jsonl").read_bytes().splitlines()) == len(bad)
     assert influx.count("telemetry", db) == len(good)
     assert os.path.exists(tmp_path / "wal")
+
+
+def test_lines_influxdb_rejects_are_isolated_and_dead_lettered(
+    tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str]
+) -> None:
+    """A field type conflict (400 from InfluxDB) costs only the conflicting line; the rest is written."""
+    influx, db = influx_db
+    cfg = _config(tmp_path, mosquitto, influx, db, "gw-type-conflict")
+    ts = int(time.time() - 60) * 10**9
+    influx.write(db, f"env,machine=m1 temp=1.5 {ts - 10**9}")  # the field is a float from now on
+    lines = [f"env temp={20 + i}.5 {ts + i}" for i in range(50)]
+    lines[17] = f'env temp="hot" {ts + 17}'  # a string into a float field: rejected by InfluxDB
+    with GatewayProcess(cfg) as gw:
+        publish(mosquitto.port, [("factory/p/a/l/m1/telemetry", "\n".join(lines))], client_id="pub-conflict")
+        assert wait_until(lambda: influx.count("env", db) >= 50, timeout=30), gw.tail()
+        assert wait_until(lambda: (tmp_path / "deadletter.jsonl").exists()
+                          and (tmp_path / "deadletter.jsonl").read_text().strip() != "", timeout=30)
+        assert gw.stop() == 0
+    assert influx.count("env", db) == 50  # the earlier point + 49 good lines
+    [rec] = [orjson.loads(x) for x in (tmp_path / "deadletter.jsonl").read_bytes().splitlines()]
+    assert rec["kind"] == "rejected_line"
+    assert 'temp="hot"' in rec["payload"]
+    assert "field type conflict" in rec["reason"]

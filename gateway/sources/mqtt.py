@@ -13,13 +13,14 @@ import asyncio
 import logging
 import random
 import ssl
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.client import PUBACK, MQTTMessage
 from paho.mqtt.client import Client as PahoClient
-from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -31,6 +32,7 @@ __all__ = ["MqttSource"]
 log = logging.getLogger("gateway.sources.mqtt")
 
 MessageCallback = Callable[[str, bytes, AckToken | None], None]
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, message id (MQTT 3.1.1 and 5: success)
 
 
 class MqttSource:
@@ -52,12 +54,24 @@ class MqttSource:
         paho = self._paho
         if paho is None:
             return 0
-        sent = 0
         gen = self.generation
+        pubacks = []
+        sent = 0
         for tok in tokens:
-            if tok.qos > 0 and tok.generation == gen:
+            if tok.generation != gen or tok.qos == 0:
+                continue
+            if tok.qos == 1:
+                pubacks.append(_PUBACK.pack(PUBACK, 2, tok.mid))
+            else:
+                if pubacks:  # keep arrival order across QoS levels
+                    paho._packet_queue(PUBACK, b"".join(pubacks), 0, 0)
+                    pubacks = []
                 paho.ack(tok.mid, tok.qos)
-                sent += 1
+            sent += 1
+        if pubacks:
+            # paho queues and sends each PUBACK on its own (a wake-up write and a send per message);
+            # one queued blob of PUBACK packets is the same bytes on the wire, sent in one go.
+            paho._packet_queue(PUBACK, b"".join(pubacks), 0, 0)
         return sent
 
     # -- connection -----------------------------------------------------------------------------

@@ -669,10 +669,11 @@ class VictoriaMetrics(ServerProcess):
 
     def __init__(
         self, workdir: Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
-        log_to: Path | None = None,
+        tls: TlsFiles | None = None, log_to: Path | None = None,
     ) -> None:
         super().__init__(workdir, log_to=log_to)
         self._fixed_port = port
+        self.tls = tls
         self.extra_args = extra_args
         self.data_dir = self.workdir / "data"
         self.port = 0
@@ -680,6 +681,10 @@ class VictoriaMetrics(ServerProcess):
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            base = f"https://localhost:{self.port}"
+            _CA_FILES[base] = self.tls.ca_cert
+            return base
         return f"http://{self.host}:{self.port}"
 
     def _pick_ports(self) -> None:
@@ -697,6 +702,8 @@ class VictoriaMetrics(ServerProcess):
             "-search.disableCache",
             "-search.latencyOffset=0s",
             "-loggerLevel=WARN",
+            *(("-tls", f"-tlsCertFile={self.tls.server_cert}", f"-tlsKeyFile={self.tls.server_key}")
+              if self.tls is not None else ()),
             *self.extra_args,
         ]
 

@@ -99,3 +99,40 @@ path = "{tmp_path / 'dl.jsonl'}"
         gw = GatewayProcess(cfg).start(wait_for="lost or refused")
         assert "wrong" not in gw.log.read_text()
         assert gw.stop() == 0
+
+
+def test_v2_api_over_https_with_token_file(tmp_path: Path, pki: TlsFiles, mosquitto: Mosquitto) -> None:
+    """`api = "v2"` through influxdb-client to an HTTPS endpoint (VictoriaMetrics) verified by our CA."""
+    from tests.servers import VictoriaMetrics
+
+    (tmp_path / "token").write_text("not-a-real-token\n")
+    with VictoriaMetrics(tmp_path / "vm", tls=pki) as vm:
+        cfg = write_config(tmp_path / "gw.toml", f"""
+[mqtt]
+port = {mosquitto.port}
+client_id = "gw-v2-tls"
+[influx]
+api = "v2"
+url = "{vm.url}"
+bucket = "plant"
+org = "acme"
+token_file = "{tmp_path / 'token'}"
+ca_file = "{pki.ca_cert}"
+flush_interval_ms = 100
+[buffer]
+dir = "{tmp_path / 'wal'}"
+[deadletter]
+path = "{tmp_path / 'dl.jsonl'}"
+""")
+        ts = int(time.time()) - 30
+        with GatewayProcess(cfg) as gw:
+            subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t",
+                            "factory/p/a/l/m9/telemetry", "-m", f'{{"ts": {ts}, "values": {{"t": 2.5}}}}'],
+                           check=True, timeout=20)
+
+            def landed() -> bool:
+                return any(s["values"] == [2.5] for s in vm.export('{__name__="telemetry_t"}'))
+
+            assert wait_until(landed, timeout=20), gw.tail()
+            assert gw.stop() == 0
+        assert "not-a-real-token" not in gw.log.read_text()

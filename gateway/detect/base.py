@@ -126,15 +126,28 @@ class BatchLayout:
         """Fast path, no sort: the batch is rounds of the same distinct series in the same order (the
         usual time-major gateway batch), so input order already is packed order."""
         n = int(series.shape[0])
-        again = np.flatnonzero(series[1:] == series[0])
-        u = int(again[0]) + 1 if again.shape[0] else n
+        u = n
+        a, width = 1, 4096
+        while a < n:  # the first repeat of series[0], in growing windows: a round is short
+            again = np.flatnonzero(series[a : a + width] == series[0])
+            if again.shape[0]:
+                u = a + int(again[0])
+                break
+            a, width = a + width, 4 * width
         if n % u:
             return None
         per = n // u
         head = series[:u]
-        if per > 1 and not bool((series.reshape(per, u) == head).all()):
+        if per > 1 and not bool((series[u:] == series[:-u]).all()):  # every round repeats the one before
             return None
-        if np.unique(head).shape[0] != u:
+        lo, hi = int(head.min()), int(head.max())
+        if lo >= 0 and hi < 8 * u + 4096:  # dense ids: mark them instead of sorting
+            seen = np.zeros(hi + 1, np.bool_)
+            seen[head] = True
+            distinct = int(np.count_nonzero(seen))
+        else:
+            distinct = int(np.unique(head).shape[0])
+        if distinct != u:
             return None
         offsets = np.arange(per + 1, dtype=np.int64) * u
         return cls(head.astype(np.int64), np.full(per, u, np.int64), offsets, None, None, None, True)

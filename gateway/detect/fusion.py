@@ -44,6 +44,15 @@ EVENT_NAMES: tuple[str, ...] = (*DETECTOR_NAMES, "fused")
 _FUSED = len(DETECTOR_NAMES)
 
 
+def _step_row(layout: BatchLayout, slots: I64) -> tuple[I64, I64]:
+    """Step and local row of packed slots (a tiled batch is a rectangle: no search)."""
+    if layout.in_order:
+        u = int(layout.rows.shape[0])
+        return slots // u, slots % u
+    step = np.searchsorted(layout.offsets, slots, side="right") - 1
+    return step, slots - layout.offsets[step]
+
+
 def make_detector(name: str, config: DetectionConfig | None = None, metric: str = "") -> Detector:
     """Build detector ``name`` with the parameters ``config`` resolves for ``metric``.
 
@@ -243,20 +252,24 @@ class AnomalyEngine:
         ts_ns = np.asarray(ts_ns, np.int64)
         values = np.asarray(values, np.float64)
         n = series.shape[0]
-        self.last_fused = np.zeros(n, np.float64)
+        self.last_fused = _empty_f()  # let the previous batch's scores go before this batch allocates
         if n == 0 or not self.config.enabled:
+            self.last_fused = np.zeros(n, np.float64)
             return AnomalyEvents()
         self._resolve(int(series.max()) + 1, metrics)
         finite = np.isfinite(values)
         pids = self._profile_of[series] if self._profiles[1:] else None
         pid_list = np.unique(pids).tolist() if pids is not None else [0]
+        all_finite = bool(finite.all())
+        if not (len(pid_list) == 1 and all_finite and self._profiles[pid_list[0]].enabled):
+            self.last_fused = np.zeros(n, np.float64)  # else the one run below covers every sample
         parts: list[AnomalyEvents] = []
         for pid in pid_list:
             prof = self._profiles[pid]
             if not prof.enabled:
                 continue
             sel = finite if pids is None or len(pid_list) == 1 else finite & (pids == pid)
-            idx = None if bool(sel.all()) else np.flatnonzero(sel)
+            idx = None if (all_finite if sel is finite else bool(sel.all())) else np.flatnonzero(sel)
             if idx is None:
                 parts.append(self._run(prof, series, ts_ns, values, None))
             elif idx.shape[0]:
@@ -271,27 +284,24 @@ class AnomalyEngine:
     @staticmethod
     def _onsets(
         prof: _Profile, layout: BatchLayout, cand: I64, hits: list[tuple[I64, int, F64]], codes: set[int],
-        counts: I64, u: int, n: int,
+        counts: I64,
     ) -> list[tuple[I64, int, F64]]:
         """The hits where a detector's flag turns on for its series (the previous sample was not flagged)."""
-        last_slot = layout.offsets[counts - 1] + np.arange(u)
-        flagged = np.zeros(n, np.bool_)
         out: list[tuple[I64, int, F64]] = []
         seen: set[int] = set()
         for w, code, sc in hits:
             if code not in codes:
                 continue
-            p = cand[w]
-            flagged[:] = False
-            flagged[p] = True
-            step = np.searchsorted(layout.offsets, p, side="right") - 1
-            r = p - layout.offsets[step]
-            prev = np.where(step > 0, flagged[layout.offsets[np.maximum(step - 1, 0)] + r],
-                            prof.prev_flag[code, layout.rows[r]])
+            p = cand[w]  # sorted packed slots flagged by this detector
+            step, r = _step_row(layout, p)
+            slot = layout.offsets[np.maximum(step - 1, 0)] + r
+            j = np.minimum(np.searchsorted(p, slot), p.shape[0] - 1)
+            prev = np.where(step > 0, p[j] == slot, prof.prev_flag[code, layout.rows[r]])
             keep = ~prev
             if keep.any():
                 out.append((w[keep], code, sc[keep]))
-            prof.prev_flag[code, layout.rows] = flagged[last_slot]
+            prof.prev_flag[code, layout.rows] = False
+            prof.prev_flag[code, layout.rows[r[step == counts[r] - 1]]] = True  # flagged at its last sample
             seen.add(code)
         for code in codes - seen:
             prof.prev_flag[code, layout.rows] = False
@@ -315,7 +325,8 @@ class AnomalyEngine:
                 sel = np.flatnonzero(res.we_score >= thr)
                 if sel.shape[0]:
                     hits.append((sel, DETECTOR_NAMES.index("western_electric"), res.we_score[sel]))
-            cand, expected, zscore = res.cand, res.expected, res.zscore
+            cand = res.cand
+            baseline = res.baseline
         else:
             scores = [det.run(layout, packed) for det in prof.detectors]
             if prof.own_baseline:
@@ -326,7 +337,10 @@ class AnomalyEngine:
                 if where.shape[0]:
                     hits.append((where, code, s[where]))
             cand = np.arange(n)
-            expected, zscore = prof.baseline.expected, prof.baseline.zscore
+            base = prof.baseline
+
+            def baseline(at: I64) -> tuple[F64, F64]:
+                return base.expected[at], base.zscore[at]
         need = int(layout.rows.max()) + 1
         if prof.prev_fused.shape[0] < need:
             cap = max(need, 2 * prof.prev_fused.shape[0])
@@ -344,18 +358,21 @@ class AnomalyEngine:
         u = layout.rows.shape[0]
         counts = np.searchsorted(-layout.active, -np.arange(u), side="left")  # samples per row
         last = fused[layout.offsets[counts - 1] + np.arange(u)]
-        high = np.flatnonzero(fused >= thr)  # sparse: only these can be crossings
-        if high.shape[0]:
-            step = np.searchsorted(layout.offsets, high, side="right") - 1
-            r = high - layout.offsets[step]
+        # fused >= thr needs some detector >= thr (weights are <= 1), so only candidates can cross
+        at_high = np.flatnonzero(fused[cand] >= thr)
+        at = at_high
+        if at_high.shape[0]:
+            high = cand[at_high]
+            step, r = _step_row(layout, high)
             prev = np.where(step > 0, fused[layout.offsets[np.maximum(step - 1, 0)] + r],
                             prof.prev_fused[layout.rows[r]])
-            where = high[prev < thr]
+            rise = prev < thr
+            where, at = high[rise], at_high[rise]
         else:
-            where = high
+            where = at_high
         prof.prev_fused[layout.rows] = last
 
-        out_fused = layout.unpack(fused)
+        out_fused = fused if layout.in_order else layout.unpack(fused)  # fused is this batch's own array
         if idx is None:
             self.last_fused = out_fused
         else:
@@ -365,7 +382,7 @@ class AnomalyEngine:
         mode = self.config.events
         always = {DETECTOR_NAMES.index(d) for d in self.config.always_report}
         onset_codes = set(range(len(DETECTOR_NAMES))) if mode == "onset" else always
-        onsets = self._onsets(prof, layout, cand, hits, onset_codes, counts, u, n) if onset_codes else []
+        onsets = self._onsets(prof, layout, cand, hits, onset_codes, counts) if onset_codes else []
         if mode == "onset":
             hits = onsets
         elif mode == "fused":  # the rules that fired where the fused score rose, plus always-reported onsets
@@ -379,7 +396,6 @@ class AnomalyEngine:
             hits = kept
         events = [(cand[w], code, sc, w) for w, code, sc in hits]
         if where.shape[0]:
-            at = np.searchsorted(cand, where)  # every crossing is a candidate (fused ≥ thr needs one)
             events.append((where, _FUSED, fused[where], at))
         if not events:
             return AnomalyEvents()
@@ -395,12 +411,13 @@ class AnomalyEngine:
         packed_idx = packed_idx[order]
         sample = sample[order]
         at_cand = at_cand[order]
+        expected_at, zscore_at = baseline(at_cand)
         return AnomalyEvents(
             series=series[sample],
             ts_ns=ts_ns[sample],
             code=np.concatenate([np.full(e[0].shape[0], e[1], np.int64) for e in events])[order],
             score=np.concatenate([e[2] for e in events])[order],
             value=packed[packed_idx],
-            expected=expected[at_cand],
-            zscore=zscore[at_cand],
+            expected=expected_at,
+            zscore=zscore_at,
         )

@@ -6,12 +6,14 @@ they cost ~100 numpy calls per step. The kernel computes the same scores with on
 - one EWMA standardisation per distinct ``alpha`` (EWMA z and Western Electric share one by default,
   CUSUM keeps its slower one), updated once per step;
 - the learning factor is a Python scalar once every row is past its warm-up (the vector form is only
-  needed while some series are young), and the grace-period zeroing is applied after the loop, to the
-  cold steps only;
+  needed while some series are young), and the grace-period zeroing runs in the cold steps only;
 - per-detector statistics are written as ``stat · (-ln2 / level)`` (the exponent of
   :func:`~gateway.detect.base.squash`) straight into preallocated step×series matrices with ``out=``;
-  detectors that share a fusion weight are combined by a minimum of exponents, so the whole fused set
-  needs two ``expm1`` passes, not six, and is bit-identical to ``max`` over the separate scores;
+  detectors that share a fusion weight are combined by a minimum of exponents, in the step while its
+  rows are in cache, so the whole fused set needs two ``expm1`` per sample, not six, and is
+  bit-identical to ``max`` over the separate scores;
+- rare branches stay sparse: CUSUM resets, flatline runs, and the Western Electric firings touch only
+  the samples concerned, and the baseline mean/z are read only where an event is emitted;
 - the Western Electric run rules are sliding-window counts over a per-sample int8 zone code
   (``±ceil(min(|z|, 4))``) after the loop, with the last 7 codes of each series kept as state.
 
@@ -84,8 +86,16 @@ class KernelResult:
     cand: I64  # packed indices where some detector may reach the threshold
     expo: dict[str, F64] = field(default_factory=dict)  # detector -> squash exponent at ``cand``
     we_score: F64 | None = None  # Western Electric score at ``cand``
-    expected: F64 = field(default_factory=lambda: np.empty(0, np.float64))  # baseline mean at ``cand``
-    zscore: F64 = field(default_factory=lambda: np.empty(0, np.float64))  # baseline z at ``cand``
+    # baseline mean and z of the step×series rectangle, and where ``cand`` sits in it; read through
+    # :meth:`baseline` before the kernel runs again (the matrices are its reused work buffers)
+    _expected: F64 = field(default_factory=lambda: np.empty(0, np.float64))
+    _zscore: F64 = field(default_factory=lambda: np.empty(0, np.float64))
+    _cand_rect: I64 = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def baseline(self, at: I64) -> tuple[F64, F64]:
+        """Baseline mean and z at ``cand[at]`` (only the events need them: a few of the candidates)."""
+        where = self._cand_rect[at]
+        return self._expected[where], self._zscore[where]
 
 
 class FusedKernel:
@@ -223,19 +233,35 @@ class FusedKernel:
         c_r = -_LN2 / float(self.p["robust"]["n_sigmas"])
         inv_win = 1.0 / win
         s_alpha = float(self.p["spike"]["alpha"])
-        s_up = min(UP_RATE * s_alpha, 1.0)
+        s_up = min(UP_RATE * s_alpha, 1.0)  # >= s_alpha: UP_RATE > 1 and alpha <= 1
         c_s = -_LN2 / float(self.p["spike"]["z_alarm"])
         f_n = float(self.p["flatline"]["n"])
         c_f = -_LN2 / f_n
         tol = float(self.p["flatline"]["tolerance"])
-        std_z = [self._buf(f"z{j}", shape, np.float64, ragged) if j != self.std_e else Zb
-                 for j in range(len(self.stds))]
+        # only the baseline z outlives its step (the events); the other standardisations are step rows
+        z_rows = {j: np.empty(u, np.float64) for j in range(len(self.stds)) if j != self.std_e}
         need_std = sorted({self.std_e, *(j for j in (self.std_w, self.std_c) if j >= 0)})
         std_run = [(j, self.stds[j], st[f"mean{j}"], st[f"var{j}"]) for j in need_std]
+        j_e, j_w, j_c = self.std_e, self.std_w, self.std_c
+        use_f, use_s = "flatline" in dets, "spike" in dets
+        V_e, V_c, V_r = V.get("ewma"), V.get("cusum"), V.get("robust")
+        V_f, V_s = V.get("flatline"), V.get("spike")
+        # fusion per weight group, in the step while its rows are in cache: the smallest exponent wins
+        # (squash is monotone, so this is exact); ``lim`` is loose, the events check exactly later
+        lim = math.log1p(-min(self.threshold, 1.0 - 1e-16)) * (1.0 - 1e-9)
+        groups = [(-wgt, [V[nm] for nm in names]) for wgt, names in self.groups.items()]
+        # fresh each batch: handed out as the fused score (padding of a ragged batch is dropped below)
+        fused = np.zeros(shape, np.float64) if ragged or not groups else np.empty(shape, np.float64)
+        cand_m = self._buf("cand", shape, np.bool_, ragged or not groups)
+        cold_steps = max(0, min(steps, grace - nmin))
+        V_list = list(V.values())
 
         t2 = np.empty(u, np.float64)
         t3 = np.empty(u, np.float64)
+        t4 = np.empty(u, np.float64)
         same = np.empty(u, np.bool_)
+        tb = np.empty(u, np.bool_)
+        sign = np.empty(u, np.int8)
         s_hi, s_lo = st["s_hi"], st["s_lo"]
         centre, scale = st["centre"], st["scale"]
         prev0, msq, run = st["prev"], st["msq"], st["run"]
@@ -251,9 +277,9 @@ class FusedKernel:
             for j, sj, mean_all, var_all in std_run:
                 mean = mean_all[:m]
                 var = var_all[:m]
-                z = std_z[j][k, :m]
+                z = Zb[k, :m] if j == j_e else z_rows[j][:m]
                 np.subtract(x, mean, out=d)
-                if j == self.std_e:
+                if j == j_e:
                     Eb[k, :m] = mean
                 np.multiply(mean, 1e-6, out=f)
                 f *= f
@@ -280,21 +306,26 @@ class FusedKernel:
                 var += f
                 var *= b
             have_abs = False
-            if "ewma" in dets:
+            if V_e is not None:
                 np.abs(Zb[k, :m], out=f)
-                np.multiply(f, c_e, out=V["ewma"][k, :m])
-                have_abs = self.std_w == self.std_e
+                np.multiply(f, c_e, out=V_e[k, :m])
+                have_abs = j_w == j_e
             if L is not None:
-                zw = std_z[self.std_w][k, :m]
+                zw = Zb[k, :m] if j_w == j_e else z_rows[j_w][:m]
                 if not have_abs:
                     np.abs(zw, out=f)
                 np.minimum(f, 4.0, out=f)
                 np.ceil(f, out=f)
-                np.copysign(f, zw, out=f)
-                L[_HIST + k, :m] = f
+                lk = L[_HIST + k, :m]
+                lk[...] = f  # the zone 0..4, then its sign: -q == (q ^ -1) + 1
+                sg = sign[:m]
+                np.less(zw, 0.0, out=sg.view(np.bool_))
+                np.negative(sg, out=sg)
+                lk ^= sg
+                lk -= sg
             # -- CUSUM
-            if "cusum" in dets:
-                zc = std_z[self.std_c][k, :m]
+            if V_c is not None:
+                zc = Zb[k, :m] if j_c == j_e else z_rows[j_c][:m]
                 hi = s_hi[:m]
                 lo = s_lo[:m]
                 hi += zc
@@ -307,14 +338,17 @@ class FusedKernel:
                     warm = nk >= grace
                     hi *= warm
                     lo *= warm
-                vc = V["cusum"][k, :m]
+                vc = V_c[k, :m]
                 np.maximum(hi, lo, out=vc)
-                np.less(vc, h_c, out=same[:m])
-                hi *= same[:m]
-                lo *= same[:m]
+                sm = same[:m]
+                np.less(vc, h_c, out=sm)
+                if not sm.all():  # alarms (a few of the series): reset those sums, as ``hi *= vc < h``
+                    reset = np.flatnonzero(~sm)
+                    hi[reset] *= 0.0
+                    lo[reset] *= 0.0
                 vc *= c_c
             # -- robust centre / scale
-            if "robust" in dets:
+            if V_r is not None:
                 cen = centre[:m]
                 sca = scale[:m]
                 np.subtract(x, cen, out=d)
@@ -322,7 +356,7 @@ class FusedKernel:
                 f *= 1e-6
                 f += 1e-12
                 f += sca
-                vr = V["robust"][k, :m]
+                vr = V_r[k, :m]
                 np.abs(d, out=vr)
                 vr /= f
                 vr *= c_r
@@ -347,9 +381,9 @@ class FusedKernel:
                 sca += f
             # -- first difference: spike and flatline
             prev = prev0[:m] if k == 0 else X[k - 1, :m]
-            if "spike" in dets or "flatline" in dets:
+            if use_s or use_f:
                 np.subtract(x, prev, out=d)
-            if "flatline" in dets:
+            if V_f is not None:
                 sm = same[:m]
                 if tol > 0.0:
                     np.abs(d, out=f)
@@ -359,12 +393,20 @@ class FusedKernel:
                 if not hot:
                     sm &= nk > 0  # the first reading of a series starts a run
                 r = run[:m]
-                r *= sm
-                r += 1.0
-                vf = V["flatline"][k, :m]
-                np.multiply(r, c_f, out=vf)
-                vf *= r >= f_n
-            if "spike" in dets:
+                vf = V_f[k, :m]
+                if sm.any():
+                    r *= sm
+                    r += 1.0
+                    longest = np.maximum.reduce(r)
+                else:  # no run goes on: every run restarts at 1 (r·0 + 1)
+                    r.fill(1.0)
+                    longest = 1.0
+                if longest >= f_n:
+                    np.multiply(r, c_f, out=vf)
+                    vf *= r >= f_n
+                else:  # r · c_f · 0 with r >= 1, c_f < 0
+                    vf.fill(-0.0)
+            if V_s is not None:
                 ms = msq[:m]
                 if not hot:
                     d *= nk > 0
@@ -373,27 +415,51 @@ class FusedKernel:
                 f += 1e-18
                 f += ms
                 np.sqrt(f, out=f)
-                vs = V["spike"][k, :m]
+                vs = V_s[k, :m]
                 np.divide(d, f, out=vs)
                 np.abs(vs, out=vs)
                 vs *= c_s
                 d *= d
                 d -= ms  # > 0: the squared step is above its mean, which then rises at UP_RATE·alpha
                 if hot and s_up == s_alpha:
-                    a = s_alpha
-                elif hot:
-                    a = f
-                    up = same[:m]
-                    np.greater(d, 0.0, out=up)
-                    f.fill(s_alpha)
-                    np.copyto(f, s_up, where=up)
+                    d *= s_alpha
+                elif hot:  # d · (s_up if d > 0 else s_alpha), as the larger of the two products
+                    np.multiply(d, s_up, out=f)
+                    d *= s_alpha
+                    np.maximum(d, f, out=d)
                 else:
                     a = np.maximum(nk, 1.0)
                     np.divide(1.0, a, out=a)
                     np.maximum(a, np.where(d > 0.0, s_up, s_alpha), out=a)
                     a *= nk > 0
-                d *= a
+                    d *= a
                 ms += d
+            # -- grace period: zero the scores of the cold samples (only the first steps of young series)
+            if k < cold_steps:
+                cold_k = nk < grace
+                for v in V_list:
+                    v[k, :m][cold_k] = 0.0
+            # -- fuse the step
+            fr = fused[k, :m]
+            cr = cand_m[k, :m]
+            for gi, (negw, vs_) in enumerate(groups):
+                if len(vs_) == 1:
+                    g = vs_[0][k, :m]
+                else:
+                    g = t4[:m]
+                    np.minimum(vs_[0][k, :m], vs_[1][k, :m], out=g)
+                    for v in vs_[2:]:
+                        np.minimum(g, v[k, :m], out=g)
+                if gi == 0:
+                    np.less_equal(g, lim, out=cr)
+                    np.expm1(g, out=fr)
+                    fr *= negw
+                else:
+                    np.less_equal(g, lim, out=tb[:m])
+                    cr |= tb[:m]
+                    np.expm1(g, out=f)
+                    f *= negw
+                    np.maximum(fr, f, out=fr)
             if not hot:
                 nk += 1.0
 
@@ -408,74 +474,51 @@ class FusedKernel:
         for key, arr in st.items():
             self.st[key][rows] = arr
 
-        # -- grace period: zero the cold samples (only the first steps of young series)
-        cold_steps = max(0, min(steps, grace - nmin))
-        cold = None
-        if cold_steps:
-            cold = (n0[None, :] + np.arange(cold_steps)[:, None]) < grace
-            for v in V.values():
-                v[:cold_steps][cold] = 0.0
-
-        # -- Western Electric: sliding windows over the zone codes
-        we_idx = None
+        # -- Western Electric: sliding windows over the zone codes, sparse where they fire
         if L is not None:
             we_idx = self._we(L, steps, u)
-            if cold is not None:
+            if cold_steps:
+                cold = (n0[None, :] + np.arange(cold_steps)[:, None]) < grace
                 we_idx[:cold_steps][cold] = 0
-
-        # -- fuse: per weight group the smallest exponent wins (squash is monotone, so this is exact)
-        fused = self._buf("fused", shape, np.float64, False)
-        tmp = self._buf("tmp", shape, np.float64, False)
-        gmin = self._buf("gmin", shape, np.float64, False)
-        lim = math.log1p(-min(self.threshold, 1.0 - 1e-16)) * (1.0 - 1e-9)  # loose: exact check later
-        cand_m: Arr | None = None
-        first = True
-        for wgt, names in self.groups.items():
-            g = V[names[0]]
-            if len(names) > 1:
-                g = np.minimum(g, V[names[1]], out=gmin)
-                for nm in names[2:]:
-                    np.minimum(g, V[nm], out=g)
-            c = g <= lim
-            cand_m = c if cand_m is None else np.bitwise_or(cand_m, c, out=cand_m)
-            if first:
-                np.expm1(g, out=fused)
-                fused *= -wgt
-                first = False
-            else:
-                np.expm1(g, out=tmp)
-                tmp *= -wgt
-                np.maximum(fused, tmp, out=fused)
-        if first:
-            fused.fill(0.0)
-        if we_idx is not None:
-            fired = np.flatnonzero(we_idx)  # sparse: the rules fire on a few % of samples
+        # candidates of the exponent-scored detectors (the only places any of them can reach the threshold)
+        exp_rect = np.flatnonzero(cand_m)
+        cand_rect = exp_rect
+        if L is not None:
+            fired = np.flatnonzero(we_idx != 0)  # a few % of the samples
             if fired.shape[0]:
+                code = we_idx.reshape(-1)[fired]
                 table = self.we_table * self.weight["western_electric"]
                 ff = fused.reshape(-1)
-                ff[fired] = np.maximum(ff[fired], table[we_idx.reshape(-1)[fired]])
-            min_code = int(np.searchsorted(self.we_table, self.threshold))
-            if min_code < self.we_table.shape[0]:
-                c = we_idx >= min_code
-                cand_m = c if cand_m is None else np.bitwise_or(cand_m, c, out=cand_m)
+                ff[fired] = np.maximum(ff[fired], table[code])
+                min_code = int(np.searchsorted(self.we_table, self.threshold))  # >= 1: threshold > 0
+                if min_code < self.we_table.shape[0]:
+                    cand_m.reshape(-1)[fired if min_code <= 1 else fired[code >= min_code]] = True
+                    cand_rect = np.flatnonzero(cand_m)
         flat_fused = fused.reshape(-1)
         if rect_idx is not None:
             flat_fused = flat_fused[rect_idx]
-        cand_rect = np.empty(0, np.int64) if cand_m is None else np.flatnonzero(cand_m)
-        if rect_idx is not None and cand_rect.shape[0]:
             inv = np.full(steps * u, -1, np.int64)
             inv[rect_idx] = np.arange(n)
             cand = inv[cand_rect]
             keep = cand >= 0
             cand, cand_rect = cand[keep], cand_rect[keep]
+            exp_rect = exp_rect[inv[exp_rect] >= 0]
         else:
             cand = cand_rect
-        res = KernelResult(np.ascontiguousarray(flat_fused), cand)
-        res.expo = {d: v.reshape(-1)[cand_rect] for d, v in V.items()}
-        if we_idx is not None:
+        res = KernelResult(flat_fused, cand)
+        if exp_rect.shape[0] == cand_rect.shape[0]:
+            res.expo = {d: v.reshape(-1)[cand_rect] for d, v in V.items()}
+        else:  # Western Electric only: no exponent-scored detector reaches the threshold there, score 0
+            at = np.searchsorted(cand_rect, exp_rect)
+            for name, v in V.items():
+                e = np.zeros(cand_rect.shape[0], np.float64)
+                e[at] = v.reshape(-1)[exp_rect]
+                res.expo[name] = e
+        if L is not None:
             res.we_score = self.we_table.take(we_idx.reshape(-1)[cand_rect])
-        res.expected = Eb.reshape(-1)[cand_rect]
-        res.zscore = Zb.reshape(-1)[cand_rect]
+        res._expected = Eb.reshape(-1)
+        res._zscore = Zb.reshape(-1)
+        res._cand_rect = cand_rect
         return res
 
     def _we(self, L: Arr, steps: int, u: int) -> Arr:

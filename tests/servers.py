@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +94,15 @@ def _require_binary(name: str) -> str:
 _CA_FILES: dict[str, Path] = {}  # https base URL -> CA that signed its certificate
 
 
+def _http_url(host: str, port: int, tls: TlsFiles | None) -> str:
+    """The server's base URL; with TLS it is https://localhost (the test certificate's name)."""
+    if tls is None:
+        return f"http://{host}:{port}"
+    base = f"https://localhost:{port}"
+    _CA_FILES[base] = tls.ca_cert  # _http verifies this server against the test CA
+    return base
+
+
 def _http(
     method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
     timeout: float = 10.0,
@@ -120,7 +130,7 @@ def _kill_leftovers() -> None:
         _RUNNING.pop(pid, None)
 
 
-class ServerProcess:
+class ServerProcess(ABC):
     """Lifecycle shared by all servers: write config, spawn, wait until ready, stop/kill/restart by pid.
 
     Subclasses set ``binary`` and implement ``_write_config``, ``_command`` and ``_is_ready``; ``_pick_ports``
@@ -138,19 +148,23 @@ class ServerProcess:
         self.startup_seconds: float | None = None  # wall time of the last successful start()
 
     # -- subclass hooks -------------------------------------------------------------------------------------
+    @abstractmethod
     def _pick_ports(self) -> None:
-        raise NotImplementedError
+        """Choose a free port for every port the caller did not fix."""
 
+    @abstractmethod
     def _write_config(self) -> None:
-        raise NotImplementedError
+        """Write the server's config (and create its data directories) under ``workdir``."""
 
+    @abstractmethod
     def _command(self, binary: str) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts the server."""
 
+    @abstractmethod
     def _is_ready(self) -> bool:
-        raise NotImplementedError
+        """Whether the server answers (polled until START_TIMEOUT)."""
 
-    def _after_ready(self) -> None:
+    def _after_ready(self) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
         """Runs once the server answers (e.g. create the admin user)."""
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -511,11 +525,7 @@ class InfluxDB1(ServerProcess):
 
     @property
     def url(self) -> str:
-        if self.tls is not None:
-            base = f"https://localhost:{self.port}"
-            _CA_FILES[base] = self.tls.ca_cert
-            return base
-        return f"http://{self.host}:{self.port}"
+        return _http_url(self.host, self.port, self.tls)
 
     def _pick_ports(self) -> None:
         self.port = self._fixed_port or free_port()
@@ -681,11 +691,7 @@ class VictoriaMetrics(ServerProcess):
 
     @property
     def url(self) -> str:
-        if self.tls is not None:
-            base = f"https://localhost:{self.port}"
-            _CA_FILES[base] = self.tls.ca_cert
-            return base
-        return f"http://{self.host}:{self.port}"
+        return _http_url(self.host, self.port, self.tls)
 
     def _pick_ports(self) -> None:
         self.port = self._fixed_port or free_port()

@@ -63,9 +63,8 @@ class RunningOutput:
 
     async def write(self, body: bytes) -> None:
         """Write ``body`` (line protocol) completely; raise OutputStopped if stopped first."""
-        if not body:
-            return
-        await self._write_lines(body.split(b"\n"))
+        if body:
+            await self._write(body)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -74,22 +73,17 @@ class RunningOutput:
             return
         raise OutputStopped("output stopped during retry")
 
-    async def _write_lines(self, lines: list[bytes]) -> None:
+    async def _write(self, body: bytes) -> None:
         attempt = 0
         while True:
             if self._stopping.is_set():
                 raise OutputStopped("output stopped")
             try:
-                await self.sink.write(b"\n".join(lines))
+                await self.sink.write(body)
             except SinkError as exc:
                 self.stats.write_errors += 1
-                if exc.status == 413 and len(lines) > 1:
-                    mid = len(lines) // 2
-                    await self._write_lines(lines[:mid])
-                    await self._write_lines(lines[mid:])
-                    return
                 if not exc.retryable and exc.status is not None and 400 <= exc.status < 500:
-                    await self._isolate(lines, exc)
+                    await self._bisect(body, exc)  # 413 too large, 400/422 bad lines: retrying cannot help
                     return
                 attempt += 1
                 self.stats.retries += 1
@@ -97,21 +91,26 @@ class RunningOutput:
                 delay = self._rng.uniform(delay / 2, delay)
                 if exc.retry_after is not None:
                     delay = min(max(delay, exc.retry_after), self.max_retry_s * 4)
-                log.warning("write of %d lines failed (%s); retry %d in %.1f s", len(lines), exc, attempt, delay)
+                log.warning("write of %d lines failed (%s); retry %d in %.1f s",
+                            body.count(b"\n") + 1, exc, attempt, delay)
                 await self._sleep(delay)
                 continue
             self.stats.writes += 1
-            self.stats.points_written += len(lines)
+            self.stats.points_written += body.count(b"\n") + 1
             return
 
-    async def _isolate(self, lines: list[bytes], exc: SinkError) -> None:
-        """Bisect a rejected batch until the bad lines are found; write the rest."""
+    async def _bisect(self, body: bytes, exc: SinkError) -> None:
+        """Halve a refused write until each half goes through or a single line is left, which is rejected.
+
+        Lines are split only here, on the error path; a write that succeeds is sent as it came.
+        """
+        lines = body.split(b"\n")
         if len(lines) == 1:
             self.stats.rejected_lines += 1
-            log.error("line rejected by the database (%s): %r", exc, lines[0][:200])
+            log.error("line rejected by the database (%s): %r", exc, body[:200])
             if self.on_rejected is not None:
                 self.on_rejected(lines, str(exc))
             return
         mid = len(lines) // 2
-        await self._write_lines(lines[:mid])
-        await self._write_lines(lines[mid:])
+        await self._write(b"\n".join(lines[:mid]))
+        await self._write(b"\n".join(lines[mid:]))

@@ -37,6 +37,7 @@ from gateway.batch import (
 )
 from gateway.config import GatewaySection, Subscription
 from gateway.errors import CardinalityError, DecodeError
+from gateway.lineproto import machine_tag_pairs
 from gateway.schema import (
     MAX_EPOCH_S,
     CountMessage,
@@ -123,8 +124,12 @@ _UNESCAPED_COMMA = re.compile(rb"(?<!\\),")
 _UNESCAPED_QUOTE = re.compile(rb'(?<!\\)(?:\\\\)*"')
 
 
-def _lp_escape_tag(s: str) -> bytes:
-    return s.replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ").encode()
+def _append_sample(out: BatchBuilder, sids: list[int], ts_ns: int, values: dict[str, Any]) -> int:
+    """One timestamp, one value per series id (in ``values`` order)."""
+    out.series.extend(sids)
+    out.ts_ns.extend([ts_ns] * len(sids))
+    out.values.extend(values.values())
+    return len(sids)
 
 
 class Decoder:
@@ -144,10 +149,9 @@ class Decoder:
         self.limits = limits
         self.registry = registry
         self.check_time_window = check_time_window
-        self._formats: dict[str, Format] = {}
         self._past_ns = int(limits.max_past_s * 1e9)
         self._future_ns = int(limits.max_future_s * 1e9)
-        self._tag_cache: dict[MachineKey, bytes] = {}
+        self._tag_cache: dict[MachineKey, tuple[tuple[bytes, bytes], ...]] = {}
         self._routes: dict[str, _Route] = {}
 
     def _route(self, topic: str) -> _Route:
@@ -160,16 +164,8 @@ class Decoder:
         return route
 
     def _format(self, topic: str) -> Format:
-        fmt = self._formats.get(topic)
-        if fmt is None:
-            fmt = "auto"
-            for sub in self.subscriptions:
-                if topic_matches(sub.topic, topic):
-                    fmt = sub.format
-                    break
-            if len(self._formats) < 200_000:
-                self._formats[topic] = fmt
-        return fmt
+        """The payload format of the first subscription matching ``topic`` (cached in its route)."""
+        return next((sub.format for sub in self.subscriptions if topic_matches(sub.topic, topic)), "auto")
 
     def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
         """Decode one message into ``out``; return the number of points it produced."""
@@ -190,10 +186,7 @@ class Decoder:
         elif channel == "state":
             msg = self._validate(StateMessage, self._json(payload))
             ts = self._ts(msg.ts, arrival_ns, "ts")
-            reason = msg.reason
-            if reason is not None and re.search(r"[\x00-\x1f\x7f]", reason):
-                raise DecodeError("reason: holds a control character")
-            out.states.append(StateEvent(machine, ts, msg.state, reason))
+            out.states.append(StateEvent(machine, ts, msg.state, msg.reason))
             n = 1
         else:
             cmsg = self._validate(CountMessage, self._json(payload))
@@ -280,12 +273,9 @@ class Decoder:
             tt = type(ts)
             if (tt is not float and tt is not int) or not 0 <= ts < MAX_EPOCH_S:
                 return None
-            ns = int(round(ts * 1e6)) * 1000
+            ns = ts_to_ns(ts)
             self._check_window(ns, ns, arrival_ns, "ts")
-        out.series.extend(ids)
-        out.ts_ns.extend([ns] * len(ids))
-        out.values.extend(values.values())
-        return len(ids)
+        return _append_sample(out, ids, ns, values)
 
     def _decode_telemetry(self, route: _Route, data: Any, arrival_ns: int, out: BatchBuilder) -> int:
         if not isinstance(data, dict):
@@ -298,12 +288,7 @@ class Decoder:
             return self._append_columnar(route, col, arrival_ns, out)
         sample: TelemetrySample = self._validate(TelemetrySample, data)
         ts = self._ts(sample.ts, arrival_ns, "ts")
-        names = list(sample.values)
-        sids = self._series_ids(route, names)
-        out.series.extend(sids)
-        out.ts_ns.extend([ts] * len(sids))
-        out.values.extend(sample.values.values())
-        return len(sids)
+        return _append_sample(out, self._series_ids(route, list(sample.values)), ts, sample.values)
 
     def _append_columnar(self, route: _Route, msg: TelemetryColumnar, arrival_ns: int, out: BatchBuilder) -> int:
         if all(isinstance(t, float | int) for t in msg.ts):
@@ -337,13 +322,11 @@ class Decoder:
                 out.wave_chunks.append((np.full(n, sid, np.int64), ts, vals))
         return n * len(names) if self.limits.store_waveforms else 0
 
-    def _machine_tags(self, machine: MachineKey) -> bytes:
+    def _machine_tags(self, machine: MachineKey) -> tuple[tuple[bytes, bytes], ...]:
+        """(key, ``,key=value``) of the topic's tags, escaped by the shared line-protocol rules."""
         tags = self._tag_cache.get(machine)
         if tags is None:
-            tags = b"".join(
-                b"," + k.encode() + b"=" + _lp_escape_tag(getattr(machine, k))
-                for k in ("area", "line", "machine", "site")
-            )
+            tags = tuple((k.encode(), f",{k}={v}".encode()) for k, v in machine_tag_pairs(machine))
             self._tag_cache[machine] = tags
         return tags
 
@@ -364,7 +347,7 @@ class Decoder:
             key, rest = m.group(1), m.group(2)
             present = {p.split(b"=", 1)[0] for p in _UNESCAPED_COMMA.split(key)[1:]}
             # Tags the device already set win over the topic's (a duplicate key is an error in InfluxDB).
-            extra = b"".join(b"," + t for t in tags[1:].split(b",") if t.split(b"=", 1)[0] not in present)
+            extra = b"".join(tag for key, tag in tags if key not in present)
             tsm = _LP_TS.match(rest)
             if tsm is not None and len(_UNESCAPED_QUOTE.findall(tsm.group(1))) % 2 == 0 and b"=" in tsm.group(1):
                 fields, ts = tsm.group(1), int(tsm.group(2))

@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from gateway.batch import F64, I64, CountEvent, MachineKey, SeriesRegistry, StateEvent, TelemetryBatch
+from gateway.lineproto import (
+    escape_field_key,
+    escape_measurement,
+    escape_string_value,
+    escape_tag,
+    machine_tags,
+)
 
 __all__ = [
     "LineProtocolEncoder",
@@ -53,29 +60,6 @@ class AnomalyEvents(Protocol):
     def __len__(self) -> int: ...
 
 
-_MEAS = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\t": r"\t"})
-_TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\t": r"\t"})
-_STR = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
-
-
-def escape_measurement(name: str) -> str:
-    """Escape a measurement name (commas and spaces)."""
-    return name.translate(_MEAS)
-
-
-def escape_tag(text: str) -> str:
-    """Escape a tag key, tag value or field key (commas, equals signs and spaces)."""
-    return text.translate(_TAG)
-
-
-escape_field_key = escape_tag
-
-
-def escape_string_value(text: str) -> str:
-    """Quote a string field value (backslashes and double quotes escaped)."""
-    return '"' + text.translate(_STR) + '"'
-
-
 FieldValue = float | int | str | bool | None
 
 
@@ -101,14 +85,6 @@ def format_fields(fields: Mapping[str, FieldValue]) -> str:
             text = escape_string_value(str(value))
         parts.append(f"{escape_field_key(key)}={text}")
     return ",".join(parts)
-
-
-def machine_tags(machine: MachineKey) -> str:
-    """The topic tags of a machine, sorted by key as InfluxDB prefers."""
-    return (
-        f"area={escape_tag(machine.area)},line={escape_tag(machine.line)},"
-        f"machine={escape_tag(machine.machine)},site={escape_tag(machine.site)}"
-    )
 
 
 class LineProtocolEncoder:

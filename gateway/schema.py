@@ -34,6 +34,7 @@ CHANNELS = ("telemetry", "state", "count")
 
 # Metric names become InfluxDB field keys: no empty names, no leading "_" (reserved), no control chars.
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_METRIC_NAME = 128
 MAX_EPOCH_S = 1e11  # year 5138: anything larger is not seconds (and would overflow int64 nanoseconds)
 
@@ -173,6 +174,13 @@ class StateMessage(_Wire):
     reason: str | None = Field(default=None, max_length=256)
 
     _ts = field_validator("ts", mode="before")(classmethod(lambda cls, v: _check_ts(v)))
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_text(cls, v: str | None) -> str | None:
+        if v is not None and _CONTROL.search(v):
+            raise ValueError("holds a control character")
+        return v
 
 
 class CountMessage(_Wire):

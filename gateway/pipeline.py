@@ -36,7 +36,6 @@ __all__ = ["Pipeline", "PipelineStats"]
 log = logging.getLogger("gateway.pipeline")
 
 AckCallback = Callable[[Sequence[AckToken]], int]
-RejectCallback = Callable[[str, bytes, str, int], None]
 
 
 @dataclass(slots=True)
@@ -70,7 +69,6 @@ class Pipeline:
         sink: Sink,
         *,
         check_time_window: bool = True,
-        on_reject: RejectCallback | None = None,
         emit_stats: bool = True,
         wal: WriteAheadLog | None = None,
         deadletter: DeadLetterFile | None = None,
@@ -100,7 +98,6 @@ class Pipeline:
         )
         self.stats = PipelineStats()
         self.ack: AckCallback | None = None
-        self.on_reject = on_reject
         self.accepting = True
         self.emit_stats = emit_stats
         self._builder = BatchBuilder()
@@ -121,7 +118,7 @@ class Pipeline:
             return  # not acked: the broker redelivers it to the next session
         b = self._builder
         now = time.time_ns()
-        if not b.tokens and b.messages == 0:
+        if b.messages == 0:
             b.first_arrival_ns = time.monotonic_ns()
         try:
             self.decoder.decode(topic, payload, now, b)
@@ -134,8 +131,6 @@ class Pipeline:
             if self.deadletter is not None:
                 self.deadletter.write(topic, payload, str(exc), now)
                 self._dead_pending = True
-            if self.on_reject is not None:
-                self.on_reject(topic, payload, str(exc), now)
             if self.stats.decode_errors <= 10 or self.stats.decode_errors % 1000 == 0:  # rate-limited
                 log.warning("rejected message on %r: %s (%d so far)", topic, exc, self.stats.decode_errors)
         if token is not None:
@@ -289,21 +284,19 @@ class Pipeline:
         """Compute and encode one batch into a single line-protocol body."""
         enc = self.encoder
         tel = batch.telemetry
-        anomalies = b""
         n = batch.detect_rows
         self.state_filter.observe(batch.states)
+        found: list[AnomalyEvents] = []
         if self.anomaly is not None and n:
-            events = self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics)
-            events = self.state_filter.keep(events, self.registry.machines)
-            self.stats.anomalies += len(events)
-            anomalies = enc.anomalies(events)
+            found.append(self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics))
         if self.severity is not None and n:
-            sev = self.severity.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics,
-                                        self.registry.machines)
-            if len(sev):
-                # Starting a machine takes it through every zone: the same state-change hold-off applies.
-                anomalies = enc.join([anomalies, enc.anomalies(self.state_filter.keep(severity_events(sev),
-                                                                                   self.registry.machines))])
+            found.append(severity_events(self.severity.process(
+                tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics, self.registry.machines)))
+        anomalies = []
+        for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
+            kept = self.state_filter.keep(events, self.registry.machines)
+            self.stats.anomalies += len(kept)
+            anomalies.append(enc.anomalies(kept))
         oee = b""
         if self.oee is not None:
             self._last_oee_ns = time.monotonic_ns()
@@ -323,7 +316,7 @@ class Pipeline:
         return enc.join(
             [
                 enc.telemetry(tel),
-                anomalies,
+                *anomalies,
                 features,
                 oee,
                 enc.states(batch.states),

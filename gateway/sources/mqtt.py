@@ -45,7 +45,6 @@ class MqttSource:
         self.connected = asyncio.Event()
         self.connects = 0
         self.messages = 0
-        self.paused = False
         self._paho: PahoClient | None = None
 
     # -- acking ---------------------------------------------------------------------------------
@@ -143,21 +142,22 @@ class MqttSource:
                     self.connected.set()
                     await self._until_disconnected(client, stop)
             except aiomqtt.MqttError as exc:
-                if stop.is_set():
-                    break
-                attempt += 1
-                delay = random.uniform(0.5, 1.0) * min(self.cfg.reconnect_max_s, 0.5 * 2 ** min(attempt, 10))
-                log.warning("MQTT connection to %s:%d lost or refused (%s); retry in %.1f s",
-                            self.cfg.host, self.cfg.port, exc, delay)
+                error: aiomqtt.MqttError | None = exc
+            else:
+                error = None
+            finally:  # before any back-off: acks for this connection must not go out any more
                 self.connected.clear()
                 self._paho = None
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-            finally:
-                self.connected.clear()
-                self._paho = None
+            if error is None or stop.is_set():
+                continue
+            attempt += 1
+            delay = random.uniform(0.5, 1.0) * min(self.cfg.reconnect_max_s, 0.5 * 2 ** min(attempt, 10))
+            log.warning("MQTT connection to %s:%d lost or refused (%s); retry in %.1f s",
+                        self.cfg.host, self.cfg.port, error, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
 
     async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Wait for ``stop`` or a disconnect; the watchdog reconnects a connection that went silent."""

@@ -200,7 +200,7 @@ class Pipeline:
             batch = b.take()
             self.stats.messages_in += messages
             self.stats.points_in += points
-            body = self.encode(batch)
+            body = self.compute_and_encode(batch)
             if self._stats_due():
                 body = self.encoder.join([body, self._stats_line()])
             if body:
@@ -280,7 +280,7 @@ class Pipeline:
             self.deadletter.write_lines(lines, reason)
             self.deadletter.sync()
 
-    def encode(self, batch: DecodedBatch) -> bytes:
+    def compute_and_encode(self, batch: DecodedBatch) -> bytes:
         """Compute and encode one batch into a single line-protocol body."""
         enc = self.encoder
         tel = batch.telemetry

@@ -381,16 +381,17 @@ class AnomalyEngine:
         # hits index ``cand``; the fused crossings index packed slots directly
         mode = self.config.events
         always = {DETECTOR_NAMES.index(d) for d in self.config.always_report}
-        onset_codes = set(range(len(DETECTOR_NAMES))) if mode == "onset" else always
+        onset_codes = set(range(len(DETECTOR_NAMES))) if mode == "onset" else always if mode == "fused" else set()
         onsets = self._onsets(prof, layout, cand, hits, onset_codes, counts) if onset_codes else []
         if mode == "onset":
             hits = onsets
         elif mode == "fused":  # the rules that fired where the fused score rose, plus always-reported onsets
-            kept = [o for o in onsets if o[1] in always]
+            onset_at = {code: w for w, code, _ in onsets}
+            kept = list(onsets)
             for w, code, sc in hits:
                 m = np.isin(cand[w], where)
-                if code in always:
-                    m &= ~np.isin(w, next((o[0] for o in onsets if o[1] == code), w[:0]))
+                if code in onset_at:  # already reported as an onset
+                    m &= ~np.isin(w, onset_at[code])
                 if m.any():
                     kept.append((w[m], code, sc[m]))
             hits = kept

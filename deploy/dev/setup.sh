@@ -11,6 +11,8 @@ command -v influxd >/dev/null 2>&1 || need+=(influxdb)
 command -v influx >/dev/null 2>&1 || need+=(influxdb-client)
 command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# systemd-analyze checks the shipped units (tests/unit/test_systemd.py).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 "${PYTHON:-python3}" -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"

@@ -21,8 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the daemon in the foreground (SIGINT/SIGTERM drain and exit 0)")
+    run = sub.add_parser("run", help="run the daemon in the foreground (SIGINT/SIGTERM drain and exit 0, "
+                                     "SIGHUP reloads the config)")
     run.add_argument("--config", type=Path, required=True)
+    run.add_argument("--log-format", choices=["text", "json"], default="text",
+                     help="json: one JSON object per line (for journald/Loki/Elastic)")
+    run.add_argument("--status-interval", type=float, default=5.0, metavar="S",
+                     help="seconds between live status lines (on a terminal) and systemd STATUS updates")
 
     chk = sub.add_parser("check-config", help="validate a config file: exit 0 and 'ok', or 2 with the problems")
     chk.add_argument("--config", type=Path, required=True)
@@ -56,18 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
-    logging.basicConfig(
-        level=cfg.gateway.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(cfg.gateway.log_level, getattr(args, "log_format", "text"))
     if args.command == "check-config":
         if args.show:
             print(json.dumps(cfg.redacted(), indent=2, default=str))
         print("ok")
         return 0
     if args.command == "run":
-        return asyncio.run(_run(cfg))
+        return asyncio.run(_run(cfg, args.config, args.status_interval))
     if args.command == "replay":
         return asyncio.run(_replay(cfg, args.input, args.sink))
     return 2
@@ -87,13 +88,34 @@ def _detect(args: argparse.Namespace) -> int:
     return 0 if n else 1
 
 
-async def _run(cfg: GatewayConfig) -> int:
+def setup_logging(level: str, fmt: str) -> None:
+    """Human-readable lines on a terminal, or one JSON object per line (python-json-logger)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",  # ISO 8601, UTC
+        ))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+async def _run(cfg: GatewayConfig, config_path: Path, status_interval_s: float) -> int:
     from gateway.deadletter import DeadLetterError
+    from gateway.http import HttpListenError
     from gateway.server import Server
     from gateway.wal import WalError
 
     try:
-        server = Server(cfg)
+        server = Server(cfg, config_path=config_path, status_interval_s=status_interval_s)
     except WalError as exc:
         print(f"buffer.dir: {exc}", file=sys.stderr)
         return 2
@@ -101,7 +123,11 @@ async def _run(cfg: GatewayConfig) -> int:
         print(f"deadletter.path: {exc}", file=sys.stderr)
         return 2
     server.install_signal_handlers()
-    await server.run()
+    try:
+        await server.run()
+    except HttpListenError as exc:
+        print(exc, file=sys.stderr)  # "http.listen: cannot listen on ...": the key, and why
+        return 2
     return 0
 
 

@@ -11,7 +11,9 @@ anything starts. Secrets (``token``, ``password``) come from the environment or 
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -38,6 +40,7 @@ from gateway.wal import BufferConfig
 __all__ = [
     "GatewayConfig",
     "GatewaySection",
+    "HttpConfig",
     "InfluxConfig",
     "MqttConfig",
     "Subscription",
@@ -189,6 +192,67 @@ class InfluxConfig(_Section):
         return self
 
 
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?$")
+_DOTTED_NUMBERS = re.compile(r"^[0-9.]+$")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (an IPv6 address in brackets) into ``(host, port)``; raise ValueError.
+
+    >>> parse_listen("0.0.0.0:9273"), parse_listen("[::1]:9273"), parse_listen("gw.local:80")
+    (('0.0.0.0', 9273), ('::1', 9273), ('gw.local', 80))
+    """
+    expected = f"expected host:port (IPv6 as [::1]:9273), got {value!r}"
+    if "://" in value or "/" in value:
+        raise ValueError(f"{expected}: no scheme or path")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(expected)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address (in {value!r})") from None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(expected)
+        if ":" in host or "[" in host or "]" in host:
+            raise ValueError(f"an IPv6 address goes in brackets, as in [::1]:9273; got {value!r}")
+        if _DOTTED_NUMBERS.match(host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv4 address (in {value!r})") from None
+        elif not _HOSTNAME.match(host) or len(host) > 253:
+            raise ValueError(f"{host!r} is not a host name or IP address (in {value!r})")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535, got {port!r} (in {value!r})")
+    return host, int(port)
+
+
+class HttpConfig(_Section):
+    """``[http]``: where ``/healthz``, ``/readyz`` and ``/metrics`` are served (:mod:`gateway.http`).
+
+    >>> HttpConfig(listen="[::1]:9273").address
+    ('::1', 9273)
+    """
+
+    enabled: bool = True
+    listen: str = Field("127.0.0.1:9273", description="host:port to listen on; IPv6 in brackets: [::1]:9273.")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
 class GatewaySection(_Section):
     """``[gateway]``: the daemon itself and the limits applied to every message."""
 
@@ -218,6 +282,7 @@ class GatewayConfig(BaseSettings):
     detect: DetectionConfig = Field(default_factory=DetectionConfig)
     oee: OeeConfig = Field(default_factory=OeeConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     machines: dict[str, MachineConfig] = Field(default_factory=dict)
 
     @classmethod

@@ -171,7 +171,8 @@ class Decoder:
         """Decode one message into ``out``; return the number of points it produced."""
         if len(payload) > self.limits.max_payload_bytes:
             raise DecodeError(
-                f"payload is {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}"
+                f"payload is {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}",
+                reason="too_large",
             )
         route = self._route(topic)
         machine, channel = route.machine, route.channel
@@ -204,8 +205,8 @@ class Decoder:
             return orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             if isinstance(exc.__cause__, UnicodeDecodeError) or "utf-8" in str(exc).lower():
-                raise DecodeError(f"payload is not valid UTF-8: {exc}") from exc
-            raise DecodeError(f"payload is not valid JSON: {exc}") from exc
+                raise DecodeError(f"payload is not valid UTF-8: {exc}", reason="encoding") from exc
+            raise DecodeError(f"payload is not valid JSON: {exc}", reason="json") from exc
 
     @staticmethod
     def _validate(model: type[Any], data: Any) -> Any:
@@ -220,9 +221,11 @@ class Decoder:
         if not self.check_time_window:
             return
         if ts_min < arrival_ns - self._past_ns:
-            raise DecodeError(f"{field}: timestamp is more than max_past_s={self.limits.max_past_s:g} s old")
+            raise DecodeError(f"{field}: timestamp is more than max_past_s={self.limits.max_past_s:g} s old",
+                              reason="time_window")
         if ts_max > arrival_ns + self._future_ns:
-            raise DecodeError(f"{field}: timestamp is more than max_future_s={self.limits.max_future_s:g} s ahead")
+            raise DecodeError(f"{field}: timestamp is more than max_future_s={self.limits.max_future_s:g} s ahead",
+                              reason="time_window")
 
     def _ts(self, ts: float | str | None, arrival_ns: int, field: str) -> int:
         if ts is None:
@@ -334,7 +337,7 @@ class Decoder:
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DecodeError(f"payload is not valid UTF-8: {exc}") from exc
+            raise DecodeError(f"payload is not valid UTF-8: {exc}", reason="encoding") from exc
         tags = self._machine_tags(machine)
         lines: list[bytes] = []
         for lineno, raw in enumerate(payload.split(b"\n"), 1):
@@ -343,7 +346,8 @@ class Decoder:
                 continue
             m = _LP_KEY.match(line)
             if m is None or b"=" not in m.group(2):
-                raise DecodeError(f"line {lineno}: not line protocol (expected 'measurement[,tags] fields [ts]')")
+                raise DecodeError(f"line {lineno}: not line protocol (expected 'measurement[,tags] fields [ts]')",
+                                  reason="line_protocol")
             key, rest = m.group(1), m.group(2)
             present = {p.split(b"=", 1)[0] for p in _UNESCAPED_COMMA.split(key)[1:]}
             # Tags the device already set win over the topic's (a duplicate key is an error in InfluxDB).
@@ -356,7 +360,7 @@ class Decoder:
             self._check_window(ts, ts, arrival_ns, f"line {lineno} timestamp")
             lines.append(key + extra + b" " + fields + b" " + str(ts).encode())
         if not lines:
-            raise DecodeError("payload holds no line-protocol lines")
+            raise DecodeError("payload holds no line-protocol lines", reason="line_protocol")
         out.raw_lines.extend(lines)
         return len(lines)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 __all__ = [
+    "REJECT_REASONS",
     "CardinalityError",
     "ConfigError",
     "DecodeError",
     "GatewayError",
+    "RejectReason",
     "SinkError",
     "SourceError",
 ]
@@ -24,12 +28,32 @@ class ConfigError(GatewayError):
         self.problems = problems
 
 
+# Why a message was rejected, as a small fixed set: it is a metric label, so free text must never get in.
+RejectReason = Literal[
+    "too_large", "topic", "encoding", "json", "schema", "time_window", "line_protocol", "cardinality", "internal"
+]
+REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
+
+
 class DecodeError(GatewayError):
-    """A message could not be decoded; the message names the field and why."""
+    """A message could not be decoded; the message names the field and why, ``reason`` the kind of problem.
+
+    >>> DecodeError("payload is not valid JSON: ...", reason="json").reason
+    'json'
+    """
+
+    reason: RejectReason = "schema"
+
+    def __init__(self, message: str, *, reason: RejectReason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class CardinalityError(DecodeError):
     """A device tried to create more series than ``max_series`` allows."""
+
+    reason: RejectReason = "cardinality"
 
 
 class SourceError(GatewayError):

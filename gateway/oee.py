@@ -482,14 +482,50 @@ class OeeEngine:
         self._deadline.fill(_NEVER)
         return out
 
+    def reconfigure(self, config: OeeConfig, machines: Mapping[str, MachineConfig]) -> list[OeeRecord]:
+        """Apply new settings to the running engine (config reload); return the windows this closes.
+
+        Windows and shifts that are in both settings keep their open windows. A removed one emits its
+        open window as a partial record; an added one starts accounting now, so its first window is
+        partial. New ideal cycle times apply to every window still open (they are used when a window
+        closes).
+        """
+        def key(cal: _Calendar) -> tuple[object, ...]:
+            if isinstance(cal, _Shift):
+                return ("shift", cal.shift, cal._start, cal._end, str(cal._tz))
+            return ("window", cal.label, cal.length_ns)
+
+        fresh = OeeEngine(config, machines)
+        old_at = {key(c): i for i, c in enumerate(self._calendars)}
+        carry = [old_at.get(key(c)) for c in fresh._calendars]
+        kept = {i for i in carry if i is not None}
+        out: list[OeeRecord] = []
+        for m in self._by_index:
+            for i, (cal, tr) in enumerate(zip(self._calendars, m.tracks, strict=True)):
+                if i not in kept and tr.acc is not None:
+                    self._emit(m, cal, tr.acc, min(tr.cursor, tr.acc.end), out)
+            m.tracks = [m.tracks[i] if i is not None else _Track(m.clock) for i in carry]
+            m.ideal = fresh._ideal(m.key)
+        self.config = config
+        self._machine_cfg = machines
+        self._calendars = [
+            c if i is None else self._calendars[i] for i, c in zip(carry, fresh._calendars, strict=True)
+        ]
+        self._idle_ns = fresh._idle_ns
+        for m in self._by_index:
+            self._deadline[m.index] = self._next_deadline(m)
+        return out
+
     # --- internals ----------------------------------------------------------------------------------
 
-    def _add_machine(self, key: MachineKey, t: int) -> _Machine:
+    def _ideal(self, key: MachineKey) -> float:
         cfg = self._machine_cfg.get(key.machine)
-        ideal = self.config.default_ideal_cycle_s
         if cfg is not None and cfg.ideal_cycle_s is not None:
-            ideal = cfg.ideal_cycle_s
-        m = _Machine(key, len(self._by_index), ideal, t, len(self._calendars))
+            return cfg.ideal_cycle_s
+        return self.config.default_ideal_cycle_s
+
+    def _add_machine(self, key: MachineKey, t: int) -> _Machine:
+        m = _Machine(key, len(self._by_index), self._ideal(key), t, len(self._calendars))
         self._machines[key] = m
         self._by_index.append(m)
         if m.index >= self._deadline.shape[0]:

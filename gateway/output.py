@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ class RunningOutput:
         self.base_retry_s = base_retry_s
         self.on_rejected = on_rejected
         self.stats = OutputStats()
+        self.failing_since: float | None = None  # monotonic time of the first failure of the current write
+        self.last_error: str | None = None
         self._stopping = asyncio.Event()
         self._rng = rng or random.Random()
 
@@ -87,6 +90,9 @@ class RunningOutput:
                     return
                 attempt += 1
                 self.stats.retries += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self.last_error = str(exc)
                 delay = min(self.max_retry_s, self.base_retry_s * 2 ** min(attempt, 20))
                 delay = self._rng.uniform(delay / 2, delay)
                 if exc.retry_after is not None:
@@ -97,6 +103,9 @@ class RunningOutput:
                 continue
             self.stats.writes += 1
             self.stats.points_written += body.count(b"\n") + 1
+            self.failing_since = None
+            if attempt:
+                log.info("write of %d lines succeeded after %d retries", body.count(b"\n") + 1, attempt)
             return
 
     async def _bisect(self, body: bytes, exc: SinkError) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gateway.batch import AckToken, DecodedBatch, SeriesRegistry
+from gateway.batch import AckToken, DecodedBatch, MachineKey, SeriesRegistry
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, Decoder
@@ -26,7 +27,8 @@ from gateway.detect.fusion import AnomalyEngine, AnomalyEvents
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError
 from gateway.features import FeatureExtractor, SeverityEvents, SeverityMonitor
-from gateway.oee import OeeEngine
+from gateway.histogram import LATENCY_BUCKETS_S, BucketHistogram
+from gateway.oee import OeeEngine, OeeRecord
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
 from gateway.wal import WriteAheadLog
@@ -36,6 +38,7 @@ __all__ = ["Pipeline", "PipelineStats"]
 log = logging.getLogger("gateway.pipeline")
 
 AckCallback = Callable[[Sequence[AckToken]], int]
+_WAL_LOG_FIRST = 16 << 20  # the WAL backlog is logged from 16 MiB on (the database is behind or down)
 
 
 @dataclass(slots=True)
@@ -87,6 +90,7 @@ class Pipeline:
         self.state_filter = StateChangeFilter(cfg.detect.state_change_holdoff_s)
         self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
         self.oee_state_path: Path | None = None  # set by the server: where open OEE windows survive restarts
+        self.latest_oee: dict[str, dict[MachineKey, float]] = {}  # window label -> machine -> last OEE
         self._oee_saved_ns = time.monotonic_ns()
         self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self.severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
@@ -110,6 +114,10 @@ class Pipeline:
         self._wal_confirmed = asyncio.Event()  # wakes a flush waiting for room in the WAL
         self._dead_pending = False
         self.backpressure_waits = 0
+        self.rejected: Counter[str] = Counter()  # by DecodeError.reason (a small fixed set: metric labels)
+        self.anomalies_by_detector: Counter[str] = Counter()
+        self.batch_latency = BucketHistogram(LATENCY_BUCKETS_S)  # seconds, observed per flushed batch
+        self._wal_log_at = _WAL_LOG_FIRST
 
     # -- hot path -------------------------------------------------------------------------------
     def submit(self, topic: str, payload: bytes, token: AckToken | None) -> None:
@@ -125,8 +133,9 @@ class Pipeline:
         except Exception as exc:  # one bad message must never jam the session: reject it, keep going
             if not isinstance(exc, DecodeError):
                 log.exception("internal error decoding a message on %r; it is dead-lettered", topic)
-                exc = DecodeError(f"internal error while decoding: {exc!r}")
+                exc = DecodeError(f"internal error while decoding: {exc!r}", reason="internal")
             self.stats.decode_errors += 1
+            self.rejected[exc.reason] += 1
             b.messages += 1
             if self.deadletter is not None:
                 self.deadletter.write(topic, payload, str(exc), now)
@@ -157,6 +166,57 @@ class Pipeline:
             self.oee.save(self.oee_state_path)
         except OSError as exc:
             log.warning("could not save OEE state to %s: %s", self.oee_state_path, exc)
+
+    async def reconfigure(self, cfg: GatewayConfig) -> list[str]:
+        """Apply a reloaded config between two batches; return what changed (``section`` names).
+
+        What was read under the old settings is flushed under them first, so no message is decoded by
+        one config and computed by another. Every new component is built before any is swapped in, so
+        a failure leaves the running settings untouched. Detector and feature state restart only when
+        their own settings changed (the detectors' warm-up runs again); OEE keeps its open windows
+        (:meth:`OeeEngine.reconfigure`).
+        """
+        old = self.cfg
+        changed = [name for name in type(cfg).model_fields if getattr(cfg, name) != getattr(old, name)]
+        if not changed:
+            return changed
+        await self.flush()
+        decoder = Decoder(cfg.mqtt.topic_template, cfg.mqtt.subscriptions(), cfg.gateway, self.registry,
+                          check_time_window=self.decoder.check_time_window)
+        anomaly = self.anomaly
+        if cfg.detect != old.detect:
+            anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
+        features, severity = self.features, self.severity
+        if cfg.features != old.features or cfg.machines != old.machines:
+            features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
+            severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
+        oee_records: list[OeeRecord] = []
+        oee = self.oee
+        if cfg.oee != old.oee or cfg.machines != old.machines:
+            if not cfg.oee.enabled:
+                oee, oee_records = None, oee.flush() if oee is not None else []
+            elif oee is None:
+                oee = OeeEngine(cfg.oee, cfg.machines)
+            else:
+                oee_records = oee.reconfigure(cfg.oee, cfg.machines)
+        # -- nothing below can fail: swap -------------------------------------------------------------
+        self.cfg = cfg
+        self.decoder = decoder
+        self.registry.max_series = cfg.gateway.max_series
+        self.anomaly = anomaly
+        self.state_filter.holdoff_ns = int(cfg.detect.state_change_holdoff_s * 1e9)
+        self.features, self.severity, self.oee = features, severity, oee
+        self._batch_size = cfg.influx.batch_size
+        self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
+        if oee_records:
+            self.stats.oee_windows += len(oee_records)
+            body = self.encoder.oee(oee_records)
+            if self.wal is not None:
+                await self._append_durably(body)
+            else:
+                await self.output.write(body)
+        self.save_oee()
+        return changed
 
     def batch_full(self) -> bool:
         return self._full.is_set()
@@ -217,6 +277,7 @@ class Pipeline:
             self.stats.batches += 1
             if messages:
                 self.stats.batch_latency_ms = (time.monotonic_ns() - started) / 1e6
+                self.batch_latency.observe(self.stats.batch_latency_ms / 1e3)
 
     async def _append_durably(self, body: bytes) -> None:
         """Append to the WAL and fsync once; when the WAL is full, wait (not acking = back-pressure)."""
@@ -239,6 +300,10 @@ class Pipeline:
 
         await asyncio.to_thread(append_and_sync)
         self._wal_appended.set()
+        if wal.bytes_pending >= self._wal_log_at:  # one line each time the backlog doubles, not per batch
+            log.warning("WAL backlog growing: %d bytes in %d records not yet written to the database",
+                        wal.bytes_pending, wal.records_pending)
+            self._wal_log_at = 2 * wal.bytes_pending
 
     async def run_writer(self, stop: asyncio.Event, *, max_lines: int | None = None) -> None:
         """Drain the WAL into the database in order, confirming what was accepted, until ``stop``.
@@ -274,6 +339,9 @@ class Pipeline:
                     sent = last
                     chunk, lines = [], 0
                     self._wal_confirmed.set()
+                    if wal.records_pending == 0 and self._wal_log_at > _WAL_LOG_FIRST:
+                        log.info("WAL backlog drained: everything is in the database")
+                        self._wal_log_at = _WAL_LOG_FIRST
 
     def _reject_lines(self, lines: list[bytes], reason: str) -> None:
         if self.deadletter is not None:
@@ -296,12 +364,16 @@ class Pipeline:
         for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
             kept = self.state_filter.keep(events, self.registry.machines)
             self.stats.anomalies += len(kept)
+            self.anomalies_by_detector.update(kept.detector)
             anomalies.append(enc.anomalies(kept))
         oee = b""
         if self.oee is not None:
             self._last_oee_ns = time.monotonic_ns()
             records = self.oee.update(batch.states, batch.counts, time.time_ns())
             self.stats.oee_windows += len(records)
+            for r in records:
+                if r.oee is not None:
+                    self.latest_oee.setdefault(r.window, {})[r.machine] = r.oee
             oee = enc.oee(records)
         features = b""
         if self.features is not None and batch.waveforms:

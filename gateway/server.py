@@ -2,6 +2,10 @@
 
 Shutdown order: stop reading (new messages are left unacknowledged for the broker to redeliver),
 flush what was read, acknowledge it, disconnect — within ``shutdown_timeout_s``, then cancel.
+
+Under systemd (``Type=notify``) the server reports READY once its tasks run, a STATUS line every few
+seconds, RELOADING/READY around a SIGHUP reload and STOPPING at shutdown; WATCHDOG pings come from the
+same event loop as the pipeline, so a stalled loop stops them and systemd restarts the service.
 """
 
 from __future__ import annotations
@@ -9,13 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, load_config
 from gateway.deadletter import DeadLetterFile
+from gateway.errors import ConfigError
+from gateway.http import StatusServer
+from gateway.notify import Notifier
+from gateway.oee import parse_duration_ns
 from gateway.pipeline import Pipeline
 from gateway.sinks import Sink
 from gateway.sinks.influx import make_influx_sink
@@ -27,9 +38,30 @@ __all__ = ["ReplayInputError", "Server", "replay"]
 log = logging.getLogger("gateway.server")
 
 
+# Sections a reload cannot change in a running process (open files, connections, listeners).
+RESTART_ONLY = ("influx", "buffer", "deadletter", "http")
+
+
 class Server:
-    def __init__(self, cfg: GatewayConfig, sink: Sink | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        sink: Sink | None = None,
+        *,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+        status_interval_s: float = 5.0,
+        show_status: bool | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.status_interval_s = status_interval_s
+        self.show_status = sys.stderr.isatty() if show_status is None else show_status
+        self.reloads = 0
+        self._reload_lock = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task[bool]] = set()
+        self._status_last: tuple[float, tuple[int, int]] = (time.monotonic(), (0, 0))
         self.sink = sink or make_influx_sink(cfg.influx)
         self.deadletter = DeadLetterFile.from_config(cfg.deadletter)
         try:
@@ -47,13 +79,109 @@ class Server:
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.should_exit = asyncio.Event()
+        self.http = StatusServer(cfg.http, self) if cfg.http.enabled else None
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.should_exit.set)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the config file in a task (reloads run one at a time)."""
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it without a restart; an invalid file changes nothing.
+
+        Subscriptions, detector parameters, OEE windows, shifts and ideal cycle times, the per-message
+        limits and the log level apply at once; ``[influx]``, ``[buffer]``, ``[deadletter]`` and ``[http]``
+        changes are reported and wait for the next restart. In-flight data is flushed under the old settings.
+        """
+        async with self._reload_lock:
+            if self.config_path is None:
+                log.warning("reload requested, but the server was not started from a config file")
+                return False
+            self.notifier.reloading()
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload refused, the running config is kept: %s", problem)
+                self.notifier.ready(f"reload refused ({len(exc.problems)} problems); running the old config")
+                return False
+            later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
+            if later:
+                log.warning("reload: [%s] changed; that takes effect at the next restart", "], [".join(later))
+                new = new.model_copy(update={name: getattr(self.cfg, name) for name in later})
+            try:
+                changed = await self.pipeline.reconfigure(new)
+                if "mqtt" in changed:
+                    await self.source.reconfigure(new.mqtt)
+            except Exception as exc:  # a reload must never take the daemon down
+                log.exception("reload failed while applying; the running config is kept")
+                self.notifier.ready(f"reload failed: {exc}")
+                return False
+            self.cfg = new
+            logging.getLogger().setLevel(new.gateway.log_level)
+            self.reloads += 1
+            log.info("reloaded %s: %s", self.config_path,
+                     f"[{'], ['.join(changed)}] changed" if changed else "nothing changed")
+            self.notifier.ready(self.status_line())
+            return True
+
+    def status_line(self) -> str:
+        """One line for the terminal and systemd's STATUS: rates since the last call, backlog, anomalies."""
+        now = time.monotonic()
+        st, out = self.pipeline.stats, self.pipeline.output.stats
+        counters = (st.messages_in, out.points_written)
+        last_t, last = self._status_last
+        self._status_last = (now, counters)
+        dt = max(now - last_t, 1e-9)
+        rates = [(c - p) / dt for c, p in zip(counters, last, strict=True)]
+        backlog = f"{self.pipeline.pending()} msgs unflushed"
+        if self.wal is not None:
+            backlog += f", WAL {self.wal.bytes_pending / 1e6:.1f} MB"
+        parts = [
+            "broker " + ("connected" if self.source.connected.is_set() else "DISCONNECTED"),
+            f"{rates[0]:.0f} msgs/s",
+            f"{rates[1]:.0f} points/s",
+            f"backlog {backlog}",
+            f"{st.anomalies} anomalies",
+            f"{st.decode_errors} rejected",
+        ]
+        low = self._lowest_oee()
+        if low is not None:
+            parts.append(low)
+        return ", ".join(parts)
+
+    def _lowest_oee(self) -> str | None:
+        latest = self.pipeline.latest_oee
+        labels = sorted((w for w in latest if w != "shift"), key=parse_duration_ns, reverse=True)
+        if "shift" in latest:
+            labels.insert(0, "shift")
+        for label in labels:
+            if latest[label]:
+                machine, value = min(latest[label].items(), key=lambda kv: kv[1])
+                return f"lowest OEE ({label}) {value:.2f} {machine.machine}"
+        return None
+
+    async def _every(self, interval_s: float, tick: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            tick()
+
+    def _status_tick(self) -> None:
+        line = self.status_line()
+        self.notifier.status(line)
+        if self.show_status:
+            print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
     async def run(self) -> None:
+        if self.http is not None:
+            await self.http.start()  # /healthz and /readyz answer from the start, /readyz says what is missing
         await self.sink.connect()  # outputs start first
         flush_stop = asyncio.Event()
         flusher = asyncio.create_task(self.pipeline.run_flusher(flush_stop), name="flusher")
@@ -65,10 +193,26 @@ class Server:
             tasks.append(writer)
         source_stop = asyncio.Event()
         source = asyncio.create_task(self.source.run(source_stop), name="mqtt-source")
+        self._status_last = (time.monotonic(), (0, 0))
+        status = watchdog = None
+        if self.notifier.enabled or self.show_status:
+            status = asyncio.create_task(self._every(self.status_interval_s, self._status_tick))
+        if self.notifier.watchdog_interval_s is not None:  # keeps pinging through the drain too
+            watchdog = asyncio.create_task(self._every(self.notifier.watchdog_interval_s, self.notifier.watchdog))
+        self.notifier.ready("running: " + self.status_line())
         try:
             await self._main_loop(*tasks, source)
         finally:
-            await self._shutdown(flusher, flush_stop, source, source_stop, writer, writer_stop)
+            if status is not None:
+                status.cancel()
+            self.notifier.stopping()
+            try:
+                await self._shutdown(flusher, flush_stop, source, source_stop, writer, writer_stop)
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+                self.notifier.close()
+
 
     async def _main_loop(self, *tasks: asyncio.Task[None]) -> None:
         exit_wait = asyncio.create_task(self.should_exit.wait())
@@ -121,6 +265,8 @@ class Server:
         if self.wal is not None:
             self.wal.close()
         self.deadletter.close()
+        if self.http is not None:
+            await self.http.stop()
         log.info("stopped")
 
 

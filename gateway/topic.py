@@ -62,22 +62,25 @@ class TopicParser:
         if len(parts) != len(self._parts):
             raise DecodeError(
                 f"topic {topic!r} has {len(parts)} levels, template {'/'.join(self._parts)!r} has "
-                f"{len(self._parts)}"
+                f"{len(self._parts)}",
+                reason="topic",
             )
         for i, lit in self._literals:
             if parts[i] != lit:
-                raise DecodeError(f"topic {topic!r}: level {i + 1} is {parts[i]!r}, expected {lit!r}")
+                raise DecodeError(f"topic {topic!r}: level {i + 1} is {parts[i]!r}, expected {lit!r}", reason="topic")
         values: dict[str, str] = {}
         for name, i in self._slots.items():
             seg = parts[i]
             if not seg:
-                raise DecodeError(f"topic {topic!r}: {name} is empty")
+                raise DecodeError(f"topic {topic!r}: {name} is empty", reason="topic")
             if _BAD_SEGMENT.search(seg):
-                raise DecodeError(f"topic {topic!r}: {name} {seg!r} holds a backslash or control character")
+                raise DecodeError(f"topic {topic!r}: {name} {seg!r} holds a backslash or control character",
+                                  reason="topic")
             values[name] = seg
         channel = values["channel"]
         if channel not in CHANNELS:
-            raise DecodeError(f"topic {topic!r}: unknown channel {channel!r}; expected one of {list(CHANNELS)}")
+            raise DecodeError(f"topic {topic!r}: unknown channel {channel!r}; expected one of {list(CHANNELS)}",
+                              reason="topic")
         result = (MachineKey(values["site"], values["area"], values["line"], values["machine"]), channel)
         if len(self._cache) < self._cache_size:
             self._cache[topic] = result

@@ -25,6 +25,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from array import array
 from bisect import bisect_right
@@ -113,6 +114,8 @@ class _Segment:
     base: int  # the id in the file name: the next record id when the segment was created
     ids: array[int] = field(default_factory=lambda: array("Q"))
     offsets: array[int] = field(default_factory=lambda: array("Q"))
+    # Wall-clock append time per record (recovered records: the file's mtime, a lower bound of their age).
+    times: array[float] = field(default_factory=lambda: array("d"))
     size: int = 0  # bytes of good records; the file is never longer once it is active
     synced: int = 0  # how many of the records are known durable; readers stop there
 
@@ -253,6 +256,19 @@ class WriteAheadLog:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    def oldest_pending_time(self) -> float | None:
+        """When (seconds since the epoch) the oldest unconfirmed record was appended; None if none is pending.
+
+        Records recovered at start-up carry their segment file's modification time, so their age is a
+        lower bound.
+        """
+        with self._lock:
+            for seg in self._segments:
+                lo = bisect_right(seg.ids, self._confirmed)
+                if lo < len(seg.ids):
+                    return seg.times[lo]
+            return None
+
     def has_room(self, nbytes: int) -> bool:
         """Whether a payload of ``nbytes`` would fit under ``max_bytes`` right now."""
         return self._bytes_pending + HEADER_BYTES + nbytes <= self._max_bytes
@@ -288,6 +304,7 @@ class WriteAheadLog:
                 self._buf += payload
                 self._next_id += 1
                 active.ids.append(record_id)
+                active.times.append(time.time())
                 active.offsets.append(active.size)
                 active.size += size
                 self._bytes_pending += size
@@ -463,7 +480,8 @@ class WriteAheadLog:
 
     def _scan(self, path: Path, base: int, last_id: int, *, is_last: bool) -> _Segment:
         seg = _Segment(path, base)
-        file_size = path.stat().st_size
+        st = path.stat()
+        file_size = st.st_size
         problem = ""
         offset = 0
         with path.open("rb") as f:
@@ -488,6 +506,7 @@ class WriteAheadLog:
                     break
                 seg.ids.append(record_id)
                 seg.offsets.append(offset)
+                seg.times.append(st.st_mtime)
                 offset += HEADER_BYTES + length
                 last_id = record_id
         seg.size = offset

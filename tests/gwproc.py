@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import orjson
 import paho.mqtt.client as mqtt
+
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,9 +30,15 @@ def write_config(path: Path, text: str) -> Path:
 class GatewayProcess:
     """``python -m gateway run --config PATH`` in its own process group; stopped by its pid."""
 
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, config: Path, *, env: dict[str, str] | None = None, log: Path | None = None, args: Sequence[str] = ()
+    ) -> None:
         self.config = config
+        self.args = list(args)
         self.env = {**os.environ, **(env or {})}
+        if "FGW_HTTP__LISTEN" not in self.env and not re.search(r"^\s*\[http\]", config.read_text(), re.M):
+            # The default 127.0.0.1:9273 would collide between gateways of concurrent test runs.
+            self.env["FGW_HTTP__LISTEN"] = f"127.0.0.1:{free_port()}"
         self.log = log or config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -37,7 +46,7 @@ class GatewayProcess:
         self._fh = open(self.log, "ab")  # noqa: SIM115
         offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config), *self.args],
             cwd=ROOT, env=self.env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout

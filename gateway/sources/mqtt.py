@@ -45,7 +45,11 @@ class MqttSource:
         self.connected = asyncio.Event()
         self.connects = 0
         self.messages = 0
+        self.last_error: str | None = None  # why the last connection failed or ended (readiness shows it)
         self._paho: PahoClient | None = None
+        self._client_now: aiomqtt.Client | None = None
+        self._reconnect: asyncio.Future[None] | None = None  # set by a reload that changes the connection
+        self._unsubscribe: set[str] = set()  # filters dropped by a reload, still in the broker's session
 
     # -- acking ---------------------------------------------------------------------------------
     def ack(self, tokens: Sequence[AckToken]) -> int:
@@ -139,6 +143,8 @@ class MqttSource:
                     subs: list[tuple[str, int]] = [(s.topic, s.qos or 0) for s in self.cfg.subscriptions()]
                     await client.subscribe(subs)
                     log.info("connected to %s:%d, subscribed to %s", self.cfg.host, self.cfg.port, subs)
+                    self._client_now = client
+                    await self._drop_unsubscribed(client)
                     self.connected.set()
                     await self._until_disconnected(client, stop)
             except aiomqtt.MqttError as exc:
@@ -148,9 +154,11 @@ class MqttSource:
             finally:  # before any back-off: acks for this connection must not go out any more
                 self.connected.clear()
                 self._paho = None
+                self._client_now = None
             if error is None or stop.is_set():
                 continue
             attempt += 1
+            self.last_error = str(error)
             delay = random.uniform(0.5, 1.0) * min(self.cfg.reconnect_max_s, 0.5 * 2 ** min(attempt, 10))
             log.warning("MQTT connection to %s:%d lost or refused (%s); retry in %.1f s",
                         self.cfg.host, self.cfg.port, error, delay)
@@ -163,12 +171,17 @@ class MqttSource:
         """Wait for ``stop`` or a disconnect; the watchdog reconnects a connection that went silent."""
         disconnected: asyncio.Future[Any] = client._disconnected
         stop_task: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        reconnect = self._reconnect = asyncio.get_running_loop().create_future()
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    {stop_task, disconnected}, timeout=min(5.0, self.cfg.stall_timeout_s)
+                    {stop_task, disconnected, reconnect}, timeout=min(5.0, self.cfg.stall_timeout_s),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if stop_task in done:
+                    return
+                if reconnect in done:
+                    log.info("reconnecting to apply the reloaded [mqtt] settings")
                     return
                 if disconnected in done:
                     exc = disconnected.exception()
@@ -180,3 +193,50 @@ class MqttSource:
                     raise aiomqtt.MqttError("connection stalled (no packets from the broker); reconnecting")
         finally:
             stop_task.cancel()
+            self._reconnect = None
+
+    # -- reload ---------------------------------------------------------------------------------
+    _CONNECTION_KEYS = frozenset({
+        "host", "port", "client_id", "protocol", "clean_session", "session_expiry_s", "receive_maximum",
+        "keepalive_s", "username", "password", "password_file", "tls",
+    })
+
+    async def reconfigure(self, cfg: MqttConfig) -> None:
+        """Apply reloaded ``[mqtt]`` settings: (un)subscribe on the live connection, or reconnect.
+
+        Filters a reload removes are unsubscribed explicitly, because a persistent session keeps them
+        at the broker across reconnects. A reconnect loses nothing: unacknowledged messages are
+        redelivered by the broker.
+        """
+        old, self.cfg = self.cfg, cfg
+        new_subs = {s.topic: s.qos or 0 for s in cfg.subscriptions()}
+        old_subs = {s.topic: s.qos or 0 for s in old.subscriptions()}
+        self._unsubscribe |= {t for t in old_subs if t not in new_subs}
+        self._unsubscribe -= new_subs.keys()
+        client = self._client_now
+        if client is None:
+            return  # applied when the next connection subscribes
+        await self._drop_unsubscribed(client)
+        added: list[tuple[str, int]] = [(t, q) for t, q in new_subs.items() if old_subs.get(t) != q]
+        if added:  # at once, even when a reconnect follows: nothing published meanwhile is missed
+            try:
+                await client.subscribe(added)
+                log.info("subscribed to %s", added)
+            except aiomqtt.MqttError as exc:  # the next connection subscribes the whole list
+                log.warning("could not subscribe to %s after the reload: %s", added, exc)
+        reconnect = self._reconnect
+        moved = any(getattr(cfg, k) != getattr(old, k) for k in self._CONNECTION_KEYS)
+        if moved and reconnect is not None and not reconnect.done():
+            reconnect.set_result(None)
+
+    async def _drop_unsubscribed(self, client: aiomqtt.Client) -> None:
+        if not self._unsubscribe:
+            return
+        topics = sorted(self._unsubscribe)
+        try:
+            await client.unsubscribe(topics)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not unsubscribe from %s (retried at the next connection): %s", topics, exc)
+            return
+        self._unsubscribe.difference_update(topics)
+        log.info("unsubscribed from %s", topics)

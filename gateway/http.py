@@ -1,0 +1,182 @@
+"""Health and metrics over HTTP, served by aiohttp inside the gateway's own event loop.
+
+- ``GET /healthz``: 200 ``ok`` whenever the process and its event loop answer;
+- ``GET /readyz``: 200 ``ready`` when the broker connection is up and subscribed and the database takes
+  writes; otherwise 503 with one ``broker: ...`` / ``sink: ...`` line per reason;
+- ``GET /metrics``: Prometheus exposition of a registry of this server's own (not the global one).
+
+The metrics are read at scrape time from the counters the gateway keeps anyway (:class:`PipelineStats`,
+the output's stats, the WAL, the dead-letter file, the MQTT source), so the hot path pays nothing for them.
+Every label comes from a small fixed set (reject reasons, detector names): no payload text gets in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+from gateway.config import HttpConfig
+from gateway.detect.fusion import EVENT_NAMES
+from gateway.errors import REJECT_REASONS, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Pipeline
+    from gateway.sources.mqtt import MqttSource
+
+__all__ = ["GatewayCollector", "GatewayState", "HttpConfig", "HttpListenError", "StatusServer", "readiness"]
+
+log = logging.getLogger("gateway.http")
+
+class HttpListenError(GatewayError):
+    """The status server could not listen on ``http.listen`` (address in use, not local, no permission)."""
+
+
+class GatewayState(Protocol):
+    """What the endpoints read; :class:`gateway.server.Server` is one."""
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    @property
+    def source(self) -> MqttSource: ...
+
+
+def readiness(gateway: GatewayState) -> list[str]:
+    """Why the gateway is not ready, one ``component: reason`` per problem; empty when it is ready."""
+    reasons = []
+    src = gateway.source
+    if not src.connected.is_set():
+        detail = f"last error: {src.last_error}" if src.last_error else "connecting"
+        reasons.append(f"broker: not connected to {src.cfg.host}:{src.cfg.port} ({detail})")
+    out = gateway.pipeline.output
+    if out.failing_since is not None:
+        reasons.append(f"sink: write failing for {time.monotonic() - out.failing_since:.0f} s: {out.last_error}")
+    if not gateway.pipeline.accepting:
+        reasons.append("gateway: shutting down")
+    return reasons
+
+
+class GatewayCollector(Collector):
+    """Reads the gateway's own counters at scrape time; names start with ``factory_gateway_``."""
+
+    def __init__(self, gateway: GatewayState) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.gateway
+        p = g.pipeline
+        out = p.output.stats
+        yield InfoMetricFamily("factory_gateway", "Gateway version and instance.",
+                               value={"version": __version__, "instance": p.cfg.gateway.instance})
+        yield CounterMetricFamily("factory_gateway_messages_received", "MQTT messages delivered by the broker.",
+                                  value=g.source.messages)
+        rejected = CounterMetricFamily(
+            "factory_gateway_messages_rejected", "Messages that failed to decode or validate (dead-lettered).",
+            labels=["reason"],
+        )
+        for reason in REJECT_REASONS:
+            rejected.add_metric([reason], p.rejected[reason])
+        yield rejected
+        yield CounterMetricFamily("factory_gateway_points_decoded", "Points decoded from accepted messages.",
+                                  value=p.stats.points_in)
+        yield CounterMetricFamily("factory_gateway_points_written", "Lines the database accepted.",
+                                  value=out.points_written)
+        yield CounterMetricFamily("factory_gateway_write_retries", "Database writes retried after a failure.",
+                                  value=out.retries)
+        yield CounterMetricFamily("factory_gateway_lines_rejected", "Lines the database refused (400/422).",
+                                  value=out.rejected_lines)
+        failing = p.output.failing_since
+        yield GaugeMetricFamily("factory_gateway_sink_failing_seconds",
+                                "How long database writes have been failing; 0 while they succeed.",
+                                value=0.0 if failing is None else time.monotonic() - failing)
+        if p.deadletter is not None:
+            yield CounterMetricFamily("factory_gateway_dead_letters", "Records written to the dead-letter file.",
+                                      value=p.deadletter.records_written)
+        yield GaugeMetricFamily("factory_gateway_mqtt_connected", "1 while connected and subscribed to the broker.",
+                                value=int(g.source.connected.is_set()))
+        yield CounterMetricFamily("factory_gateway_mqtt_reconnects", "Broker connections after the first one.",
+                                  value=max(0, g.source.connects - 1))
+        h = p.batch_latency
+        yield HistogramMetricFamily("factory_gateway_batch_latency_seconds",
+                                    "Per flushed batch: first message's arrival to the batch acknowledged.",
+                                    buckets=h.cumulative(), sum_value=h.sum)
+        anomalies = CounterMetricFamily("factory_gateway_anomalies", "Anomaly events written, by detector.",
+                                        labels=["detector"])
+        names = set(EVENT_NAMES if p.cfg.detect.enabled else ()) | set(p.anomalies_by_detector)
+        for name in sorted(names):
+            anomalies.add_metric([name], p.anomalies_by_detector[name])
+        yield anomalies
+        yield GaugeMetricFamily("factory_gateway_series", "Machine x metric series known.", value=len(p.registry))
+        yield GaugeMetricFamily("factory_gateway_series_max", "Cardinality cap (gateway.max_series).",
+                                value=p.registry.max_series)
+        wal = p.wal
+        if wal is not None:
+            oldest = wal.oldest_pending_time()
+            yield GaugeMetricFamily("factory_gateway_wal_bytes_pending", "Unconfirmed bytes in the write-ahead log.",
+                                    value=wal.bytes_pending)
+            yield GaugeMetricFamily("factory_gateway_wal_records_pending", "Unconfirmed records in the WAL.",
+                                    value=wal.records_pending)
+            yield GaugeMetricFamily("factory_gateway_wal_max_bytes", "WAL capacity (buffer.max_bytes); at it, "
+                                    "acks stop until the database catches up.", value=wal.max_bytes)
+            yield GaugeMetricFamily("factory_gateway_wal_oldest_pending_age_seconds",
+                                    "Age of the oldest record not yet in the database; 0 when none.",
+                                    value=0.0 if oldest is None else max(0.0, time.time() - oldest))
+            yield CounterMetricFamily("factory_gateway_wal_backpressure_waits",
+                                      "Waits (of up to 1 s) for room in a full WAL, acks held meanwhile.",
+                                      value=p.backpressure_waits)
+
+
+class StatusServer:
+    """``/healthz``, ``/readyz`` and ``/metrics`` on ``http.listen``; :meth:`start` and :meth:`stop` it."""
+
+    def __init__(self, cfg: HttpConfig, gateway: GatewayState) -> None:
+        self.cfg = cfg
+        self.gateway = gateway
+        self.registry = CollectorRegistry()
+        self.registry.register(GatewayCollector(gateway))
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        host, port = self.cfg.address
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise HttpListenError(f"http.listen: cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
+        self._runner = runner
+        log.info("serving /healthz, /readyz and /metrics on http://%s", self.cfg.listen)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reasons = readiness(self.gateway)
+        if reasons:
+            return web.Response(status=503, text="\n".join(reasons))
+        return web.Response(text="ready")

@@ -1,0 +1,172 @@
+"""Config reload (SIGHUP): the OEE engine, the pipeline and the server apply new settings or refuse them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.batch import CountEvent, MachineKey, StateEvent
+from gateway.config import GatewayConfig
+from gateway.oee import MachineConfig, OeeConfig, OeeEngine, OeeRecord, ShiftConfig
+from gateway.pipeline import Pipeline
+from gateway.schema import MachineState
+from gateway.server import Server
+from tests.unit.test_pipeline import FakeSink
+
+S = 1_000_000_000
+MIN = 60 * S
+PRESS = MachineKey("s", "a", "l", "press1")
+R = MachineState.RUNNING
+
+
+def _run(eng: OeeEngine, t0: int, minutes: int, parts_per_min: int) -> list[OeeRecord]:
+    """One state event, then a count every minute; return every record emitted."""
+    out = list(eng.update([StateEvent(PRESS, t0, R)], [CountEvent(PRESS, t0, 0, 0)], 0))
+    for k in range(1, minutes + 1):
+        n = k * parts_per_min
+        out += eng.update([], [CountEvent(PRESS, t0 + k * MIN, n, n)], 0)
+    return out
+
+
+def test_oee_reconfigure_with_the_same_settings_changes_nothing() -> None:
+    cfg = OeeConfig(windows=["1m", "1h"])
+    a, b = OeeEngine(cfg, {}), OeeEngine(cfg, {})
+    first = _run(a, 0, 30, 50)
+    _run(b, 0, 30, 50)
+    assert b.reconfigure(OeeConfig(windows=["1m", "1h"]), {}) == []
+    more_a = a.update([], [CountEvent(PRESS, 90 * MIN, 5000, 5000)], 0)
+    more_b = b.update([], [CountEvent(PRESS, 90 * MIN, 5000, 5000)], 0)
+    assert first
+    assert more_a == more_b
+
+
+def test_oee_reconfigure_keeps_common_windows_closes_removed_and_starts_added() -> None:
+    eng = OeeEngine(OeeConfig(windows=["1m", "1h"]), {})
+    _run(eng, 0, 30, 60)  # 30 min at 1 part/s, ideal 1 s
+    closed = eng.reconfigure(OeeConfig(windows=["1h", "15m"]), {"press1": MachineConfig(ideal_cycle_s=0.5)})
+    # The removed 1m window still open (29-30 min: a count at a window's end belongs to it) is emitted;
+    # the 1h window stays open.
+    assert [(r.window, r.start_ns) for r in closed] == [("1m", 29 * MIN)]
+    later = eng.update([], [CountEvent(PRESS, 60 * MIN, 3600, 3600), CountEvent(PRESS, 61 * MIN, 3660, 3660)], 0)
+    by = {r.window: r for r in later}
+    hour = by["1h"]
+    assert hour.start_ns == 0
+    assert hour.run_s == 3600
+    assert hour.performance == pytest.approx(0.5 * 3600 / 3600)  # the new ideal cycle time applies
+    quarter = [r for r in later if r.window == "15m"]
+    assert quarter
+    assert quarter[0].start_ns == 30 * MIN
+
+
+def test_oee_reconfigure_adds_a_shift() -> None:
+    eng = OeeEngine(OeeConfig(windows=["1h"]), {})
+    _run(eng, 0, 10, 60)
+    eng.reconfigure(OeeConfig(windows=["1h"], shifts=[ShiftConfig(name="early", start="00:00", end="08:00")]), {})
+    out = eng.update([], [CountEvent(PRESS, 8 * 60 * MIN + MIN, 30000, 30000)], 0)
+    shift = [r for r in out if r.window == "shift"]
+    assert len(shift) == 1
+    assert shift[0].shift == "early"
+    assert shift[0].run_s == pytest.approx(8 * 3600 - 10 * 60)  # accounted from the reload on
+
+
+def _cfg(**sections: object) -> GatewayConfig:
+    base: dict[str, object] = {"influx": {"batch_size": 1000}, "detect": {"enabled": False}}
+    return GatewayConfig.model_validate({**base, **sections})
+
+
+def _msg(i: int, metric: str = "t") -> bytes:
+    return orjson.dumps({"ts": time.time() - 10 + i * 0.001, "values": {metric: float(i)}})
+
+
+async def test_pipeline_reconfigure_flushes_under_the_old_config_then_applies_the_new() -> None:
+    sink = FakeSink()
+    line = f"env,probe=n humidity=40.5 {time.time_ns() - 10**9}".encode()
+    old = _cfg(mqtt={"topics": [{"topic": "factory/#", "format": "json"}]})
+    p = Pipeline(old, sink, emit_stats=False)
+    p.submit("factory/s1/a/l/m1/telemetry", _msg(1), None)
+    p.submit("factory/s1/a/l/m1/telemetry", line, None)  # JSON expected under the old config: rejected
+    new = _cfg(mqtt={"topics": [{"topic": "factory/#", "format": "line"}]}, gateway={"max_series": 7},
+               detect={"enabled": True, "state_change_holdoff_s": 5})
+    changed = await p.reconfigure(new)
+    assert changed == ["gateway", "mqtt", "detect"]
+    assert len(sink.bodies) == 1
+    assert b"telemetry,area=a" in sink.bodies[0]
+    assert p.stats.decode_errors == 1
+    p.submit("factory/s1/a/l/m1/telemetry", line, None)  # the reloaded subscription says line protocol
+    await p.flush()
+    assert sink.bodies[-1].startswith(b"env,")
+    assert p.stats.decode_errors == 1
+    assert p.anomaly is not None
+    assert p.registry.max_series == 7
+    assert p.state_filter.holdoff_ns == 5 * S
+    assert await p.reconfigure(new) == []  # the same config again: nothing to do
+
+
+async def test_pipeline_reconfigure_keeps_detector_state_when_detect_is_unchanged() -> None:
+    sink = FakeSink()
+    cfg = _cfg(detect={"enabled": True})
+    p = Pipeline(cfg, sink, emit_stats=False)
+    engine = p.anomaly
+    await p.reconfigure(_cfg(detect={"enabled": True}, oee={"windows": ["5m"]}))
+    assert p.anomaly is engine
+    await p.reconfigure(_cfg(detect={"enabled": True, "threshold": 0.9}, oee={"windows": ["5m"]}))
+    assert p.anomaly is not engine
+
+
+def _server(tmp_path: Path, body: str) -> tuple[Server, Path, FakeSink]:
+    path = tmp_path / "gw.toml"
+    path.write_text(body)
+    from gateway.config import load_config
+
+    sink = FakeSink()
+    return Server(load_config(path), sink, config_path=path, show_status=False), path, sink
+
+
+_BASE = """
+[buffer]
+dir = "{dir}/wal"
+[deadletter]
+path = "{dir}/dl.jsonl"
+[detect]
+enabled = false
+"""
+
+
+async def test_server_reload_refuses_an_invalid_file_and_keeps_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, path, _ = _server(tmp_path, _BASE.format(dir=tmp_path))
+    before = server.cfg
+    path.write_text(_BASE.format(dir=tmp_path) + '[oee]\ntimezone = "Mars/Olympus"\nwindows = ["90x"]\n')
+    with caplog.at_level(logging.ERROR):
+        assert await server.reload() is False
+    assert server.cfg is before
+    assert server.reloads == 0
+    refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert any("oee.timezone" in m for m in refused), refused
+    assert any("oee.windows" in m for m in refused), refused
+    if server.wal:
+        server.wal.close()
+    server.deadletter.close()
+
+
+async def test_server_reload_applies_and_defers_restart_only_sections(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, path, _ = _server(tmp_path, _BASE.format(dir=tmp_path))
+    path.write_text(_BASE.format(dir=tmp_path) + '[influx]\nurl = "http://10.0.0.1:8086"\n'
+                    '[machines."press1"]\nideal_cycle_s = 2.5\n')
+    with caplog.at_level(logging.INFO):
+        assert await server.reload() is True
+    assert server.reloads == 1
+    assert server.cfg.machines["press1"].ideal_cycle_s == 2.5
+    assert server.pipeline.cfg.machines["press1"].ideal_cycle_s == 2.5
+    assert server.cfg.influx.url == "http://127.0.0.1:8086"  # needs a restart: kept, and said so
+    assert any("[influx] changed" in r.getMessage() and "next restart" in r.getMessage() for r in caplog.records)
+    if server.wal:
+        server.wal.close()
+    server.deadletter.close()

@@ -42,6 +42,7 @@ __all__ = ["GatewayCollector", "GatewayState", "HttpConfig", "HttpListenError", 
 
 log = logging.getLogger("gateway.http")
 
+
 class HttpListenError(GatewayError):
     """The status server could not listen on ``http.listen`` (address in use, not local, no permission)."""
 

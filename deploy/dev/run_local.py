@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import InfluxDB1, Mosquitto  # noqa: E402
+from tests.servers import InfluxDB1, Mosquitto, free_port  # noqa: E402
 
 MEASUREMENTS = ("telemetry", "machine_state", "production", "anomaly", "oee", "vibration_features")
 
@@ -80,8 +80,10 @@ def main() -> int:
             InfluxDB1(state / "influxdb", log_to=state / "influxdb.log") as influx:
         print(f"mosquitto on 127.0.0.1:{broker.port} (pid {broker.pid}), "
               f"InfluxDB on {influx.url} (pid {influx.pid}); data under {state}")
+        http = f"127.0.0.1:{free_port()}"  # not the default 9273: an installed gateway may hold it
         env = dict(os.environ, FGW_MQTT__PORT=str(broker.port), FGW_INFLUX__URL=influx.url,
-                   FGW_BUFFER__DIR=str(state / "buffer"), FGW_DEADLETTER__PATH=str(state / "deadletter.jsonl"))
+                   FGW_BUFFER__DIR=str(state / "buffer"), FGW_DEADLETTER__PATH=str(state / "deadletter.jsonl"),
+                   FGW_HTTP__LISTEN=http)
         bindir = ROOT / ".venv" / "bin"
         gw_log = open(state / "gateway.log", "ab")  # noqa: SIM115
         sim_log = open(state / "simulator.log", "ab")  # noqa: SIM115
@@ -98,6 +100,7 @@ def main() -> int:
         print(f"gateway pid {procs[0].pid} (log {state / 'gateway.log'}), "
               f"simulator pid {procs[1].pid}: {args.machines} machines at {args.rate} Hz. Ctrl-C stops.")
         print(f"query: influx -port {influx.port} -database factory -execute 'SELECT * FROM telemetry LIMIT 5'")
+        print(f"health and metrics: curl http://{http}/readyz  http://{http}/metrics")
         started = time.monotonic()
         next_summary = started + args.every
         while not stop:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
+import re
 import socket
 import threading
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,9 +22,8 @@ from devices.agent import (
     SensorReader,
     SensorsSection,
     load_config,
-    read_ds18b20,
 )
-from devices.cli import main, parse_fault_at
+from devices.cli import SimulationProgress, _CountingFleet, main, parse_fault_at
 from devices.fleet import BrokerAddress, Fleet, MqttPublisher, PublishError, fleet_layout, run_fleet
 from devices.machine import (
     METRICS,
@@ -31,6 +33,7 @@ from devices.machine import (
     MachineSpec,
     ScheduledFault,
 )
+from devices.sensors import W1CrcError, read_ds18b20
 from gateway.schema import (
     CHANNELS,
     CountMessage,
@@ -372,6 +375,7 @@ def test_publisher_reports_unreachable_broker() -> None:
         ["simulate", "--machines", "5", "--fault-at", "m009:spike:3"],
         ["simulate", "--qos", "3"],
         ["simulate", "--root", "a/b"],
+        ["simulate", "--progress", "-1"],
         ["agent"],
     ],
 )
@@ -386,6 +390,60 @@ def test_cli_parse_fault_at() -> None:
     name, fault = parse_fault_at("m003:drift:12.5")
     assert name == "m003"
     assert fault == ScheduledFault(FaultKind.DRIFT, 12.5)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+PROGRESS_LINE = re.compile(
+    r"^elapsed \d+ s, \d+ messages sent, \d+\.\d msg/s, 3 machines, \d+ faults? injected$"
+)
+
+
+def test_progress_line_counts_and_rate() -> None:
+    clock = iter([100.0, 102.0, 104.0]).__next__
+    progress = SimulationProgress(io.StringIO(), every_s=2, machines=20, clock=clock)
+    progress.sent = 300
+    assert progress.line() == "elapsed 2 s, 300 messages sent, 150.0 msg/s, 20 machines, 0 faults injected"
+    progress.sent, progress.faults = 400, 2
+    assert progress.line() == "elapsed 4 s, 400 messages sent, 50.0 msg/s, 20 machines, 2 faults injected"
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_reports_while_running(tty: bool) -> None:
+    stream = _Tty() if tty else io.StringIO()
+    with SimulationProgress(stream, every_s=0.05, machines=3) as progress:
+        for _ in range(30):
+            progress.sent += 10
+            time.sleep(0.01)
+    out = stream.getvalue()
+    if tty:  # one line rewritten in place, finished with a newline at the end
+        assert out.startswith("\r")
+        assert out.endswith("\n")
+        assert out.count("\n") == 1
+        lines = [part.rstrip() for part in out.strip("\n").split("\r")[1:]]
+    else:  # plain lines for pipes, files and journald
+        assert "\r" not in out
+        lines = out.splitlines()
+    assert len(lines) >= 2
+    assert all(PROGRESS_LINE.match(line) for line in lines), lines
+
+
+def test_progress_off_writes_nothing() -> None:
+    stream = _Tty()
+    with SimulationProgress(stream, every_s=0, machines=3):
+        time.sleep(0.05)
+    assert stream.getvalue() == ""
+
+
+def test_progress_counts_faults_from_the_fleet() -> None:
+    plans = {"m002": FaultPlan(scheduled=(ScheduledFault(FaultKind.SPIKE, at_s=0.0),))}
+    fleet = _CountingFleet(fleet_layout(3), seed=0, faults=plans)
+    fleet.progress = SimulationProgress(io.StringIO(), every_s=0, machines=3)
+    summary = run_fleet(fleet, lambda t, p, c: None, rate_hz=20.0, duration_s=0.2)
+    assert fleet.progress.faults == summary.faults == 1
 
 
 def test_cli_unreachable_broker_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,15 +468,18 @@ W1_BAD_CRC = "72 01 4b 46 7f ff 0e 10 57 : crc=00 NO\n72 01 4b 46 7f ff 0e 10 57
 
 
 def _sysfs(tmp_path: Path) -> SensorsSection:
-    (tmp_path / "temp").write_text("48312\n")
+    zone = tmp_path / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("48312\n")
     (tmp_path / "loadavg").write_text("0.52 0.58 0.59 1/123 4567\n")
     for serial, body in [("28-00000a1b2c3d", W1_OK), ("28-00000bad0000", W1_BAD_CRC)]:
         (tmp_path / "w1" / serial).mkdir(parents=True)
         (tmp_path / "w1" / serial / "w1_slave").write_text(body)
     return SensorsSection(
-        cpu_temp_path=tmp_path / "temp",
+        thermal_dir=tmp_path / "thermal",
         loadavg_path=tmp_path / "loadavg",
-        w1_glob=str(tmp_path / "w1" / "28-*" / "w1_slave"),
+        w1_dir=tmp_path / "w1",
         w1_names={"28-00000a1b2c3d": "coolant_temp_c"},
     )
 
@@ -436,9 +497,9 @@ def test_agent_reads_fake_sysfs(tmp_path: Path) -> None:
 
 def test_agent_skips_missing_sensors_and_logs_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = SensorsSection(
-        cpu_temp_path=tmp_path / "nope",
+        thermal_dir=tmp_path / "nope",
         loadavg_path=tmp_path / "nope2",
-        w1_glob=str(tmp_path / "none" / "28-*" / "w1_slave"),
+        w1_dir=tmp_path / "none",
     )
     reader = SensorReader(cfg)
     with caplog.at_level(logging.WARNING, logger="devices.agent"):
@@ -456,11 +517,12 @@ def test_agent_skips_missing_sensors_and_logs_once(tmp_path: Path, caplog: pytes
 def test_ds18b20_parsing(tmp_path: Path) -> None:
     p = tmp_path / "w1_slave"
     p.write_text(W1_OK.replace("t=23125", "t=-1250"))
-    assert read_ds18b20(p) == -1.25
+    assert read_ds18b20(tmp_path) == -1.25
     p.write_text(W1_OK.replace("t=23125", "t=85000"))  # power-on reset value
-    assert read_ds18b20(p) is None
+    assert read_ds18b20(tmp_path) is None
     p.write_text(W1_BAD_CRC)
-    assert read_ds18b20(p) is None
+    with pytest.raises(W1CrcError):
+        read_ds18b20(tmp_path)
 
 
 def test_agent_config_and_messages(tmp_path: Path) -> None:
@@ -477,16 +539,17 @@ interval_s = 2.5
 
 [mqtt]
 broker = "127.0.0.1:1883"
-qos = 0
+qos = 2
 
 [sensors]
-cpu_temp_path = "{sensors.cpu_temp_path}"
+thermal_dir = "{sensors.thermal_dir}"
 loadavg_path = "{sensors.loadavg_path}"
-w1_glob = "{sensors.w1_glob}"
+w1_dir = "{sensors.w1_dir}"
 """
     )
     cfg = load_config(toml)
     assert cfg.device.interval_s == 2.5
+    assert cfg.mqtt.qos == 2
     agent = DeviceAgent(cfg)
     assert agent.topic("telemetry") == "factory/plant9/lab/bench/pi01/telemetry"
     s1, s2 = agent.sample(T0), agent.sample(T0 + 2.5)
@@ -503,6 +566,7 @@ w1_glob = "{sensors.w1_glob}"
         ('[device]\nsite = "s"\narea = "a"\nline = "l"\nmachine = "m/1"\n', "device.machine"),
         ('[device]\nsite = "s"\narea = "a"\nline = "l"\nmachine = "m"\ninterval_s = 0\n', "device.interval_s"),
         ('[device]\nsite = "s"\narea = "a"\nline = "l"\nmachine = "m"\n[mqtt]\nbrokr = "x"\n', "mqtt.brokr"),
+        ('[device]\nsite = "s"\narea = "a"\nline = "l"\nmachine = "m"\n[mqtt]\nqos = 0\n', "mqtt.qos"),
         ("[device\n", "not valid TOML"),
     ],
 )

@@ -73,5 +73,5 @@ def test_example_defaults_match_the_models() -> None:
 def test_agent_example_loads() -> None:
     from devices.agent import load_config as load_agent
 
-    cfg = load_agent(ROOT / "configs" / "agent.example.toml")
+    cfg = load_agent(ROOT / "configs" / "pi-agent.toml")
     assert cfg.device.machine == "pi01"

@@ -325,3 +325,19 @@ def test_every_query_runs_with_one_value_selected(simulated_run: SimulatedRun) -
     for annotation in _influx_annotations():
         simulated_run.influx.raw_query(
             _interpolate(_annotation_query(annotation), chosen, simulated_run.time_filter()), simulated_run.db)
+
+
+# --- the README's example queries -------------------------------------------------------------------------------
+def _readme_influxql() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## InfluxDB schema"):]
+    block = section[section.index("```sql\n") + 7:]
+    return [q for q in block[:block.index("```")].splitlines() if q.strip()]
+
+
+def test_readme_influxql_examples_return_data(simulated_run: SimulatedRun) -> None:
+    queries = _readme_influxql()
+    assert len(queries) >= 5
+    for q in queries:
+        rows = simulated_run.influx.query(q, simulated_run.db)
+        assert rows, f"README example returned nothing after the simulated run: {q}"

@@ -75,3 +75,20 @@ def test_agent_example_loads() -> None:
 
     cfg = load_agent(ROOT / "configs" / "pi-agent.toml")
     assert cfg.device.machine == "pi01"
+
+
+def test_readme_shows_the_example_config_verbatim() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_readme", ROOT / "deploy" / "dev" / "sync_readme.py")
+    assert spec is not None
+    assert spec.loader is not None
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = (ROOT / "configs" / "gateway.example.toml").read_text(encoding="utf-8")
+    assert sync.synced(readme, example) == readme, (
+        "README.md's configuration reference differs from configs/gateway.example.toml: "
+        "run python deploy/dev/sync_readme.py"
+    )
+    assert example in readme

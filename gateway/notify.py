@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 __all__ = ["Notifier"]
@@ -72,7 +73,9 @@ class Notifier:
         return self.send("WATCHDOG=1")
 
     def reloading(self) -> bool:
-        return self.send("RELOADING=1", "STATUS=reloading the configuration")
+        # MONOTONIC_USEC: systemd >= 253 (Type=notify-reload) matches the reload to this message by it.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the configuration")
 
     def stopping(self) -> bool:
         return self.send("STOPPING=1", "STATUS=draining: flushing buffered data, then exiting")

@@ -107,7 +107,10 @@ def test_notifier_sends_each_state_as_one_datagram(notify_socket: tuple[socket.s
     n.status("backlog 0")
     assert _recv(sock) == ["STATUS=backlog 0"]
     n.reloading()
-    assert _recv(sock)[0] == "RELOADING=1"
+    reloading = _recv(sock)
+    assert reloading[0] == "RELOADING=1"
+    assert reloading[1].startswith("MONOTONIC_USEC=")
+    assert reloading[1].removeprefix("MONOTONIC_USEC=").isdigit()
     n.stopping()
     assert _recv(sock)[0] == "STOPPING=1"
     n.close()

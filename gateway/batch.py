@@ -91,8 +91,16 @@ class SeriesRegistry:
         return self._ids.get((machine, metric))
 
     def machine_id(self, machine: MachineKey) -> int:
+        """Return the id of ``machine``, creating it; raise CardinalityError past ``max_series`` machines.
+
+        State and count messages name machines too (OEE keeps state per machine): the cap bounds them.
+        """
         mid = self._machine_ids.get(machine)
         if mid is None:
+            if len(self._machine_list) >= self.max_series:
+                raise CardinalityError(
+                    f"machine {machine.machine} would exceed max_series={self.max_series} machines"
+                )
             mid = len(self._machine_list)
             self._machine_ids[machine] = mid
             self._machine_list.append(machine)

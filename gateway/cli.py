@@ -16,6 +16,16 @@ from gateway.errors import ConfigError
 __all__ = ["main"]
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factory-gateway", description=__doc__)
     p.add_argument("--version", action="version", version=__version__)
@@ -26,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True)
     run.add_argument("--log-format", choices=["text", "json"], default="text",
                      help="json: one JSON object per line (for journald/Loki/Elastic)")
-    run.add_argument("--status-interval", type=float, default=5.0, metavar="S",
+    run.add_argument("--status-interval", type=_positive, default=5.0, metavar="S",
                      help="seconds between live status lines (on a terminal) and systemd STATUS updates")
 
     chk = sub.add_parser("check-config", help="validate a config file: exit 0 and 'ok', or 2 with the problems")

@@ -261,7 +261,7 @@ class GatewaySection(_Section):
     shutdown_timeout_s: float = Field(15.0, gt=0)
     stats_interval_s: float = Field(10.0, gt=0, description="Period of gateway_stats points and the log summary.")
     max_payload_bytes: int = Field(1_048_576, ge=64)
-    max_series: int = Field(100_000, ge=1, description="Cardinality cap: machine x metric series.")
+    max_series: int = Field(100_000, ge=1, description="Cardinality cap: machine x metric series, and machines.")
     max_past_s: float = Field(30 * 86400, gt=0, description="Reject samples older than this.")
     max_future_s: float = Field(300, gt=0, description="Reject samples further ahead than this.")
     store_waveforms: bool = Field(True, description="Write every sample of fixed-rate blocks to telemetry.")
@@ -333,6 +333,10 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Gateway
             raise ConfigError([f"(file): {path} does not exist"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"(file): {path} is not valid TOML: {exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"(file): {path} is not UTF-8 text: byte {exc.start}: {exc.reason}"]) from exc
+        except OSError as exc:
+            raise ConfigError([f"(file): cannot read {path}: {exc.strerror or exc}"]) from exc
     saved = None
     if env is not None:
         saved = dict(os.environ)

@@ -186,11 +186,13 @@ class Decoder:
                 n = fast if fast is not None else self._decode_telemetry(route, data, arrival_ns, out)
         elif channel == "state":
             msg = self._validate(StateMessage, self._json(payload))
+            self.registry.machine_id(machine)  # the machine cap (OEE keeps state per machine)
             ts = self._ts(msg.ts, arrival_ns, "ts")
             out.states.append(StateEvent(machine, ts, msg.state, msg.reason))
             n = 1
         else:
             cmsg = self._validate(CountMessage, self._json(payload))
+            self.registry.machine_id(machine)
             ts = self._ts(cmsg.ts, arrival_ns, "ts")
             out.counts.append(CountEvent(machine, ts, cmsg.total, cmsg.good))
             n = 1

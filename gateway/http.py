@@ -83,7 +83,7 @@ class GatewayCollector(Collector):
         p = g.pipeline
         out = p.output.stats
         yield InfoMetricFamily("factory_gateway", "Gateway version and instance.",
-                               value={"version": __version__, "instance": p.cfg.gateway.instance})
+                               value={"version": __version__, "gateway_instance": p.cfg.gateway.instance})
         yield CounterMetricFamily("factory_gateway_messages_received", "MQTT messages delivered by the broker.",
                                   value=g.source.messages)
         rejected = CounterMetricFamily(

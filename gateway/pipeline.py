@@ -90,7 +90,9 @@ class Pipeline:
         self.state_filter = StateChangeFilter(cfg.detect.state_change_holdoff_s)
         self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
         self.oee_state_path: Path | None = None  # set by the server: where open OEE windows survive restarts
-        self.latest_oee: dict[str, dict[MachineKey, float]] = {}  # window label -> machine -> last OEE
+        # window label -> machine -> (last OEE, its window's end in ns): the status line's "lowest OEE"
+        self.latest_oee: dict[str, dict[MachineKey, tuple[float, int]]] = {}
+        self._closed_oee: list[OeeRecord] = []  # windows a reload closed, written with the next batch
         self._oee_saved_ns = time.monotonic_ns()
         self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self.severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
@@ -167,20 +169,20 @@ class Pipeline:
         except OSError as exc:
             log.warning("could not save OEE state to %s: %s", self.oee_state_path, exc)
 
-    async def reconfigure(self, cfg: GatewayConfig) -> list[str]:
-        """Apply a reloaded config between two batches; return what changed (``section`` names).
+    def reconfigure(self, cfg: GatewayConfig) -> list[str]:
+        """Apply a reloaded config at once (between two messages); return the changed ``section`` names.
 
-        What was read under the old settings is flushed under them first, so no message is decoded by
-        one config and computed by another. Every new component is built before any is swapped in, so
-        a failure leaves the running settings untouched. Detector and feature state restart only when
-        their own settings changed (the detectors' warm-up runs again); OEE keeps its open windows
-        (:meth:`OeeEngine.reconfigure`).
+        Synchronous, so no message or flush runs in between, and it never waits for the database. The
+        open batch is computed with the new settings; a batch already being written is not touched.
+        Every new component is built before any is swapped in, so a failure leaves the running settings
+        as they were. Detector and feature state restart only when their own settings changed (the
+        detectors' warm-up runs again); OEE keeps its open windows (:meth:`OeeEngine.reconfigure`), and
+        the windows a reload closes are written with the next batch.
         """
         old = self.cfg
         changed = [name for name in type(cfg).model_fields if getattr(cfg, name) != getattr(old, name)]
         if not changed:
             return changed
-        await self.flush()
         decoder = Decoder(cfg.mqtt.topic_template, cfg.mqtt.subscriptions(), cfg.gateway, self.registry,
                           check_time_window=self.decoder.check_time_window)
         anomaly = self.anomaly
@@ -190,16 +192,21 @@ class Pipeline:
         if cfg.features != old.features or cfg.machines != old.machines:
             features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
             severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
-        oee_records: list[OeeRecord] = []
         oee = self.oee
-        if cfg.oee != old.oee or cfg.machines != old.machines:
-            if not cfg.oee.enabled:
-                oee, oee_records = None, oee.flush() if oee is not None else []
-            elif oee is None:
-                oee = OeeEngine(cfg.oee, cfg.machines)
-            else:
-                oee_records = oee.reconfigure(cfg.oee, cfg.machines)
+        oee_changed = cfg.oee != old.oee or cfg.machines != old.machines
+        if oee_changed and cfg.oee.enabled and oee is None:
+            oee = OeeEngine(cfg.oee, cfg.machines)
         # -- nothing below can fail: swap -------------------------------------------------------------
+        if oee_changed and oee is not None:
+            if not cfg.oee.enabled:
+                self._closed_oee += oee.flush()
+                oee = None
+                if self.oee_state_path is not None:  # a stale snapshot must not come back at a later start
+                    self.oee_state_path.unlink(missing_ok=True)
+            elif oee is self.oee:
+                self._closed_oee += oee.reconfigure(cfg.oee, cfg.machines)
+            keep = {*cfg.oee.windows, "shift"} if cfg.oee.enabled else set()
+            self.latest_oee = {w: v for w, v in self.latest_oee.items() if w in keep}
         self.cfg = cfg
         self.decoder = decoder
         self.registry.max_series = cfg.gateway.max_series
@@ -208,14 +215,9 @@ class Pipeline:
         self.features, self.severity, self.oee = features, severity, oee
         self._batch_size = cfg.influx.batch_size
         self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
-        if oee_records:
-            self.stats.oee_windows += len(oee_records)
-            body = self.encoder.oee(oee_records)
-            if self.wal is not None:
-                await self._append_durably(body)
-            else:
-                await self.output.write(body)
-        self.save_oee()
+        if oee_changed and oee is not None:
+            self.save_oee()  # a restart soon after must find the snapshot made with these settings
+        self._full.set()  # flush soon: the windows a reload closed, and the open batch under the new settings
         return changed
 
     def batch_full(self) -> bool:
@@ -244,6 +246,8 @@ class Pipeline:
 
     def _oee_due(self) -> bool:
         """OEE windows also close on wall-clock silence (idle_close_s): look at least once a second."""
+        if self._closed_oee:
+            return True
         return self.oee is not None and time.monotonic_ns() - self._last_oee_ns >= 1_000_000_000
 
     def _stats_due(self) -> bool:
@@ -367,14 +371,17 @@ class Pipeline:
             self.anomalies_by_detector.update(kept.detector)
             anomalies.append(enc.anomalies(kept))
         oee = b""
+        records: list[OeeRecord] = []
+        if self._closed_oee:  # windows a reload closed
+            records, self._closed_oee = self._closed_oee, []
         if self.oee is not None:
             self._last_oee_ns = time.monotonic_ns()
-            records = self.oee.update(batch.states, batch.counts, time.time_ns())
-            self.stats.oee_windows += len(records)
-            for r in records:
-                if r.oee is not None:
-                    self.latest_oee.setdefault(r.window, {})[r.machine] = r.oee
-            oee = enc.oee(records)
+            records += self.oee.update(batch.states, batch.counts, time.time_ns())
+        self.stats.oee_windows += len(records)
+        for r in records:
+            if r.oee is not None:
+                self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)
+        oee = enc.oee(records)
         features = b""
         if self.features is not None and batch.waveforms:
             reg = self.registry

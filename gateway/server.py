@@ -61,6 +61,7 @@ class Server:
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
         self._reload_tasks: set[asyncio.Task[bool]] = set()
+        self._stopping = False
         self._status_last: tuple[float, tuple[int, int]] = (time.monotonic(), (0, 0))
         self.sink = sink or make_influx_sink(cfg.influx)
         self.deadletter = DeadLetterFile.from_config(cfg.deadletter)
@@ -75,7 +76,8 @@ class Server:
         self.pipeline = Pipeline(cfg, self.sink, wal=self.wal, deadletter=self.deadletter)
         if cfg.oee.enabled:
             cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
-            self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
+        # Set even with OEE off: a reload may turn it on, and its snapshots go there too.
+        self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.should_exit = asyncio.Event()
@@ -88,7 +90,10 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     def request_reload(self) -> None:
-        """SIGHUP: reload the config file in a task (reloads run one at a time)."""
+        """SIGHUP: reload the config file in a task (reloads run one at a time; none once stopping)."""
+        if self._stopping:
+            log.warning("reload requested while shutting down: ignored")
+            return
         task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
         self._reload_tasks.add(task)
         task.add_done_callback(self._reload_tasks.discard)
@@ -98,39 +103,45 @@ class Server:
 
         Subscriptions, detector parameters, OEE windows, shifts and ideal cycle times, the per-message
         limits and the log level apply at once; ``[influx]``, ``[buffer]``, ``[deadletter]`` and ``[http]``
-        changes are reported and wait for the next restart. In-flight data is flushed under the old settings.
+        changes are reported and wait for the next restart. Nothing in flight is lost: the open batch
+        is computed with the new settings, a batch being written is not touched.
         """
         async with self._reload_lock:
             if self.config_path is None:
                 log.warning("reload requested, but the server was not started from a config file")
                 return False
             self.notifier.reloading()
+            status = "reload failed; running the old config"
             try:
-                new = load_config(self.config_path)
-            except ConfigError as exc:
-                for problem in exc.problems:
-                    log.error("reload refused, the running config is kept: %s", problem)
-                self.notifier.ready(f"reload refused ({len(exc.problems)} problems); running the old config")
-                return False
-            later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
-            if later:
-                log.warning("reload: [%s] changed; that takes effect at the next restart", "], [".join(later))
-                new = new.model_copy(update={name: getattr(self.cfg, name) for name in later})
-            try:
-                changed = await self.pipeline.reconfigure(new)
-                if "mqtt" in changed:
-                    await self.source.reconfigure(new.mqtt)
-            except Exception as exc:  # a reload must never take the daemon down
+                status, ok = self._reload()
+                return ok
+            except Exception:  # a reload must never take the daemon down
                 log.exception("reload failed while applying; the running config is kept")
-                self.notifier.ready(f"reload failed: {exc}")
                 return False
-            self.cfg = new
-            logging.getLogger().setLevel(new.gateway.log_level)
-            self.reloads += 1
-            log.info("reloaded %s: %s", self.config_path,
-                     f"[{'], ['.join(changed)}] changed" if changed else "nothing changed")
-            self.notifier.ready(self.status_line())
-            return True
+            finally:
+                self.notifier.ready(status)
+
+    def _reload(self) -> tuple[str, bool]:
+        assert self.config_path is not None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused, the running config is kept: %s", problem)
+            return f"reload refused ({len(exc.problems)} problems); running the old config", False
+        later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
+        if later:
+            log.warning("reload: [%s] changed; that takes effect at the next restart", "], [".join(later))
+            new = new.model_copy(update={name: getattr(self.cfg, name) for name in later})
+        changed = self.pipeline.reconfigure(new)  # synchronous: nothing runs between these lines
+        if "mqtt" in changed:
+            self.source.reconfigure(new.mqtt)
+        self.cfg = new
+        logging.getLogger().setLevel(new.gateway.log_level)
+        self.reloads += 1
+        log.info("reloaded %s: %s", self.config_path,
+                 f"[{'], ['.join(changed)}] changed" if changed else "nothing changed")
+        return "reloaded: " + self.status_line(), True
 
     def status_line(self) -> str:
         """One line for the terminal and systemd's STATUS: rates since the last call, backlog, anomalies."""
@@ -158,13 +169,17 @@ class Server:
         return ", ".join(parts)
 
     def _lowest_oee(self) -> str | None:
+        """The lowest recent OEE of the longest window (shifts first); a machine gone quiet drops out."""
         latest = self.pipeline.latest_oee
         labels = sorted((w for w in latest if w != "shift"), key=parse_duration_ns, reverse=True)
         if "shift" in latest:
             labels.insert(0, "shift")
+        now = time.time_ns()
         for label in labels:
-            if latest[label]:
-                machine, value = min(latest[label].items(), key=lambda kv: kv[1])
+            horizon = now - (36 * 3600 * 10**9 if label == "shift" else 3 * parse_duration_ns(label))
+            recent = [(value, m) for m, (value, end) in latest[label].items() if end >= horizon]
+            if recent:
+                value, machine = min(recent, key=lambda vm: vm[0])
                 return f"lowest OEE ({label}) {value:.2f} {machine.machine}"
         return None
 
@@ -203,6 +218,9 @@ class Server:
         try:
             await self._main_loop(*tasks, source)
         finally:
+            self._stopping = True
+            for task in list(self._reload_tasks):  # a reload in progress finishes before the drain
+                await asyncio.wait({task})
             if status is not None:
                 status.cancel()
             self.notifier.stopping()

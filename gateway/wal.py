@@ -262,12 +262,18 @@ class WriteAheadLog:
         Records recovered at start-up carry their segment file's modification time, so their age is a
         lower bound.
         """
-        with self._lock:
-            for seg in self._segments:
-                lo = bisect_right(seg.ids, self._confirmed)
-                if lo < len(seg.ids):
-                    return seg.times[lo]
-            return None
+        # No lock: the event loop calls this (metrics scrape) while a worker thread may hold the lock
+        # through an fsync. Reading a snapshot of append-only lists is safe under the GIL; a record
+        # whose time is not stored yet is being appended right now.
+        confirmed = self._confirmed
+        for seg in list(self._segments):
+            ids, times = seg.ids, seg.times
+            lo = bisect_right(ids, confirmed)
+            if lo < len(times):
+                return times[lo]
+            if lo < len(ids):
+                return time.time()
+        return None
 
     def has_room(self, nbytes: int) -> bool:
         """Whether a payload of ``nbytes`` would fit under ``max_bytes`` right now."""

@@ -47,9 +47,9 @@ class MqttSource:
         self.messages = 0
         self.last_error: str | None = None  # why the last connection failed or ended (readiness shows it)
         self._paho: PahoClient | None = None
-        self._client_now: aiomqtt.Client | None = None
-        self._reconnect: asyncio.Future[None] | None = None  # set by a reload that changes the connection
+        self._subscribed: dict[str, int] = {}  # filter -> QoS on the live connection
         self._unsubscribe: set[str] = set()  # filters dropped by a reload, still in the broker's session
+        self._changed = asyncio.Event()  # a reload changed self.cfg
 
     # -- acking ---------------------------------------------------------------------------------
     def ack(self, tokens: Sequence[AckToken]) -> int:
@@ -78,8 +78,7 @@ class MqttSource:
         return sent
 
     # -- connection -----------------------------------------------------------------------------
-    def _client(self) -> aiomqtt.Client:
-        cfg = self.cfg
+    def _client(self, cfg: MqttConfig) -> aiomqtt.Client:
         v5 = cfg.protocol == "5"
         props: Properties | None = None
         if v5:
@@ -133,20 +132,20 @@ class MqttSource:
         """Connect, subscribe and keep reconnecting (capped backoff with jitter) until ``stop``."""
         attempt = 0
         while not stop.is_set():
+            applied = self.cfg  # the settings this connection is made with; a reload may change self.cfg
             try:
-                client = self._client()
+                client = self._client(applied)
                 async with client:
                     self.generation += 1
                     self._paho = client._client
                     self.connects += 1
                     attempt = 0
-                    subs: list[tuple[str, int]] = [(s.topic, s.qos or 0) for s in self.cfg.subscriptions()]
+                    subs: list[tuple[str, int]] = [(s.topic, s.qos or 0) for s in applied.subscriptions()]
                     await client.subscribe(subs)
-                    log.info("connected to %s:%d, subscribed to %s", self.cfg.host, self.cfg.port, subs)
-                    self._client_now = client
-                    await self._drop_unsubscribed(client)
+                    self._subscribed = dict(subs)
+                    log.info("connected to %s:%d, subscribed to %s", applied.host, applied.port, subs)
                     self.connected.set()
-                    await self._until_disconnected(client, stop)
+                    await self._until_disconnected(client, stop, applied)
             except aiomqtt.MqttError as exc:
                 error: aiomqtt.MqttError | None = exc
             else:
@@ -154,34 +153,40 @@ class MqttSource:
             finally:  # before any back-off: acks for this connection must not go out any more
                 self.connected.clear()
                 self._paho = None
-                self._client_now = None
             if error is None or stop.is_set():
                 continue
             attempt += 1
             self.last_error = str(error)
             delay = random.uniform(0.5, 1.0) * min(self.cfg.reconnect_max_s, 0.5 * 2 ** min(attempt, 10))
             log.warning("MQTT connection to %s:%d lost or refused (%s); retry in %.1f s",
-                        self.cfg.host, self.cfg.port, error, delay)
+                        applied.host, applied.port, error, delay)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
                 pass
 
-    async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        """Wait for ``stop`` or a disconnect; the watchdog reconnects a connection that went silent."""
+    async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event, applied: MqttConfig) -> None:
+        """Wait for ``stop``, a disconnect or a reload; the watchdog reconnects a connection that went silent.
+
+        Returns (so the caller reconnects at once) when a reload changed how to connect.
+        """
         disconnected: asyncio.Future[Any] = client._disconnected
         stop_task: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-        reconnect = self._reconnect = asyncio.get_running_loop().create_future()
         try:
             while True:
-                done, _ = await asyncio.wait(
-                    {stop_task, disconnected, reconnect}, timeout=min(5.0, self.cfg.stall_timeout_s),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if stop_task in done:
-                    return
-                if reconnect in done:
+                self._changed.clear()
+                if await self._sync(client, applied):  # also catches a reload made while connecting
                     log.info("reconnecting to apply the reloaded [mqtt] settings")
+                    return
+                changed = asyncio.ensure_future(self._changed.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {stop_task, disconnected, changed}, timeout=min(5.0, self.cfg.stall_timeout_s),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    changed.cancel()
+                if stop_task in done:
                     return
                 if disconnected in done:
                     exc = disconnected.exception()
@@ -193,7 +198,6 @@ class MqttSource:
                     raise aiomqtt.MqttError("connection stalled (no packets from the broker); reconnecting")
         finally:
             stop_task.cancel()
-            self._reconnect = None
 
     # -- reload ---------------------------------------------------------------------------------
     _CONNECTION_KEYS = frozenset({
@@ -201,42 +205,40 @@ class MqttSource:
         "keepalive_s", "username", "password", "password_file", "tls",
     })
 
-    async def reconfigure(self, cfg: MqttConfig) -> None:
-        """Apply reloaded ``[mqtt]`` settings: (un)subscribe on the live connection, or reconnect.
+    def reconfigure(self, cfg: MqttConfig) -> None:
+        """Take reloaded ``[mqtt]`` settings; the connection task applies them (:meth:`_sync`).
 
         Filters a reload removes are unsubscribed explicitly, because a persistent session keeps them
         at the broker across reconnects. A reconnect loses nothing: unacknowledged messages are
         redelivered by the broker.
         """
         old, self.cfg = self.cfg, cfg
-        new_subs = {s.topic: s.qos or 0 for s in cfg.subscriptions()}
-        old_subs = {s.topic: s.qos or 0 for s in old.subscriptions()}
-        self._unsubscribe |= {t for t in old_subs if t not in new_subs}
-        self._unsubscribe -= new_subs.keys()
-        client = self._client_now
-        if client is None:
-            return  # applied when the next connection subscribes
-        await self._drop_unsubscribed(client)
-        added: list[tuple[str, int]] = [(t, q) for t, q in new_subs.items() if old_subs.get(t) != q]
+        topics = {s.topic for s in cfg.subscriptions()}
+        self._unsubscribe |= {s.topic for s in old.subscriptions()} - topics
+        self._unsubscribe -= topics
+        self._changed.set()
+
+    async def _sync(self, client: aiomqtt.Client, applied: MqttConfig) -> bool:
+        """Bring the live connection's subscriptions to ``self.cfg``; True if it must reconnect instead."""
+        if self._unsubscribe:
+            topics = sorted(self._unsubscribe)
+            try:
+                await client.unsubscribe(topics)
+            except aiomqtt.MqttError as exc:
+                log.warning("could not unsubscribe from %s (retried at the next connection): %s", topics, exc)
+            else:
+                self._unsubscribe.difference_update(topics)
+                for t in topics:
+                    self._subscribed.pop(t, None)
+                log.info("unsubscribed from %s", topics)
+        want = {s.topic: s.qos or 0 for s in self.cfg.subscriptions()}
+        added: list[tuple[str, int]] = [(t, q) for t, q in want.items() if self._subscribed.get(t) != q]
         if added:  # at once, even when a reconnect follows: nothing published meanwhile is missed
             try:
                 await client.subscribe(added)
-                log.info("subscribed to %s", added)
             except aiomqtt.MqttError as exc:  # the next connection subscribes the whole list
                 log.warning("could not subscribe to %s after the reload: %s", added, exc)
-        reconnect = self._reconnect
-        moved = any(getattr(cfg, k) != getattr(old, k) for k in self._CONNECTION_KEYS)
-        if moved and reconnect is not None and not reconnect.done():
-            reconnect.set_result(None)
-
-    async def _drop_unsubscribed(self, client: aiomqtt.Client) -> None:
-        if not self._unsubscribe:
-            return
-        topics = sorted(self._unsubscribe)
-        try:
-            await client.unsubscribe(topics)
-        except aiomqtt.MqttError as exc:
-            log.warning("could not unsubscribe from %s (retried at the next connection): %s", topics, exc)
-            return
-        self._unsubscribe.difference_update(topics)
-        log.info("unsubscribed from %s", topics)
+            else:
+                self._subscribed.update(added)
+                log.info("subscribed to %s", added)
+        return any(getattr(self.cfg, k) != getattr(applied, k) for k in self._CONNECTION_KEYS)

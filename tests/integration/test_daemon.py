@@ -108,6 +108,7 @@ def test_notify_watchdog_reload_under_load_and_json_logs(
             publisher.join(timeout=60)
             assert sent == [3000]
             assert wait_until(lambda: '"reloaded ' in gw.log.read_text(), timeout=15), gw.tail()
+            assert wait_until(lambda: "reconnecting to apply the reloaded" in gw.log.read_text(), timeout=15)
             assert wait_until(lambda: _site_count(influx, db, "s2") == 3200, timeout=30), gw.tail()
 
             # s1 was unsubscribed, although the broker keeps the persistent session across the reconnect.

@@ -409,7 +409,7 @@ async def test_metrics_read_the_gateways_counters(
     assert status == 200
     assert ctype.startswith("text/plain")
     m = _samples(text)
-    assert _value(m, "factory_gateway_info", version=__version__, instance=server.cfg.gateway.instance) == 1
+    assert _value(m, "factory_gateway_info", version=__version__, gateway_instance=server.cfg.gateway.instance) == 1
     assert _value(m, "factory_gateway_messages_received_total") == sent["messages"]
     assert {dict(k[1])["reason"] for k in m if k[0] == "factory_gateway_messages_rejected_total"} == set(
         REJECT_REASONS
@@ -468,6 +468,7 @@ async def test_reject_labels_stay_bounded_whatever_arrives(
     m = _samples((await _get(client, server, "/metrics"))[1])
     labels = {dict(k[1])["reason"] for k in m if k[0] == "factory_gateway_messages_rejected_total"}
     assert labels == set(REJECT_REASONS)
+    assert set(server.pipeline.rejected) <= set(REJECT_REASONS)  # what the pipeline counted, not just exported
     assert sum(v for k, v in m.items() if k[0] == "factory_gateway_messages_rejected_total") == 200
     await server.pipeline.flush()
 

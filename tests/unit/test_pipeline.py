@@ -162,3 +162,18 @@ async def test_waveform_samples_are_written_but_not_run_through_the_detectors() 
     await p.flush()
     assert seen == [3]  # one sample + two columnar rows; the 1000 waveform samples go to features only
     assert sum(b.count(b"\n") + 1 for b in sink.bodies) >= 1003
+
+
+async def test_state_and_count_messages_cannot_grow_machines_past_the_cap() -> None:
+    sink = FakeSink()
+    p = Pipeline(GatewayConfig.model_validate({"gateway": {"max_series": 3}, "detect": {"enabled": False}}),
+                 sink, emit_stats=False)
+    now = time.time()
+    for i in range(10):
+        count = {"ts": now, "total": i, "good": i}
+        channel, body = ("state", {"ts": now, "state": "RUNNING"}) if i % 2 else ("count", count)
+        p.submit(f"factory/s/a/l/m{i}/{channel}", orjson.dumps(body), None)
+    await p.flush()
+    assert p.rejected["cardinality"] == 7
+    assert p.oee is not None
+    assert p.oee.machine_count == 3

@@ -82,8 +82,9 @@ def _msg(i: int, metric: str = "t") -> bytes:
     return orjson.dumps({"ts": time.time() - 10 + i * 0.001, "values": {metric: float(i)}})
 
 
-async def test_pipeline_reconfigure_flushes_under_the_old_config_then_applies_the_new() -> None:
+async def test_pipeline_reconfigure_applies_at_once_without_waiting_for_the_database() -> None:
     sink = FakeSink()
+    sink.gate.clear()  # the database hangs: a reload must not wait for it
     line = f"env,probe=n humidity=40.5 {time.time_ns() - 10**9}".encode()
     old = _cfg(mqtt={"topics": [{"topic": "factory/#", "format": "json"}]})
     p = Pipeline(old, sink, emit_stats=False)
@@ -91,19 +92,42 @@ async def test_pipeline_reconfigure_flushes_under_the_old_config_then_applies_th
     p.submit("factory/s1/a/l/m1/telemetry", line, None)  # JSON expected under the old config: rejected
     new = _cfg(mqtt={"topics": [{"topic": "factory/#", "format": "line"}]}, gateway={"max_series": 7},
                detect={"enabled": True, "state_change_holdoff_s": 5})
-    changed = await p.reconfigure(new)
+    changed = p.reconfigure(new)  # synchronous
     assert changed == ["gateway", "mqtt", "detect"]
-    assert len(sink.bodies) == 1
-    assert b"telemetry,area=a" in sink.bodies[0]
     assert p.stats.decode_errors == 1
+    assert p.batch_full()  # the flusher is woken to write the open batch under the new settings
     p.submit("factory/s1/a/l/m1/telemetry", line, None)  # the reloaded subscription says line protocol
-    await p.flush()
-    assert sink.bodies[-1].startswith(b"env,")
     assert p.stats.decode_errors == 1
     assert p.anomaly is not None
     assert p.registry.max_series == 7
     assert p.state_filter.holdoff_ns == 5 * S
-    assert await p.reconfigure(new) == []  # the same config again: nothing to do
+    assert p.reconfigure(new) == []  # the same config again: nothing to do
+    sink.gate.set()
+    await p.flush()
+    body = b"\n".join(sink.bodies)
+    assert b"telemetry,area=a" in body  # read before the reload: nothing lost
+    assert b"\nenv," in body or body.startswith(b"env,")
+
+
+async def test_pipeline_reconfigure_writes_the_windows_it_closes_and_forgets_a_disabled_oee(tmp_path: Path) -> None:
+    sink = FakeSink()
+    p = Pipeline(_cfg(oee={"windows": ["1h"]}), sink, emit_stats=False)
+    p.load_oee(tmp_path / "oee.pickle")
+    t = time.time() - 600
+    p.submit("factory/s/a/l/press1/state", orjson.dumps({"ts": t, "state": "RUNNING"}), None)
+    p.submit("factory/s/a/l/press1/count", orjson.dumps({"ts": t, "total": 0, "good": 0}), None)
+    p.submit("factory/s/a/l/press1/count", orjson.dumps({"ts": t + 300, "total": 300, "good": 290}), None)
+    await p.flush()
+    p.save_oee()
+    assert (tmp_path / "oee.pickle").exists()
+    assert p.reconfigure(_cfg(oee={"enabled": False})) == ["oee"]
+    assert p.oee is None
+    assert not (tmp_path / "oee.pickle").exists()  # a later start must not resume stale windows
+    await p.flush()
+    oee_lines = [ln for b in sink.bodies for ln in b.split(b"\n") if ln.startswith(b"oee,")]
+    assert len(oee_lines) == 1
+    assert b"window=1h" in oee_lines[0]
+    assert b"total_count=300i" in oee_lines[0]
 
 
 async def test_pipeline_reconfigure_keeps_detector_state_when_detect_is_unchanged() -> None:
@@ -111,9 +135,9 @@ async def test_pipeline_reconfigure_keeps_detector_state_when_detect_is_unchange
     cfg = _cfg(detect={"enabled": True})
     p = Pipeline(cfg, sink, emit_stats=False)
     engine = p.anomaly
-    await p.reconfigure(_cfg(detect={"enabled": True}, oee={"windows": ["5m"]}))
+    p.reconfigure(_cfg(detect={"enabled": True}, oee={"windows": ["5m"]}))
     assert p.anomaly is engine
-    await p.reconfigure(_cfg(detect={"enabled": True, "threshold": 0.9}, oee={"windows": ["5m"]}))
+    p.reconfigure(_cfg(detect={"enabled": True, "threshold": 0.9}, oee={"windows": ["5m"]}))
     assert p.anomaly is not engine
 
 
@@ -167,6 +191,37 @@ async def test_server_reload_applies_and_defers_restart_only_sections(
     assert server.pipeline.cfg.machines["press1"].ideal_cycle_s == 2.5
     assert server.cfg.influx.url == "http://127.0.0.1:8086"  # needs a restart: kept, and said so
     assert any("[influx] changed" in r.getMessage() and "next restart" in r.getMessage() for r in caplog.records)
+    if server.wal:
+        server.wal.close()
+    server.deadletter.close()
+
+
+async def test_server_reload_refuses_an_unreadable_file_and_says_ready_again(tmp_path: Path) -> None:
+    import socket
+
+    from gateway.notify import Notifier
+
+    server, path, _ = _server(tmp_path, _BASE.format(dir=tmp_path))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "n.sock"))
+    sock.settimeout(2)
+    server.notifier = Notifier(env={"NOTIFY_SOCKET": str(tmp_path / "n.sock")})
+    path.write_bytes(path.read_bytes() + b"# caf\xe9\n")  # Latin-1: not UTF-8
+    assert await server.reload() is False
+    got = [sock.recv(4096).decode().split("\n")[0] for _ in range(2)]
+    assert got == ["RELOADING=1", "READY=1"]
+    sock.close()
+    server.notifier.close()
+    if server.wal:
+        server.wal.close()
+    server.deadletter.close()
+
+
+async def test_a_reload_requested_while_stopping_is_ignored(tmp_path: Path) -> None:
+    server, _, _ = _server(tmp_path, _BASE.format(dir=tmp_path))
+    server._stopping = True
+    server.request_reload()
+    assert not server._reload_tasks
     if server.wal:
         server.wal.close()
     server.deadletter.close()

@@ -152,3 +152,56 @@ def test_notifier_without_a_manager_or_with_a_dead_socket_never_fails(tmp_path: 
     assert gone.watchdog() is False
     assert gone.status("x") is False
     gone.close()
+
+
+async def test_watchdog_pings_come_from_the_event_loop_so_a_stalled_loop_stops_them(tmp_path: Path) -> None:
+    """A blocked event loop must starve the pings (systemd then restarts the service), not a side thread."""
+    import asyncio
+    import threading
+    import time
+
+    from gateway.config import GatewayConfig
+    from gateway.server import Server
+    from tests.servers import free_port
+    from tests.unit.test_pipeline import FakeSink
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.05)
+    pings: list[float] = []  # arrival times, taken by a thread: it runs while the event loop is stuck
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():
+            try:
+                if sock.recv(4096).startswith(b"WATCHDOG=1"):
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                continue
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    cfg = GatewayConfig.model_validate({
+        "mqtt": {"port": free_port()},  # nothing listens: the server keeps retrying, which is fine here
+        "buffer": {"dir": str(tmp_path / "wal")},
+        "deadletter": {"path": str(tmp_path / "dl.jsonl")},
+        "http": {"enabled": False},
+        "detect": {"enabled": False},
+    })
+    notifier = Notifier(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "100000"})
+    server = Server(cfg, FakeSink(), notifier=notifier, show_status=False)
+    task = asyncio.create_task(server.run())
+    await asyncio.sleep(0.5)
+    before = len(pings)
+    stall_start = time.monotonic()
+    time.sleep(1.0)  # the whole event loop is stuck here  # noqa: ASYNC251
+    stall_end = time.monotonic()
+    await asyncio.sleep(0.4)
+    server.should_exit.set()
+    await asyncio.wait_for(task, 20)
+    done.set()
+    receiver.join()
+    sock.close()
+    assert before >= 3  # every 50 ms (WATCHDOG_USEC / 2) while the loop runs
+    assert not [t for t in pings if stall_start + 0.05 < t < stall_end - 0.05], "pinged while the loop was stuck"
+    assert [t for t in pings if t > stall_end], "pings resume once the loop runs again"

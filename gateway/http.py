@@ -23,7 +23,6 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -112,10 +111,7 @@ class GatewayCollector(Collector):
                                 value=int(g.source.connected.is_set()))
         yield CounterMetricFamily("factory_gateway_mqtt_reconnects", "Broker connections after the first one.",
                                   value=max(0, g.source.connects - 1))
-        h = p.batch_latency
-        yield HistogramMetricFamily("factory_gateway_batch_latency_seconds",
-                                    "Per flushed batch: first message's arrival to the batch acknowledged.",
-                                    buckets=h.cumulative(), sum_value=h.sum)
+        yield from p.batch_latency.collect()
         anomalies = CounterMetricFamily("factory_gateway_anomalies", "Anomaly events written, by detector.",
                                         labels=["detector"])
         names = set(EVENT_NAMES if p.cfg.detect.enabled else ()) | set(p.anomalies_by_detector)

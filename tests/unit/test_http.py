@@ -19,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import __version__
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import REJECT_REASONS, ConfigError, SinkError
-from gateway.histogram import BucketHistogram
 from gateway.http import HttpListenError
 from gateway.output import RunningOutput
 from gateway.server import Server
@@ -191,19 +190,6 @@ def test_disabled_means_no_status_server(tmp_path: Path) -> None:
 
 
 # -- building blocks ---------------------------------------------------------------------------------------
-def test_histogram_buckets_are_le_and_cumulative() -> None:
-    h = BucketHistogram((0.1, 0.2, 0.5))
-    for v in (0.0, 0.1, 0.10000001, 0.2, 0.3, 0.5, 0.7, 100.0):
-        h.observe(v)
-    assert h.cumulative() == [("0.1", 2), ("0.2", 4), ("0.5", 6), ("+Inf", 8)]
-    assert h.count == 8
-    assert h.sum == pytest.approx(101.90000001)
-    with pytest.raises(ValueError, match="increasing"):
-        BucketHistogram((0.5, 0.1))
-    with pytest.raises(ValueError, match="increasing"):
-        BucketHistogram(())
-
-
 def test_wal_oldest_pending_time(tmp_path: Path) -> None:
     with WriteAheadLog(tmp_path) as wal:
         assert wal.oldest_pending_time() is None

@@ -13,7 +13,6 @@ to InfluxDB 3 only. What the bridge does, and why the bench configures it as it 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -69,6 +68,8 @@ def run_peer(srv: Any, messages: list[tuple[str, bytes]], *, timeout: float = 90
     from e2e import _count, wait_for
     from publisher import publish_parallel
 
+    from tests.servers import stop_process
+
     exe, note = ensure_venv()
     if exe is None:
         return {"error": note}
@@ -94,13 +95,7 @@ def run_peer(srv: Any, messages: list[tuple[str, bytes]], *, timeout: float = 90
         got, seen = wait_for(lambda: _count(srv.influx, db, "telemetry", "temp_c"), n, timeout, every=0.5)
         elapsed = seen - pub.first_publish
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, signal.SIGINT)
     errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln or "Traceback" in ln]
     return {"package": PACKAGE, "venv": str(VENV), "venv_note": note, "messages": n, "points": got,
             "loss": n - got, "seconds": elapsed, "msgs_per_s": got / elapsed, "publisher_msgs_per_s": pub.rate,

@@ -17,7 +17,7 @@ from typing import Any, Self
 import orjson
 import paho.mqtt.client as mqtt
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,15 +64,9 @@ class GatewayProcess:
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, wait for the drain; return the exit code."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        code = stop_process(self.proc, timeout=timeout)
         self._fh.close()
-        return self.proc.returncode
+        return code
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import InfluxDB1, Mosquitto, free_port  # noqa: E402
+from tests.servers import InfluxDB1, Mosquitto, free_port, stop_process  # noqa: E402
 
 MEASUREMENTS = ("telemetry", "machine_state", "production", "anomaly", "oee", "vibration_features")
 
@@ -116,13 +116,7 @@ def main() -> int:
             time.sleep(0.2)
         print("stopping: simulator, gateway, then the servers")
         for p in reversed(procs):  # simulator first, then the gateway drains
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
+            stop_process(p, timeout=20)
         print(_summary(influx, "factory", started))
         gw_log.close()
         sim_log.close()

@@ -203,19 +203,23 @@ class MqttPublisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def publish(self, topic: str, payload: bytes, channel: str) -> None:
-        """Queue one message; paho sends it from its network thread."""
+    def publish(self, topic: str, payload: bytes, channel: str) -> int | None:
+        """Queue one message (paho sends it from its network thread); its message id, None if dropped.
+
+        At QoS 1/2 a message queued while disconnected counts as queued: paho sends it on reconnect.
+        """
         info = self._client.publish(topic, payload, qos=self.qos)
         rc = info.rc
         queued = rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and self.qos > 0)
-        if queued:
-            with self._lock:
-                self._expected += 1
-            self.sent[channel] += 1
-        else:
+        if not queued:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("dropped %d message(s) so far (%s)", self.dropped, mqtt.error_string(rc))
+            return None
+        with self._lock:
+            self._expected += 1
+        self.sent[channel] += 1
+        return int(info.mid)
 
     @property
     def outstanding(self) -> int:

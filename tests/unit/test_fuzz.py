@@ -21,6 +21,7 @@ from gateway.encode import LineProtocolEncoder
 from gateway.errors import DecodeError
 from gateway.schema import CHANNELS, MachineState
 from tests.lp_parser import LineProtocolError, parse_body
+from tests.unit.test_schema_decode import assert_empty
 
 ARRIVAL_NS = 1763900000_000000000
 TEMPLATE = "factory/{site}/{area}/{line}/{machine}/{channel}"
@@ -52,16 +53,6 @@ def _decoder(fmt: str = "auto", registry: SeriesRegistry | None = None) -> Decod
         GatewaySection(instance="fuzz"),
         registry if registry is not None else SeriesRegistry(),
     )
-
-
-def _assert_empty(out: BatchBuilder) -> None:
-    assert (out.points, out.messages) == (0, 0)
-    batch = out.take()
-    assert len(batch.telemetry) == 0
-    assert batch.waveforms == []
-    assert batch.states == []
-    assert batch.counts == []
-    assert batch.raw_lines == []
 
 
 def _topic(site: str, area: str, line: str, machine: str, channel: str) -> str:
@@ -131,7 +122,7 @@ def test_backslash_or_control_in_topic_refused(good: str, bad: str, level: int, 
     out = BatchBuilder()
     with pytest.raises(DecodeError, match="backslash or control character"):
         _decoder().decode("/".join(parts), b'{"total": 1, "good": 1, "values": {"v": 1}}', ARRIVAL_NS, out)
-    _assert_empty(out)
+    assert_empty(out)
 
 
 @pytest.mark.parametrize("name", ["temp\\", "a\\,b", "x\\ y", "a\\=b", "dir\\\\sub"])
@@ -216,7 +207,7 @@ def test_arbitrary_bytes_only_decode_error(payload: bytes, channel: str, fmt: st
     try:
         n = _decoder(fmt).decode(_topic("s", "a", "l", "m", channel), payload, ARRIVAL_NS, out)
     except DecodeError:
-        _assert_empty(out)
+        assert_empty(out)
         return
     assert out.points == n
     assert out.messages == 1
@@ -274,7 +265,7 @@ def test_arbitrary_json_only_decode_error(doc: Any, channel: str, fmt: str) -> N
     try:
         n = _decoder(fmt, registry).decode(_topic("s", "a", "l", "m", channel), payload, ARRIVAL_NS, out)
     except DecodeError:
-        _assert_empty(out)
+        assert_empty(out)
         return
     assert out.points == n
     batch = out.take()

@@ -59,8 +59,6 @@ class Server:
         self.status_interval_s = status_interval_s
         self.show_status = sys.stderr.isatty() if show_status is None else show_status
         self.reloads = 0
-        self._reload_lock = asyncio.Lock()
-        self._reload_tasks: set[asyncio.Task[bool]] = set()
         self._stopping = False
         self._status_last: tuple[float, tuple[int, int]] = (time.monotonic(), (0, 0))
         self.sink = sink or make_influx_sink(cfg.influx)
@@ -90,36 +88,33 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     def request_reload(self) -> None:
-        """SIGHUP: reload the config file in a task (reloads run one at a time; none once stopping)."""
+        """SIGHUP (the handler runs in the event loop): reload the config file, unless shutting down."""
         if self._stopping:
             log.warning("reload requested while shutting down: ignored")
             return
-        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
-        self._reload_tasks.add(task)
-        task.add_done_callback(self._reload_tasks.discard)
+        self.reload()
 
-    async def reload(self) -> bool:
+    def reload(self) -> bool:
         """Re-read the config file and apply it without a restart; an invalid file changes nothing.
 
         Subscriptions, detector parameters, OEE windows, shifts and ideal cycle times, the per-message
         limits and the log level apply at once; ``[influx]``, ``[buffer]``, ``[deadletter]`` and ``[http]``
-        changes are reported and wait for the next restart. Nothing in flight is lost: the open batch
-        is computed with the new settings, a batch being written is not touched.
+        changes are reported and wait for the next restart. Synchronous, so nothing runs in between:
+        the open batch is computed with the new settings, a batch being written is not touched.
         """
-        async with self._reload_lock:
-            if self.config_path is None:
-                log.warning("reload requested, but the server was not started from a config file")
-                return False
-            self.notifier.reloading()
-            status = "reload failed; running the old config"
-            try:
-                status, ok = self._reload()
-                return ok
-            except Exception:  # a reload must never take the daemon down
-                log.exception("reload failed while applying; the running config is kept")
-                return False
-            finally:
-                self.notifier.ready(status)
+        if self.config_path is None:
+            log.warning("reload requested, but the server was not started from a config file")
+            return False
+        self.notifier.reloading()
+        status = "reload failed; running the old config"
+        try:
+            status, ok = self._reload()
+            return ok
+        except Exception:  # a reload must never take the daemon down
+            log.exception("reload failed while applying; the running config is kept")
+            return False
+        finally:
+            self.notifier.ready(status)
 
     def _reload(self) -> tuple[str, bool]:
         assert self.config_path is not None
@@ -219,8 +214,6 @@ class Server:
             await self._main_loop(*tasks, source)
         finally:
             self._stopping = True
-            for task in list(self._reload_tasks):  # a reload in progress finishes before the drain
-                await asyncio.wait({task})
             if status is not None:
                 status.cancel()
             self.notifier.stopping()

@@ -167,7 +167,7 @@ async def test_server_reload_refuses_an_invalid_file_and_keeps_running(
     before = server.cfg
     path.write_text(_BASE.format(dir=tmp_path) + '[oee]\ntimezone = "Mars/Olympus"\nwindows = ["90x"]\n')
     with caplog.at_level(logging.ERROR):
-        assert await server.reload() is False
+        assert server.reload() is False
     assert server.cfg is before
     assert server.reloads == 0
     refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
@@ -185,7 +185,7 @@ async def test_server_reload_applies_and_defers_restart_only_sections(
     path.write_text(_BASE.format(dir=tmp_path) + '[influx]\nurl = "http://10.0.0.1:8086"\n'
                     '[machines."press1"]\nideal_cycle_s = 2.5\n')
     with caplog.at_level(logging.INFO):
-        assert await server.reload() is True
+        assert server.reload() is True
     assert server.reloads == 1
     assert server.cfg.machines["press1"].ideal_cycle_s == 2.5
     assert server.pipeline.cfg.machines["press1"].ideal_cycle_s == 2.5
@@ -207,7 +207,7 @@ async def test_server_reload_refuses_an_unreadable_file_and_says_ready_again(tmp
     sock.settimeout(2)
     server.notifier = Notifier(env={"NOTIFY_SOCKET": str(tmp_path / "n.sock")})
     path.write_bytes(path.read_bytes() + b"# caf\xe9\n")  # Latin-1: not UTF-8
-    assert await server.reload() is False
+    assert server.reload() is False
     got = [sock.recv(4096).decode().split("\n")[0] for _ in range(2)]
     assert got == ["RELOADING=1", "READY=1"]
     sock.close()
@@ -218,10 +218,13 @@ async def test_server_reload_refuses_an_unreadable_file_and_says_ready_again(tmp
 
 
 async def test_a_reload_requested_while_stopping_is_ignored(tmp_path: Path) -> None:
-    server, _, _ = _server(tmp_path, _BASE.format(dir=tmp_path))
+    server, path, _ = _server(tmp_path, _BASE.format(dir=tmp_path))
+    before = server.cfg
+    path.write_text(_BASE.format(dir=tmp_path) + '[machines."press1"]\nideal_cycle_s = 2.5\n')
     server._stopping = True
     server.request_reload()
-    assert not server._reload_tasks
+    assert server.reloads == 0
+    assert server.cfg is before
     if server.wal:
         server.wal.close()
     server.deadletter.close()

@@ -21,6 +21,7 @@ stuck sensor is wrong whatever the machine does) are exempt.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,11 +36,11 @@ __all__ = ["StateChangeFilter"]
 class StateChangeFilter:
     """Drops anomaly events that follow a state change of their machine too closely."""
 
-    def __init__(self, holdoff_s: float, exempt: Sequence[str] = ("flatline",)) -> None:
+    def __init__(self, holdoff_s: float, exempt: Sequence[str] = ("flatline", "stuck")) -> None:
         self.holdoff_ns = int(holdoff_s * 1e9)
         self._always = np.array([DETECTOR_NAMES.index(d) for d in exempt], np.int64)
         self._state: dict[MachineKey, str] = {}
-        self._changed: dict[MachineKey, int] = {}
+        self._changed: dict[MachineKey, list[int]] = {}  # recent change times, ascending
         self.dropped = 0
 
     def observe(self, states: Sequence[StateEvent]) -> None:
@@ -48,17 +49,25 @@ class StateChangeFilter:
             previous = self._state.get(e.machine)
             self._state[e.machine] = e.state
             if previous is not None and previous != e.state:
-                self._changed[e.machine] = max(self._changed.get(e.machine, e.ts_ns), e.ts_ns)
+                # every change of a batch counts, not only its last: a block of telemetry may span several
+                times = self._changed.setdefault(e.machine, [])
+                times.append(e.ts_ns)
+                if len(times) > 1 and times[-2] > e.ts_ns:
+                    times.sort()
+                newest = times[-1]
+                while len(times) > 1 and times[0] < newest - 2 * self.holdoff_ns - 3_600_000_000_000:
+                    times.pop(0)  # older than any event still to come could be held off by
 
     def keep(self, events: AnomalyEvents, machine_of_series: Sequence[MachineKey]) -> AnomalyEvents:
         """The events that are not within ``holdoff_s`` after their machine's last state change."""
         if len(events) == 0 or self.holdoff_ns == 0 or not self._changed:
             return events
-        changed = np.array(
-            [self._changed.get(machine_of_series[s], -(2**62)) for s in events.series.tolist()], np.int64
-        )
-        age = events.ts_ns - changed
-        keep = ~((age >= 0) & (age < self.holdoff_ns))
+        keep = np.ones(len(events), np.bool_)
+        for i, (s, t) in enumerate(zip(events.series.tolist(), events.ts_ns.tolist(), strict=True)):
+            times = self._changed.get(machine_of_series[s])
+            if times:  # the latest change at or before the event
+                j = bisect.bisect_right(times, t) - 1
+                keep[i] = not (j >= 0 and t - times[j] < self.holdoff_ns)
         if self._always.size:
             keep |= np.isin(events.code, self._always)
         if keep.all():

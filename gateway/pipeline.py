@@ -367,8 +367,9 @@ class Pipeline:
         n = batch.detect_rows
         self.state_filter.observe(batch.states)
         found: list[AnomalyEvents] = []
-        if self.anomaly is not None and n:
-            found.append(self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics))
+        if self.anomaly is not None and (n or batch.states):
+            found.append(self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics,
+                                              self.registry.machines, batch.states))
         if self.severity is not None and n:
             found.append(severity_events(self.severity.process(
                 tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics, self.registry.machines)))

@@ -22,7 +22,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.detect.machine import MODEL_DETECTORS, MachineModelParams
+
 __all__ = [
+    "CLASSIC_DETECTORS",
+    "DEFAULT_DETECTORS",
     "DETECTOR_NAMES",
     "CusumParams",
     "DetectRule",
@@ -37,8 +41,16 @@ __all__ = [
     "WesternElectricParams",
 ]
 
-DetectorName = Literal["ewma", "cusum", "western_electric", "robust", "flatline", "spike"]
-DETECTOR_NAMES: tuple[str, ...] = ("ewma", "cusum", "western_electric", "robust", "flatline", "spike")
+DetectorName = Literal[
+    "ewma", "cusum", "western_electric", "robust", "flatline", "spike",
+    "residual_spike", "residual_cusum", "residual_variance", "stuck",
+]
+# Event codes index this tuple: new detectors go at the end (stored codes keep their meaning).
+DETECTOR_NAMES: tuple[str, ...] = (
+    "ewma", "cusum", "western_electric", "robust", "flatline", "spike", *MODEL_DETECTORS,
+)
+CLASSIC_DETECTORS: tuple[DetectorName, ...] = ("ewma", "cusum", "western_electric", "robust", "flatline", "spike")
+DEFAULT_DETECTORS: tuple[DetectorName, ...] = ("residual_spike", "residual_cusum", "residual_variance", "stuck")
 
 
 class _Section(BaseModel):
@@ -178,7 +190,7 @@ class DetectionConfig(_Section):
     readings, any Western Electric rule) to 0.5, so the default ``threshold`` of 0.5 flags exactly there.
 
     >>> DetectionConfig().threshold, DetectionConfig().detectors[:2]
-    (0.5, ('ewma', 'cusum'))
+    (0.5, ('residual_spike', 'residual_cusum'))
     """
 
     enabled: bool = Field(True, description="Run anomaly detection at all.")
@@ -202,16 +214,18 @@ class DetectionConfig(_Section):
         ),
     )
     always_report: tuple[DetectorName, ...] = Field(
-        ("flatline",),
+        ("flatline", "stuck"),
         description="Detectors whose own onsets are always events (a stuck sensor is a fault by itself).",
     )
     learn_flagged: bool = Field(
         True, description="Learn from flagged samples too (False keeps them out of the baselines)."
     )
     detectors: tuple[DetectorName, ...] = Field(
-        ("ewma", "cusum", "western_electric", "robust", "flatline", "spike"),
-        description="Detectors run on every metric unless a rule replaces the set.",
+        DEFAULT_DETECTORS,
+        description="Detectors run on every metric unless a rule replaces the set. The default is the machine"
+        " model's four (gateway.detect.machine); the classic per-series detectors stay available by name.",
     )
+    machine: MachineModelParams = MachineModelParams()
     ewma: EwmaParams = EwmaParams()
     cusum: CusumParams = CusumParams()
     western_electric: WesternElectricParams = WesternElectricParams()

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.batch import F64, I64
+from gateway.batch import F64, I64, MachineKey, StateEvent
 from gateway.detect.base import BatchLayout, Detector
 from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfile
 from gateway.detect.cusum import CusumDetector
 from gateway.detect.ewma import EwmaDetector
 from gateway.detect.flatline import FlatlineDetector
 from gateway.detect.kernel import FusedKernel, supports
+from gateway.detect.machine import MODEL_DETECTORS, MachineModel, ModelResult
 from gateway.detect.robust import RobustDetector
 from gateway.detect.spike import SpikeDetector
 from gateway.detect.western_electric import WesternElectricDetector
@@ -60,7 +61,8 @@ def make_detector(name: str, config: DetectionConfig | None = None, metric: str 
     5.0
     """
     if name not in DETECTOR_CLASSES:
-        raise ValueError(f"unknown detector {name!r}; allowed: {', '.join(DETECTOR_NAMES)}")
+        allowed = ", ".join(DETECTOR_CLASSES)
+        raise ValueError(f"unknown detector {name!r} (the machine model's run in AnomalyEngine); allowed: {allowed}")
     cfg = config or DetectionConfig()
     params = cfg.resolve(metric).params[name].model_dump()
     return DETECTOR_CLASSES[name](
@@ -136,7 +138,12 @@ class _Profile:
         weights = profile.fusion.weights
         self.weights: list[float] = []
         self.baseline: EwmaDetector
+        self.model_names = [d for d in profile.detectors if d in MODEL_DETECTORS]
+        self.model_codes = [DETECTOR_NAMES.index(d) for d in self.model_names]
+        self.model_weights = [float(weights.get(d, 1.0)) for d in self.model_names]  # type: ignore[call-overload]
         for name in profile.detectors:
+            if name in MODEL_DETECTORS:
+                continue
             det = DETECTOR_CLASSES[name](**common, **profile.params[name].model_dump())
             self.detectors.append(det)
             self.codes.append(DETECTOR_NAMES.index(name))
@@ -144,9 +151,9 @@ class _Profile:
             if isinstance(det, EwmaDetector):
                 det.record = True
                 self.baseline = det
-        self.own_baseline = "ewma" not in profile.detectors
+        self.own_baseline = "ewma" not in profile.detectors and not self.model_names
         # the fused kernel replaces the separate detectors (same scores, one loop); kept for fallback
-        self.kernel = FusedKernel(profile, config) if supports(profile, config) else None
+        self.kernel = FusedKernel(profile, config) if supports(profile, config) and not self.model_names else None
         if self.own_baseline:
             self.baseline = EwmaDetector(**common, **profile.params["ewma"].model_dump(), record=True)
         self.method = profile.fusion.method
@@ -176,18 +183,19 @@ class _Profile:
 
     def fuse(self, scores: list[F64], n: int) -> F64:
         fused = np.zeros(n, np.float64)
+        weights = self.weights + self.model_weights
         if self.method == "noisy_or":
             fused += 1.0
-            for s, w in zip(scores, self.weights, strict=True):
+            for s, w in zip(scores, weights, strict=True):
                 fused *= 1.0 - w * s
             return 1.0 - fused
         if self.method == "mean":
-            total = sum(self.weights) or 1.0
-            for s, w in zip(scores, self.weights, strict=True):
+            total = sum(weights) or 1.0
+            for s, w in zip(scores, weights, strict=True):
                 fused += (w / total) * s
             return fused
         tmp = np.empty(n, np.float64)
-        for s, w in zip(scores, self.weights, strict=True):
+        for s, w in zip(scores, weights, strict=True):
             np.maximum(fused, s if w == 1.0 else np.multiply(s, w, out=tmp), out=fused)
         return fused
 
@@ -223,6 +231,9 @@ class AnomalyEngine:
         self._profiles: list[_Profile] = []
         self._keys: dict[str, int] = {}
         self.last_fused: F64 = np.empty(0, np.float64)
+        self.model = MachineModel(config.machine, config.grace_samples)
+        self._uses_model: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
+        self._model: ModelResult | None = None  # this batch's machine-model scores (input order)
 
     def _resolve(self, needed: int, metrics: Sequence[str]) -> None:
         done = self._profile_of.shape[0]
@@ -241,12 +252,19 @@ class AnomalyEngine:
                 self._profiles.append(_Profile(prof, self.config))
             new[i] = pid
         self._profile_of = np.concatenate((self._profile_of, new))
+        uses = np.array([bool(p.enabled and p.model_names) for p in self._profiles], np.bool_)
+        self._uses_model = uses[self._profile_of]
 
-    def process(self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str]) -> AnomalyEvents:
+    def process(
+        self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str],
+        machines: Sequence[MachineKey] | None = None, states: Sequence[StateEvent] = (),
+    ) -> AnomalyEvents:
         """Score and learn one batch (parallel arrays in arrival order); return the flagged samples.
 
         Non-finite values are skipped (neither scored nor learned). The fused score of every sample
         is left in :attr:`last_fused` (0 for skipped samples and metrics with detection disabled).
+        ``machines`` (the machine of each series id) and ``states`` (the batch's state-channel events)
+        give the machine model its context: siblings, peers and regimes.
         """
         series = np.asarray(series, np.int64)
         ts_ns = np.asarray(ts_ns, np.int64)
@@ -255,9 +273,29 @@ class AnomalyEngine:
         self.last_fused = _empty_f()  # let the previous batch's scores go before this batch allocates
         if n == 0 or not self.config.enabled:
             self.last_fused = np.zeros(n, np.float64)
+            if states and self.config.enabled:  # state events alone still move their machines' regime
+                self.model.run(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), states=states)
             return AnomalyEvents()
         self._resolve(int(series.max()) + 1, metrics)
         finite = np.isfinite(values)
+        self._model = None
+        if self._uses_model.any():
+            use = finite & self._uses_model[series]
+            at = None if bool(use.all()) else np.flatnonzero(use)
+            if at is None:
+                self._model = self.model.run(series, ts_ns, values, machines=machines, metrics=metrics,
+                                             states=states)
+            else:
+                part = self.model.run(series[at], ts_ns[at], values[at], machines=machines, metrics=metrics,
+                                      states=states)
+                full = ModelResult({k: np.zeros(n) for k in part.scores}, np.zeros(n), np.zeros(n))
+                for k, v in part.scores.items():
+                    full.scores[k][at] = v
+                full.expected[at] = part.expected
+                full.zscore[at] = part.zscore
+                self._model = full
+        elif states:
+            self.model.run(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), states=states)
         pids = self._profile_of[series] if self._profiles[1:] else None
         pid_list = np.unique(pids).tolist() if pids is not None else [0]
         all_finite = bool(finite.all())
@@ -329,18 +367,31 @@ class AnomalyEngine:
             baseline = res.baseline
         else:
             scores = [det.run(layout, packed) for det in prof.detectors]
+            model = self._model
+            if prof.model_names:
+                assert model is not None  # the machine model ran on every sample of this profile
+                scores += [layout.pack(model.scores[d] if idx is None else model.scores[d][idx])
+                           for d in prof.model_names]
             if prof.own_baseline:
                 prof.baseline.run(layout, packed)
             fused = prof.fuse(scores, n)
-            for code, s in zip(prof.codes, scores, strict=True):
+            for code, s in zip(prof.codes + prof.model_codes, scores, strict=True):
                 where = np.flatnonzero(s >= thr)
                 if where.shape[0]:
                     hits.append((where, code, s[where]))
             cand = np.arange(n)
-            base = prof.baseline
+            if prof.model_names:
+                assert model is not None
+                m_exp = layout.pack(model.expected if idx is None else model.expected[idx])
+                m_z = layout.pack(model.zscore if idx is None else model.zscore[idx])
 
-            def baseline(at: I64) -> tuple[F64, F64]:
-                return base.expected[at], base.zscore[at]
+                def baseline(at: I64) -> tuple[F64, F64]:
+                    return m_exp[at], m_z[at]
+            else:
+                base = prof.baseline
+
+                def baseline(at: I64) -> tuple[F64, F64]:
+                    return base.expected[at], base.zscore[at]
         need = int(layout.rows.max()) + 1
         if prof.prev_fused.shape[0] < need:
             cap = max(need, 2 * prof.prev_fused.shape[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.detect.config import DetectionConfig
+from gateway.detect.config import CLASSIC_DETECTORS, DetectionConfig
 from gateway.detect.fusion import AnomalyEngine, AnomalyEvents
 
 
@@ -28,7 +28,7 @@ def _run(cfg: DetectionConfig, x: np.ndarray, chunk: int) -> list[tuple[int, str
 
 
 def test_fused_mode_reports_the_spike_once_and_the_stuck_sensor_once() -> None:
-    events = _run(DetectionConfig(), _series(), 1000)
+    events = _run(DetectionConfig(detectors=CLASSIC_DETECTORS), _series(), 1000)
     fused = [t for t, d in events if d == "fused"]
     assert 500 in fused
     flat = [t for t, d in events if d == "flatline"]
@@ -39,21 +39,21 @@ def test_fused_mode_reports_the_spike_once_and_the_stuck_sensor_once() -> None:
 
 @pytest.mark.parametrize("mode", ["fused", "onset", "all"])
 def test_events_do_not_depend_on_batch_size(mode: str) -> None:
-    cfg = DetectionConfig(events=mode)  # type: ignore[arg-type]
+    cfg = DetectionConfig(detectors=CLASSIC_DETECTORS, events=mode)  # type: ignore[arg-type]
     x = _series()
     assert _run(cfg, x, 1000) == _run(cfg, x, 100) == _run(cfg, x, 37)
 
 
 def test_all_mode_reports_every_flagged_sample() -> None:
     x = _series()
-    n_all = len(_run(DetectionConfig(events="all"), x, 1000))
-    n_onset = len(_run(DetectionConfig(events="onset"), x, 1000))
-    n_fused = len(_run(DetectionConfig(), x, 1000))
+    n_all = len(_run(DetectionConfig(detectors=CLASSIC_DETECTORS, events="all"), x, 1000))
+    n_onset = len(_run(DetectionConfig(detectors=CLASSIC_DETECTORS, events="onset"), x, 1000))
+    n_fused = len(_run(DetectionConfig(detectors=CLASSIC_DETECTORS), x, 1000))
     assert n_all > n_onset >= n_fused
-    stuck = [t for t, d in _run(DetectionConfig(events="all"), x, 1000) if d == "flatline"]
+    stuck = [t for t, d in _run(DetectionConfig(detectors=CLASSIC_DETECTORS, events="all"), x, 1000) if d == "flatline"]
     assert len(stuck) > 50  # every stuck reading past the run length
 
 
 def test_always_report_can_be_emptied() -> None:
-    events = _run(DetectionConfig(always_report=()), _series(), 1000)
+    events = _run(DetectionConfig(detectors=CLASSIC_DETECTORS, always_report=()), _series(), 1000)
     assert not [t for t, d in events if d == "flatline" and t not in {500}]

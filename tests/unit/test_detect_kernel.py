@@ -10,6 +10,7 @@ import pytest
 
 from gateway.batch import F64, I64
 from gateway.detect import AnomalyEngine, DetectionConfig, EwmaDetector
+from gateway.detect.config import CLASSIC_DETECTORS
 from gateway.detect.fusion import AnomalyEvents
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -75,10 +76,10 @@ def test_kernel_matches_detector_classes(name: str, cuts: list[int]) -> None:
 
 
 def test_kernel_is_used_by_default_and_not_for_learn_flagged_false() -> None:
-    eng = AnomalyEngine(DetectionConfig())
+    eng = AnomalyEngine(DetectionConfig(detectors=CLASSIC_DETECTORS))
     eng._resolve(1, ["m"])
     assert eng._profiles[0].kernel is not None
-    eng = AnomalyEngine(DetectionConfig(learn_flagged=False))
+    eng = AnomalyEngine(DetectionConfig(detectors=CLASSIC_DETECTORS, learn_flagged=False))
     eng._resolve(1, ["m"])
     assert eng._profiles[0].kernel is None
     assert isinstance(eng._profiles[0].baseline, EwmaDetector)

@@ -18,6 +18,7 @@ from gateway.detect import (
     WesternElectricDetector,
     squash,
 )
+from gateway.detect.config import CLASSIC_DETECTORS
 
 WARM = np.array([1.0, -1.0] * 10)  # mean 0, population σ 1
 
@@ -145,7 +146,7 @@ def test_config_rejects_typos_and_resolves_rules() -> None:
 
 def test_engine_events_and_fused_crossing() -> None:
     cfg = DetectionConfig.model_validate(
-        {"grace_samples": 20, "rules": [{"metrics": "off_*", "enabled": False}]}
+        {"detectors": CLASSIC_DETECTORS, "grace_samples": 20, "rules": [{"metrics": "off_*", "enabled": False}]}
     )
     eng = AnomalyEngine(cfg)
     rng = np.random.default_rng(1)
@@ -180,8 +181,9 @@ def test_fused_holdoff_reports_only_new_peaks() -> None:
     x[350] += 30.0  # long after (≫ half-life): reported again
     series = np.zeros(400, np.int64)
     ts = np.arange(400, dtype=np.int64)
-    on = AnomalyEngine(DetectionConfig(grace_samples=20)).score(series, ts, x, ["m"])
-    off = AnomalyEngine(DetectionConfig.model_validate({"grace_samples": 20, "fusion": {"holdoff": 0}}))
+    on = AnomalyEngine(DetectionConfig(detectors=CLASSIC_DETECTORS, grace_samples=20)).score(series, ts, x, ["m"])
+    off = AnomalyEngine(DetectionConfig.model_validate({"detectors": CLASSIC_DETECTORS, "grace_samples": 20,
+                                                   "fusion": {"holdoff": 0}}))
     raw = off.score(series, ts, x, ["m"])
     assert on[200] == raw[200] >= 0.5
     assert on[203] == 0.0 < raw[203]

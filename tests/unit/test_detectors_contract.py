@@ -21,6 +21,8 @@ from gateway.detect import (
     SpikeDetector,
     WesternElectricDetector,
 )
+from gateway.detect.config import CLASSIC_DETECTORS
+from gateway.detect.machine import MachineModel, MachineModelParams
 
 GRACE = 20
 Scorer = Callable[[I64, F64], F64]
@@ -38,6 +40,19 @@ def _det(cls: type, **kw: Any) -> Callable[[], Scorer]:
         det = cls(grace_samples=GRACE, **kw)
         return lambda s, v: det.score_learn(s, v)  # type: ignore[no-any-return]
     return make
+
+
+def _model(name: str) -> Callable[[], Scorer]:
+    def make() -> Scorer:
+        mm = MachineModel(MachineModelParams(), grace=GRACE)
+        return lambda s, v: mm.run(s, np.zeros(s.shape[0], np.int64), v).scores[name]
+    return make
+
+
+def _classic_engine() -> Scorer:
+    eng = AnomalyEngine(DetectionConfig(grace_samples=GRACE, detectors=CLASSIC_DETECTORS))
+    metrics = [f"m{i}" for i in range(16)]
+    return lambda s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, metrics)
 
 
 def _engine() -> Scorer:
@@ -58,6 +73,14 @@ def _stuck(x: F64, i: int) -> None:
     x[i - 40 : i + 1] = x[i - 40]
 
 
+def _noisier(x: F64, i: int) -> None:
+    x[i - 10 : i + 1] += 5.0 * np.random.default_rng(7).standard_normal(11)
+
+
+def _shift_before(x: F64, i: int) -> None:
+    x[i - 1 :] += 5.0  # below z_join (6 σ): a shift inside the level, two samples of CUSUM
+
+
 CASES = [
     Case("ewma", _det(EwmaDetector), _spike),
     Case("cusum", _det(CusumDetector), _shift),
@@ -65,6 +88,11 @@ CASES = [
     Case("robust", _det(RobustDetector, window=16), _spike),
     Case("flatline", _det(FlatlineDetector, n=20), _stuck),
     Case("spike", _det(SpikeDetector), _spike),
+    Case("residual_spike", _model("residual_spike"), _spike),
+    Case("residual_cusum", _model("residual_cusum"), _shift_before),
+    Case("residual_variance", _model("residual_variance"), _noisier),
+    Case("stuck", _model("stuck"), _stuck),
+    Case("fused_classic", _classic_engine, _spike),
     Case("fused", _engine, _spike),
 ]
 

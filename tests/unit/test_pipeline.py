@@ -150,9 +150,9 @@ async def test_waveform_samples_are_written_but_not_run_through_the_detectors() 
     assert p.anomaly is not None
     real = p.anomaly.process
 
-    def spy(series, ts_ns, values, metrics):  # type: ignore[no-untyped-def]
+    def spy(series, ts_ns, values, metrics, *context):  # type: ignore[no-untyped-def]
         seen.append(len(series))
-        return real(series, ts_ns, values, metrics)
+        return real(series, ts_ns, values, metrics, *context)
 
     p.anomaly.process = spy  # type: ignore[method-assign]
     now = time.time() - 5

@@ -1,0 +1,416 @@
+"""The compiled step of the machine model (:mod:`gateway.detect.machine`), written once, in numba.
+
+Why numba: the model's update is a few hundred dependent scalar operations per sample (level
+assignment, two small recursive least-squares fits, peer common mode, four change statistics) that
+branch per sample; a numpy step loop would run each of them as a separate array pass per step and
+need a second, vectorised copy of the logic. One compiled loop over the batch in arrival order does
+it once, and is the only definition of the step (the classes and the engine all call it).
+
+Every per-series, per-machine and per-group quantity lives in flat float64/int64 arrays owned by
+:class:`gateway.detect.machine.MachineModel`; this module only reads and writes them. Column layouts
+are named by the ``S_*``, ``L_*`` and ``G_*`` constants below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if "NUMBA_CACHE_DIR" not in os.environ:  # the package dir may be read-only (systemd ProtectSystem)
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                        / "factory-gateway" / "numba")
+
+import numba
+
+__all__ = ["CHANNELS", "K_LEVELS", "N_LAG", "step_batch"]
+
+K_LEVELS = 4  # operating levels per series (stopped, idle, setup, running) — or the state channel's regimes
+# Lag basis: the sibling's level mean through 7.5, 15, 30 and 60 min first-order lags (together they fit
+# any thermal time constant from 10 to 45 min within 1 %), and its "stopped" indicator (lowest level)
+# through 10 and 40 min: switching a machine off drops its base load too, which no straight line in the
+# sibling's reading explains.
+LAG_TAUS_S = (450.0, 900.0, 1800.0, 3600.0, 600.0, 2400.0)
+N_ON_U = 4  # the first N_ON_U lags filter the level mean, the others the stopped indicator
+N_LAG = len(LAG_TAUS_S)
+N_SIB = 2  # sibling metrics tried as the load input of the lag model
+CHANNELS = ("spike", "cusum", "variance", "stuck")
+
+# per-series scalar columns
+S_N = 0  # samples seen
+S_PREV = 1  # last reading
+S_LEVEL = 2  # current level index (-1 none yet)
+S_NLEV = 3  # levels in use
+S_PEND = 4  # value of the pending new level
+S_PENDN = 5  # consecutive far samples
+S_ABS_OWN = 6  # EWMA |error| of the own-level model
+S_CHI = 7  # CUSUM high side
+S_CLO = 8  # CUSUM low side
+S_VAR = 9  # EWMA of z²
+S_RUN = 10  # identical readings in a row
+S_USE = 11  # model in use: 0 own levels, 1 + j lag model on sibling j
+S_LAST_T = 12  # last timestamp (s)
+S_U = 13  # current level mean (the load input siblings read)
+S_SCALE = 14  # series noise scale (median-like, for pending levels)
+S_PRE = 15  # error against the nearest level before any new level opened (what the own model predicted)
+S_VISIT = 16  # offset of this visit of the level (a new product, a new load) from the level's mean
+S_VN = 17  # samples of this visit
+S_LOW = 18  # 1 while in the lowest of the series' levels (the machine is stopped), else 0
+N_S = 19
+
+# per-series per-level columns (K_LEVELS levels)
+L_MEAN = 0
+L_VAR = 1
+L_N = 2
+L_SAME = 3  # EWMA rate of identical consecutive readings while in this level
+N_L = 4
+
+# per-series per-sibling lag model: forgotten sums of the least-squares fit, lag states, e2, |e|, n
+J_W = 0
+J_SY = 1
+J_SX = 2
+J_SXY = J_SX + N_LAG
+J_SXX = J_SXY + N_LAG
+J_LP = J_SXX + N_LAG * N_LAG
+J_E2 = J_LP + N_LAG
+J_ABS = J_E2 + 1
+J_N = J_ABS + 1
+N_J = J_N + 1
+
+# per-group (site × area × metric) common mode
+G_C = 0
+G_S = 1
+G_N = 2
+N_G = 3
+
+
+@numba.njit(cache=True, nogil=True)
+def _alpha(dt: float, tau: float, n: float) -> float:
+    """EWMA weight of one sample: time-based (1 - e^{-dt/tau}), never below 1/n while young."""
+    a = 1.0 - math.exp(-dt / tau) if dt > 0.0 else 0.0
+    w = 1.0 / n
+    return w if w > a else a
+
+
+@numba.njit(cache=True, nogil=True)
+def _level_sd(lev: Any, k: int, scale: float, grace: float) -> float:
+    """Noise σ of level ``k``; a young level (fewer than ``grace`` samples) is at least 2 typical steps."""
+    sd = math.sqrt(lev[k, L_VAR] + (1e-6 * lev[k, L_MEAN]) ** 2 + 1e-18)
+    if lev[k, L_N] < grace:
+        sd = max(sd, 2.0 * scale)
+    return sd
+
+
+@numba.njit(cache=True, nogil=True)
+def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
+    """Least-squares prediction from the forgotten sums: centred normal equations with a small ridge,
+    solved by Cholesky (sums decay uniformly, so no excitation means no wind-up, unlike RLS)."""
+    wsum = lag[J_W]
+    if wsum <= 0.0:
+        return 0.0
+    my = lag[J_SY] / wsum
+    for q in range(N_LAG):
+        mq = lag[J_SX + q] / wsum
+        for r in range(N_LAG):
+            c[q, r] = lag[J_SXX + q * N_LAG + r] / wsum - mq * lag[J_SX + r] / wsum
+        beta[q] = lag[J_SXY + q] / wsum - mq * my
+    for q in range(N_LAG):
+        c[q, q] += 1e-6 * c[q, q] + 1e-12
+    for q in range(N_LAG):  # Cholesky, in place (lower)
+        v = c[q, q]
+        for r in range(q):
+            v -= c[q, r] * c[q, r]
+        if v <= 1e-300:
+            return float(my)
+        d = math.sqrt(v)
+        c[q, q] = d
+        for r in range(q + 1, N_LAG):
+            acc = c[r, q]
+            for t in range(q):
+                acc -= c[r, t] * c[q, t]
+            c[r, q] = acc / d
+    for q in range(N_LAG):  # forward
+        acc = beta[q]
+        for r in range(q):
+            acc -= c[q, r] * beta[r]
+        beta[q] = acc / c[q, q]
+    for q in range(N_LAG - 1, -1, -1):  # backward
+        acc = beta[q]
+        for r in range(q + 1, N_LAG):
+            acc -= c[r, q] * beta[r]
+        beta[q] = acc / c[q, q]
+    pred = my
+    for q in range(N_LAG):
+        pred += beta[q] * (lag[J_LP + q] - lag[J_SX + q] / wsum)
+    return float(pred)
+
+
+@numba.njit(cache=True, nogil=True)
+def step_batch(
+    order: Any, sid: Any, mach: Any, ts: Any, x: Any,
+    ev_mach: Any, ev_ts: Any, ev_reg: Any,
+    s_state: Any, s_lev: Any, s_lag: Any, s_sib: Any, s_group: Any,
+    m_state: Any, m_last: Any, g_state: Any, g_members: Any,
+    prm: Any, out: Any, expected: Any, zout: Any,
+) -> None:
+    """Score then learn every sample, in ``order`` (grouped by machine, then time, then arrival).
+
+    ``prm``: grace, z_join, n_new, t_level_s, cusum_k, cusum_h, var_alpha, z_spike (unused here),
+    stuck_p, stuck_min, t_fit_s, t_group_s, min_group, var_alarm (unused here), clip, visit_n.
+    ``out[i, c]`` is the raw statistic of channel ``c`` (spike |z|, CUSUM S/h, variance ratio,
+    stuck run / alarm run) for input sample ``i``.
+    """
+    grace = prm[0]
+    z_join = prm[1]
+    n_new = prm[2]
+    t_level = prm[3]
+    ck = prm[4]
+    ch = prm[5]
+    va = prm[6]
+    stuck_p = prm[8]
+    stuck_min = prm[9]
+    t_fit = prm[10]
+    t_group = prm[11]
+    min_group = prm[12]
+    clip = prm[14]
+    visit_n = prm[15]
+    n = order.shape[0]
+    n_ev = ev_mach.shape[0]
+    e = 0  # next state event (sorted by machine, time)
+    cmat = np.empty((N_LAG, N_LAG))
+    beta = np.empty(N_LAG)
+    i0 = 0
+    while i0 < n:
+        # a group: the samples of one machine at one timestamp (all of them see the same context)
+        first = order[i0]
+        mid = mach[first]
+        t_ns = ts[first]
+        i1 = i0 + 1
+        while i1 < n and mach[order[i1]] == mid and ts[order[i1]] == t_ns:
+            dup = False  # a series twice at one timestamp: the second sample starts the next group
+            for jj in range(i0, i1):
+                if sid[order[jj]] == sid[order[i1]]:
+                    dup = True
+            if dup:
+                break
+            i1 += 1
+        t = t_ns * 1e-9
+        while e < n_ev and (ev_mach[e] < mid or (ev_mach[e] == mid and ev_ts[e] <= t_ns)):
+            if ev_mach[e] == mid:
+                m_state[mid] = ev_reg[e]
+            e += 1
+        regime = m_state[mid]
+        dt_m = t - m_last[mid] if m_last[mid] > -1e300 else 0.0
+        if dt_m < 0.0:
+            dt_m = 0.0
+        m_last[mid] = t
+        # -- pass 1: level of every sample of the group (siblings read each other's level mean)
+        for ii in range(i0, i1):
+            i = order[ii]
+            s = sid[i]
+            st = s_state[s]
+            lev = s_lev[s]
+            xv = x[i]
+            nl = int(st[S_NLEV])
+            if st[S_N] == 0.0:
+                st[S_SCALE] = abs(xv) * 1e-3 + 1e-9
+            best = -1
+            bestz = 1e300
+            if regime >= 0:  # the state channel names the level
+                best = regime
+                if lev[best, L_N] == 0.0:
+                    lev[best, L_MEAN] = xv
+                    lev[best, L_VAR] = st[S_SCALE] ** 2
+                bestz = abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st[S_SCALE], grace)
+            else:
+                for k in range(nl):
+                    sd = _level_sd(lev, k, st[S_SCALE], grace)
+                    zk = abs(xv - lev[k, L_MEAN]) / sd
+                    if zk < bestz:
+                        bestz = zk
+                        best = k
+                if best < 0 or bestz > z_join:
+                    # far from every level: a new level once n_new such samples agree
+                    sc = st[S_SCALE]
+                    if st[S_PENDN] > 0.0 and abs(xv - st[S_PEND]) <= z_join * sc:
+                        st[S_PENDN] += 1.0
+                        st[S_PEND] += (xv - st[S_PEND]) / st[S_PENDN]
+                    else:
+                        st[S_PENDN] = 1.0
+                        st[S_PEND] = xv
+                    if st[S_PENDN] >= n_new or nl == 0:
+                        if nl < K_LEVELS:
+                            k = nl
+                            st[S_NLEV] = nl + 1
+                        else:  # replace the level seen least
+                            k = 0
+                            for q in range(1, K_LEVELS):
+                                if lev[q, L_N] < lev[k, L_N]:
+                                    k = q
+                        lev[k, L_MEAN] = st[S_PEND]
+                        lev[k, L_VAR] = sc * sc
+                        lev[k, L_N] = 0.0
+                        lev[k, L_SAME] = 0.0
+                        st[S_PENDN] = 0.0
+                        best = k
+                        bestz = abs(xv - lev[k, L_MEAN]) / sc
+                    elif best < 0:
+                        best = 0
+                else:
+                    st[S_PENDN] = 0.0
+            if best != int(st[S_LEVEL]):
+                st[S_VISIT] = 0.0
+                st[S_VN] = 0.0
+            st[S_PRE] = xv - lev[best, L_MEAN] if bestz <= z_join else bestz * _level_sd(lev, best, st[S_SCALE], grace)
+            st[S_LEVEL] = best
+            st[S_U] = lev[best, L_MEAN] + st[S_VISIT]
+            lowest = True
+            for q in range(int(st[S_NLEV])):
+                if lev[q, L_N] > 0.0 and lev[q, L_MEAN] < lev[best, L_MEAN]:
+                    lowest = False
+            st[S_LOW] = 1.0 if lowest and st[S_NLEV] > 1.0 else 0.0
+        # -- pass 2: predict, score, learn
+        for ii in range(i0, i1):
+            i = order[ii]
+            s = sid[i]
+            st = s_state[s]
+            lev = s_lev[s]
+            xv = x[i]
+            k = int(st[S_LEVEL])
+            nseen = st[S_N] + 1.0
+            dt = t - st[S_LAST_T] if st[S_N] > 0.0 else 0.0
+            if dt < 0.0:
+                dt = 0.0
+            st[S_LAST_T] = t
+            # own-level model
+            sd_own = _level_sd(lev, k, st[S_SCALE], grace)
+            mu = lev[k, L_MEAN] + st[S_VISIT]
+            e_own = xv - mu
+            g = s_group[s]
+            use_group = g >= 0 and g_members[g] >= min_group
+            cg = g_state[g, G_C] if use_group else 0.0
+            # lag models on the siblings' level means (plus the peers' common mode)
+            best_j = -1
+            best_abs = st[S_ABS_OWN]
+            e_sel = e_own
+            sd_sel = sd_own
+            pred_sel = mu
+            d_raw = 0.0
+            for j in range(N_SIB):
+                sb = s_sib[s, j]
+                if sb < 0:
+                    continue
+                lag = s_lag[s, j]
+                u = s_state[sb, S_U]
+                low = s_state[sb, S_LOW]
+                if lag[J_N] == 0.0:
+                    for q in range(N_LAG):
+                        lag[J_LP + q] = u if q < N_ON_U else low
+                    lag[J_E2] = sd_own * sd_own
+                    lag[J_ABS] = 1e300
+                else:
+                    for q in range(N_LAG):
+                        a = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
+                        lag[J_LP + q] += a * ((u if q < N_ON_U else low) - lag[J_LP + q])
+                pred = _lag_predict(lag, cmat, beta)
+                ej = xv - cg - pred
+                sdj = math.sqrt(lag[J_E2] + 1e-18)
+                if lag[J_N] > grace and lag[J_ABS] < best_abs:
+                    best_abs = lag[J_ABS]
+                    best_j = j
+                    e_sel = ej
+                    sd_sel = sdj
+                    pred_sel = pred + cg
+                    d_raw = xv - pred
+                # learn: exponentially forgotten sums (time constant t_fit), Huber weight beyond clip σ
+                lam = math.exp(-dt / t_fit) if dt > 0.0 else 1.0
+                w = 1.0
+                lim = clip * sdj
+                if lag[J_N] > grace and abs(ej) > lim:
+                    w = lim / abs(ej)
+                yt = xv - cg
+                lag[J_W] = lag[J_W] * lam + w
+                lag[J_SY] = lag[J_SY] * lam + w * yt
+                for q in range(N_LAG):
+                    fq = lag[J_LP + q]
+                    lag[J_SX + q] = lag[J_SX + q] * lam + w * fq
+                    lag[J_SXY + q] = lag[J_SXY + q] * lam + w * fq * yt
+                    for r in range(N_LAG):
+                        lag[J_SXX + q * N_LAG + r] = lag[J_SXX + q * N_LAG + r] * lam + w * fq * lag[J_LP + r]
+                lag[J_N] += 1.0
+                aj = _alpha(dt, t_level, lag[J_N])
+                lag[J_E2] += aj * (min(ej * ej, (clip * sdj) ** 2) - lag[J_E2]) if lag[J_N] > grace \
+                    else (ej * ej - lag[J_E2]) / lag[J_N]
+                ab = abs(ej)
+                lag[J_ABS] = ab if lag[J_ABS] > 1e299 else lag[J_ABS] + aj * (ab - lag[J_ABS])
+            st[S_USE] = best_j + 1.0
+            z = e_sel / sd_sel
+            expected[i] = pred_sel
+            zout[i] = z
+            # -- statistics
+            az = abs(z)
+            zc = max(-clip * 2.0, min(clip * 2.0, z))
+            hi = max(0.0, st[S_CHI] + zc - ck)
+            lo = max(0.0, st[S_CLO] - zc - ck)
+            cus = max(hi, lo)
+            if cus >= ch:
+                hi = 0.0
+                lo = 0.0
+            st[S_CHI] = hi
+            st[S_CLO] = lo
+            z2 = min(z * z, 36.0)
+            st[S_VAR] += va * (z2 - st[S_VAR]) if nseen > 1.0 else z2 - st[S_VAR]
+            same = st[S_N] > 0.0 and xv == st[S_PREV]
+            st[S_RUN] = st[S_RUN] + 1.0 if same else 1.0
+            p_same = lev[k, L_SAME]
+            need = stuck_min
+            if p_same > 1e-12:
+                need = max(stuck_min, math.log(stuck_p) / math.log(min(p_same, 0.999999)) + 1.0)
+            warm = nseen > grace
+            out[i, 0] = az if warm else 0.0
+            out[i, 1] = cus / ch if warm else 0.0
+            out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va else 0.0
+            out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0
+            # -- learn: levels (clipped), identical-reading rate, own error, peers
+            an = _alpha(dt, t_level, lev[k, L_N] + 1.0)
+            if bestz_ok(e_own, sd_own, z_join):
+                ecl = max(-clip * sd_own, min(clip * sd_own, e_own)) if lev[k, L_N] > grace else e_own
+                lev[k, L_MEAN] += an * ecl * 0.0 if st[S_VN] < visit_n and lev[k, L_N] > grace else an * ecl
+                lev[k, L_VAR] += an * (min(e_own * e_own, (clip * sd_own) ** 2) - lev[k, L_VAR]) \
+                    if lev[k, L_N] > grace else (e_own * e_own - lev[k, L_VAR]) / (lev[k, L_N] + 1.0)
+                lev[k, L_N] += 1.0
+                if st[S_N] > 0.0 and st[S_RUN] < need:  # a stuck run does not teach that runs are normal
+                    lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
+            aa = _alpha(dt, t_level, nseen)
+            pre = abs(st[S_PRE])
+            st[S_ABS_OWN] = pre if st[S_N] == 0.0 else st[S_ABS_OWN] + aa * (pre - st[S_ABS_OWN])
+            # the visit offset: learned over the first visit_n samples of each visit, then held
+            if st[S_VN] < visit_n and lev[k, L_N] > grace:
+                st[S_VN] += 1.0
+                st[S_VISIT] += (max(-z_join * sd_own, min(z_join * sd_own, e_own))) / st[S_VN]
+            ds = abs(xv - st[S_PREV]) if st[S_N] > 0.0 else 0.0
+            if ds > 0.0:  # noise scale from the typical step (log-domain EWMA: robust to jumps)
+                st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + aa * (math.log(ds) - math.log(st[S_SCALE])))
+            if use_group and best_j >= 0:
+                wg = _alpha(dt, t_group, 1e300) / g_members[g]
+                gs = g_state[g, G_S]
+                dv = d_raw - g_state[g, G_C]
+                if g_state[g, G_N] < min_group:
+                    g_state[g, G_C] += dv / (g_state[g, G_N] + 1.0)
+                    g_state[g, G_S] = max(gs, abs(dv))
+                else:
+                    g_state[g, G_C] += wg * max(-3.0 * gs, min(3.0 * gs, dv))
+                    g_state[g, G_S] += wg * (1.25 * abs(dv) - gs)
+                g_state[g, G_N] += 1.0
+            st[S_PREV] = xv
+            st[S_N] = nseen
+        i0 = i1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def bestz_ok(e: float, sd: float, z_join: float) -> bool:
+    """A sample teaches its level only if it belongs to it (within ``z_join`` σ)."""
+    return abs(e) <= z_join * sd

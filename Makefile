@@ -14,7 +14,8 @@ lint:
 	.venv/bin/ruff check gateway devices tests bench deploy
 	.venv/bin/mypy
 
-# The whole suite against real servers started by the fixtures (ruff and mypy included).
+# The whole suite against real servers started by the fixtures, the docstring examples (pyproject.toml's
+# --doctest-modules) and ruff and mypy.
 test: setup lint
 	.venv/bin/python -m pytest -q -m "not chaos" -p no:cacheprovider
 

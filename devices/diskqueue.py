@@ -8,14 +8,15 @@ sent after the next start. ``max_bytes`` caps the stored messages (a Pi has a fi
 OLDEST messages are dropped, with an error line counting them.
 
 >>> import tempfile
->>> q = DiskQueue(Path(tempfile.mkdtemp()) / "queue.db", max_bytes=10**6)
+>>> tmp = tempfile.TemporaryDirectory()
+>>> q = DiskQueue(Path(tmp.name) / "queue.db", max_bytes=10**6)
 >>> for n in range(3):
 ...     _ = q.put("factory/s/a/l/pi/telemetry", b'{"seq":%d}' % n)
 >>> [m.payload for m in q.read_after(0, 2)]
 [b'{"seq":0}', b'{"seq":1}']
 >>> q.delete([1, 2]); len(q)
 1
->>> q.close()
+>>> q.close(); tmp.cleanup()
 """
 
 from __future__ import annotations

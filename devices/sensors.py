@@ -5,12 +5,14 @@ Every reader takes its path, so tests point it at a fake sysfs tree in a tempora
 >>> metric_name("cpu-thermal"), metric_name("x86_pkg_temp"), metric_name("GPU Thermal")
 ('cpu_temp_c', 'x86_pkg_temp_c', 'gpu_thermal_temp_c')
 >>> import tempfile
->>> probe = Path(tempfile.mkdtemp()) / "28-00000a1b2c3d"
+>>> tmp = tempfile.TemporaryDirectory()
+>>> probe = Path(tmp.name) / "28-00000a1b2c3d"
 >>> probe.mkdir()
 >>> _ = (probe / "w1_slave").write_text("72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\\n"
 ...                                     "72 01 4b 46 7f ff 0e 10 57 t=23125\\n")
 >>> read_ds18b20(probe)
 23.125
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations

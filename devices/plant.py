@@ -517,8 +517,25 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0) 
     """The plant as broker messages in time order: ``{"topic": ..., "payload": {...}}`` dicts.
 
     Per machine and ``span_s`` span, its state changes in that span (when ``state_channel``), then one
-    columnar telemetry message; all machines' span k come before span k+1.
+    columnar telemetry message; all machines' span k come before span k+1, as a broker would deliver
+    devices that publish a state change at once and their telemetry in blocks.
 
+    Parameters
+    ----------
+    plant
+        A generated plant.
+    state_channel
+        Also yield the ``.../state`` messages (``{"ts", "state", "reason"}``).
+    span_s
+        Seconds of telemetry per columnar message.
+
+    Yields
+    ------
+    dict
+        ``{"topic": "factory/<site>/<area>/<line>/<machine>/<telemetry|state>", "payload": {...}}``.
+
+    Examples
+    --------
     >>> p = generate_plant(PlantConfig(machines=2, days=1.25, interval_s=60.0))
     >>> recs = list(replay_records(p, state_channel=False, span_s=3600.0))
     >>> len(recs), len(recs[0]["payload"]["ts"]), sorted(recs[0]["payload"]["values"])

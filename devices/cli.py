@@ -2,6 +2,10 @@
 
     factory-devices simulate --broker 127.0.0.1:1883 --machines 20 --rate 1 --duration 60 --time-scale 60
     factory-devices agent --config /etc/factory-agent/pi-agent.toml
+    factory-devices plant --machines 24 --days 3 --seed 1 --out plant.jsonl --faults faults.jsonl
+
+``plant`` writes a generated plant (``devices/plant.py``) as a file for ``factory-gateway replay --input``
+and its fault labels as JSON lines; ``--no-state`` leaves out the state channel.
 
 ``simulate`` reports progress on stderr every ``--progress`` seconds. Bad arguments (and a bad agent
 config) exit with status 2 and a message naming the option or key; a broker that cannot be reached
@@ -62,6 +66,16 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _broker(text: str) -> BrokerAddress:
     try:
         return BrokerAddress.parse(text)
@@ -117,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{simulate,agent}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{simulate,agent,plant}")
 
     sim = sub.add_parser("simulate", parents=[common], help="publish a simulated fleet of machines")
     sim.add_argument("--broker", type=_broker, default=BrokerAddress("127.0.0.1"), help="HOST:PORT")
@@ -152,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", parents=[common], help="run the Raspberry Pi sensor agent")
     agent.add_argument("--config", type=Path, required=True, help="agent TOML file (see configs/pi-agent.toml)")
+
+    plant = sub.add_parser("plant", parents=[common], help="write a generated plant as a replay file")
+    plant.add_argument("--machines", type=_positive(int), default=24, help="number of machines (default 24)")
+    plant.add_argument("--days", type=_positive(float), default=3.0, help="days from Monday 00:00 UTC (default 3)")
+    plant.add_argument("--interval", type=_positive(float), default=10.0, help="seconds between samples (default 10)")
+    plant.add_argument("--seed", type=_non_negative_int, default=1, help="RNG seed (default 1)")
+    plant.add_argument("--no-state", action="store_true", help="leave out the state channel")
+    plant.add_argument("--out", type=Path, required=True, help="replay file (JSON lines of topic + payload)")
+    plant.add_argument("--faults", type=Path, help="write the fault labels as JSON lines")
     return parser
 
 
@@ -345,6 +368,26 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plant(args: argparse.Namespace) -> int:
+    from devices.plant import PlantConfig, generate_plant, write_replay
+
+    cfg = PlantConfig(machines=args.machines, days=args.days, interval_s=args.interval, seed=args.seed)
+    plant = generate_plant(cfg)
+    try:
+        records = write_replay(plant, args.out, state_channel=not args.no_state)
+        if args.faults is not None:
+            args.faults.write_text(plant.faults_jsonl())
+    except OSError as exc:
+        print(f"factory-devices: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(
+        f"factory-devices: {len(plant.specs)} machines x {plant.values.shape[2]} samples, {records} messages "
+        f"to {args.out}, {len(plant.faults)} faults" + (f" to {args.faults}" if args.faults else ""),
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``factory-devices`` console script."""
     parser = build_parser()
@@ -352,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "simulate":
         return _simulate(args, parser)
+    if args.command == "plant":
+        return _plant(args)
     return _agent(args)
 
 

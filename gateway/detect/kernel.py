@@ -22,8 +22,9 @@ Scores agree with the separate detector classes to rounding (see ``tests/unit/te
 exact batch-size invariance holds because every operation is elementwise in step order.
 
 >>> import numpy as np
->>> from gateway.detect.config import DetectionConfig
->>> k = FusedKernel.build(DetectionConfig().resolve("m"), DetectionConfig())
+>>> from gateway.detect.config import CLASSIC_DETECTORS, DetectionConfig
+>>> cfg = DetectionConfig(detectors=CLASSIC_DETECTORS)
+>>> k = FusedKernel.build(cfg.resolve("m"), cfg)
 >>> x = np.r_[np.random.default_rng(0).normal(0, 1, 300), 15.0]
 >>> res = k.run(BatchLayout.build(np.zeros(301, np.int64)), x)
 >>> int(np.argmax(res.fused)), bool(res.fused[-1] > 0.5)

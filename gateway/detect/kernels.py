@@ -382,7 +382,7 @@ def step_batch(
                 lev[k, L_VAR] += an * (min(e_own * e_own, (clip * sd_own) ** 2) - lev[k, L_VAR]) \
                     if lev[k, L_N] > grace else (e_own * e_own - lev[k, L_VAR]) / (lev[k, L_N] + 1.0)
                 lev[k, L_N] += 1.0
-                if st[S_N] > 0.0 and st[S_RUN] < need:  # a stuck run does not teach that runs are normal
+                if st[S_N] > 0.0 and st[S_RUN] < stuck_min:  # only short runs teach the repeat rate
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
             aa = _alpha(dt, t_level, nseen)
             pre = abs(st[S_PRE])

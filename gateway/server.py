@@ -78,6 +78,7 @@ class Server:
         self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
+        self.pipeline.publish = self.source.publish
         self.should_exit = asyncio.Event()
         self.http = StatusServer(cfg.http, self) if cfg.http.enabled else None
 

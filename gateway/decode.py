@@ -34,6 +34,7 @@ from gateway.batch import (
     MachineKey,
     SeriesRegistry,
     StateEvent,
+    StatusEvent,
     TelemetryBatch,
     WaveformBlock,
 )
@@ -102,6 +103,7 @@ class BatchBuilder:
         self.states: list[StateEvent] = []
         self.counts: list[CountEvent] = []
         self.raw_lines: list[bytes] = []
+        self.statuses: list[StatusEvent] = []
         self.tokens: list[AckToken] = []
         # Parts of an accepted message that could not be used (the rest was): dead-lettered by the pipeline.
         self.rejects: list[DecodeError] = []
@@ -126,6 +128,7 @@ class BatchBuilder:
             states=self.states,
             counts=self.counts,
             raw_lines=self.raw_lines,
+            statuses=self.statuses,
             detect_rows=detect_rows,
         )
         self._reset()
@@ -195,7 +198,12 @@ class Decoder:
 
     def _format(self, topic: str) -> Format:
         """The payload format of the first subscription matching ``topic`` (cached in its route)."""
-        return next((sub.format for sub in self.subscriptions if topic_matches(sub.topic, topic)), "auto")
+        fmt = next((sub.format for sub in self.subscriptions if topic_matches(sub.topic, topic)), "auto")
+        if fmt == "json":
+            return "json"
+        if fmt == "line":
+            return "line"
+        return "auto"  # sparkplug subscriptions are routed to their own decoder by DecoderRouter
 
     def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
         """Decode one message into ``out``; return the number of points it produced."""
@@ -431,6 +439,7 @@ DECODERS: dict[str, str] = {
     "auto": "gateway.decode:Decoder.from_context",
     "json": "gateway.decode:Decoder.from_context",
     "line": "gateway.decode:Decoder.from_context",
+    "sparkplug": "gateway.sparkplug.decode:SparkplugDecoder.from_context",
 }
 
 
@@ -475,6 +484,15 @@ class DecoderRouter:
     def decoders(self) -> dict[str, MessageDecoder]:
         """The live decoders by factory (one per distinct format family)."""
         return dict(self._by_spec)
+
+    def will(self) -> tuple[str, bytes, bytes] | None:
+        """``(topic, will, birth)`` of a decoder that is a host application on the broker (Sparkplug STATE)."""
+        for dec in self._by_spec.values():
+            will = getattr(dec, "will", None)
+            state = will() if will is not None else None
+            if state is not None:
+                return state  # type: ignore[no-any-return]
+        return None
 
     def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
         dec = self._routes.get(topic)

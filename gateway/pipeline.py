@@ -415,6 +415,7 @@ class Pipeline:
                 oee,
                 enc.states(batch.states),
                 enc.counts(batch.counts),
+                enc.device_status(batch.statuses),
                 b"\n".join(batch.raw_lines),
             ]
         )

@@ -28,6 +28,7 @@ __all__ = [
     "MachineKey",
     "SeriesRegistry",
     "StateEvent",
+    "StatusEvent",
     "TelemetryBatch",
     "WaveformBlock",
 ]
@@ -169,6 +170,16 @@ class CountEvent:
     good: int
 
 
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """A device or edge node came online (birth) or went offline (death); ``bdseq`` names the session."""
+
+    machine: MachineKey
+    ts_ns: int
+    online: bool
+    bdseq: int | None = None
+
+
 @dataclass(slots=True)
 class DecodedBatch:
     """Everything one flush of the pipeline carries from decode to compute."""
@@ -178,4 +189,5 @@ class DecodedBatch:
     states: list[StateEvent] = field(default_factory=list)
     counts: list[CountEvent] = field(default_factory=list)
     raw_lines: list[bytes] = field(default_factory=list)
+    statuses: list[StatusEvent] = field(default_factory=list)
     detect_rows: int = 0  # telemetry[:detect_rows] are scalar samples for the detectors; the rest is waveform

@@ -43,6 +43,7 @@ __all__ = [
     "HttpConfig",
     "InfluxConfig",
     "MqttConfig",
+    "SparkplugConfig",
     "Subscription",
     "TlsConfig",
     "load_config",
@@ -88,7 +89,7 @@ class Subscription(_Section):
 
     topic: str
     qos: Literal[0, 1, 2] | None = None
-    format: Literal["json", "line", "auto"] = "auto"
+    format: Literal["json", "line", "auto", "sparkplug"] = "auto"
 
     @field_validator("topic")
     @classmethod
@@ -267,6 +268,47 @@ class GatewaySection(_Section):
     store_waveforms: bool = Field(True, description="Write every sample of fixed-rate blocks to telemetry.")
 
 
+_SPARKPLUG_FIELDS = ("group_id", "edge_node_id", "device_id")
+_PLACEHOLDER = re.compile(r"{([^{}]*)}")
+
+
+class SparkplugConfig(_Section):
+    """``[sparkplug]``: the Sparkplug B host application (subscriptions with ``format = "sparkplug"``).
+
+    Tags are templates over ``{group_id}``, ``{edge_node_id}`` and ``{device_id}`` (an edge node's own
+    metrics have ``device_id = edge_node_id``).
+
+    >>> SparkplugConfig(machine="{edge_node_id}.{device_id}").machine
+    '{edge_node_id}.{device_id}'
+    """
+
+    host_id: str | None = Field(None, description="Primary host id: Will and retained STATE on spBv1.0/STATE/<id>.")
+    site: str = Field("{group_id}", min_length=1)
+    area: str = Field("sparkplug", min_length=1)
+    line: str = Field("{edge_node_id}", min_length=1)
+    machine: str = Field("{device_id}", min_length=1)
+    reorder_timeout_s: float = Field(2.0, ge=0, le=60, description="How long a seq gap may wait to be filled.")
+    rebirth_interval_s: float = Field(5.0, ge=0, description="At most one rebirth request per edge node this often.")
+    state_metric: str | None = Field(None, description="Metric holding the machine state (OEE).")
+    total_metric: str | None = Field(None, description="Metric counting all parts (OEE).")
+    good_metric: str | None = Field(None, description="Metric counting good parts (OEE; default: total).")
+
+    @field_validator("site", "area", "line", "machine")
+    @classmethod
+    def _tag_template(cls, v: str) -> str:
+        unknown = [n for n in _PLACEHOLDER.findall(v) if n not in _SPARKPLUG_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {unknown}; allowed: {list(_SPARKPLUG_FIELDS)}")
+        return v
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/+#")):
+            raise ValueError(f"must be one non-empty topic level without '/', '+' or '#', got {v!r}")
+        return v
+
+
 class GatewayConfig(BaseSettings):
     """The whole configuration (one TOML file)."""
 
@@ -283,6 +325,7 @@ class GatewayConfig(BaseSettings):
     oee: OeeConfig = Field(default_factory=OeeConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig)
     machines: dict[str, MachineConfig] = Field(default_factory=dict)
 
     @classmethod

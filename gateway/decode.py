@@ -3,7 +3,7 @@
 A message is validated whole before anything is appended, so a bad message never leaves half its
 points behind; the :class:`~gateway.errors.DecodeError` names the field and why.
 
->>> from gateway.config import GatewaySection, Subscription
+>>> from gateway.config import GatewayConfig, GatewaySection, Subscription
 >>> dec = Decoder("factory/{site}/{area}/{line}/{machine}/{channel}", [Subscription(topic="#")],
 ...               GatewaySection(), SeriesRegistry())
 >>> out = BatchBuilder()
@@ -16,10 +16,12 @@ points behind; the :class:`~gateway.errors.DecodeError` names the field and why.
 
 from __future__ import annotations
 
+import importlib
 import re
 from array import array
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import orjson
@@ -32,10 +34,11 @@ from gateway.batch import (
     MachineKey,
     SeriesRegistry,
     StateEvent,
+    StatusEvent,
     TelemetryBatch,
     WaveformBlock,
 )
-from gateway.config import GatewaySection, Subscription
+from gateway.config import GatewayConfig, GatewaySection, Subscription
 from gateway.errors import CardinalityError, DecodeError
 from gateway.lineproto import machine_tag_pairs
 from gateway.schema import (
@@ -49,9 +52,19 @@ from gateway.schema import (
 )
 from gateway.topic import TopicParser, topic_matches
 
-__all__ = ["AckToken", "BatchBuilder", "Decoder", "describe_validation_error"]
+__all__ = [
+    "DECODERS",
+    "AckToken",
+    "BatchBuilder",
+    "Decoder",
+    "DecoderContext",
+    "DecoderRouter",
+    "MessageDecoder",
+    "describe_validation_error",
+]
 
 Format = Literal["json", "line", "auto"]
+PublishCallback = Callable[[str, bytes, int, bool], bool]  # topic, payload, qos, retain -> sent
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -90,7 +103,10 @@ class BatchBuilder:
         self.states: list[StateEvent] = []
         self.counts: list[CountEvent] = []
         self.raw_lines: list[bytes] = []
+        self.statuses: list[StatusEvent] = []
         self.tokens: list[AckToken] = []
+        # Parts of an accepted message that could not be used (the rest was): dead-lettered by the pipeline.
+        self.rejects: list[DecodeError] = []
         self.points = 0
         self.messages = 0
         self.first_arrival_ns = 0
@@ -112,6 +128,7 @@ class BatchBuilder:
             states=self.states,
             counts=self.counts,
             raw_lines=self.raw_lines,
+            statuses=self.statuses,
             detect_rows=detect_rows,
         )
         self._reset()
@@ -154,6 +171,22 @@ class Decoder:
         self._tag_cache: dict[MachineKey, tuple[tuple[bytes, bytes], ...]] = {}
         self._routes: dict[str, _Route] = {}
 
+    @classmethod
+    def from_context(cls, ctx: DecoderContext) -> Decoder:
+        """The registry's factory (json, line and auto subscriptions share one)."""
+        cfg = ctx.cfg
+        return cls(cfg.mqtt.topic_template, cfg.mqtt.subscriptions(), cfg.gateway, ctx.registry,
+                   check_time_window=ctx.check_time_window)
+
+    def reconfigure(self, cfg: GatewayConfig) -> None:
+        """Take reloaded settings in place; the topic caches start over (the template may have changed)."""
+        self.topics = TopicParser(cfg.mqtt.topic_template)
+        self.subscriptions = cfg.mqtt.subscriptions()
+        self.limits = cfg.gateway
+        self._past_ns = int(cfg.gateway.max_past_s * 1e9)
+        self._future_ns = int(cfg.gateway.max_future_s * 1e9)
+        self._routes = {}
+
     def _route(self, topic: str) -> _Route:
         route = self._routes.get(topic)
         if route is None:
@@ -165,7 +198,12 @@ class Decoder:
 
     def _format(self, topic: str) -> Format:
         """The payload format of the first subscription matching ``topic`` (cached in its route)."""
-        return next((sub.format for sub in self.subscriptions if topic_matches(sub.topic, topic)), "auto")
+        fmt = next((sub.format for sub in self.subscriptions if topic_matches(sub.topic, topic)), "auto")
+        if fmt == "json":
+            return "json"
+        if fmt == "line":
+            return "line"
+        return "auto"  # sparkplug subscriptions are routed to their own decoder by DecoderRouter
 
     def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
         """Decode one message into ``out``; return the number of points it produced."""
@@ -366,3 +404,107 @@ class Decoder:
         out.raw_lines.extend(lines)
         return len(lines)
 
+
+
+# -- one decoder per payload format ---------------------------------------------------------------------
+class MessageDecoder(Protocol):
+    """A payload format: turns one message into rows of the open batch.
+
+    Each owns its topic mapping and its session state (a Sparkplug alias table, say), and takes a
+    reloaded config in place, so a SIGHUP loses none of that state.
+    """
+
+    def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int: ...
+
+    def reconfigure(self, cfg: GatewayConfig) -> None: ...
+
+
+@dataclass(slots=True)
+class DecoderContext:
+    """What a decoder factory is given: settings, the shared series registry, and a way to publish.
+
+    ``publish(topic, payload, qos, retain)`` reaches the source (a host application answers on the
+    broker, e.g. a Sparkplug rebirth request); it returns False while there is no connection.
+    """
+
+    cfg: GatewayConfig
+    registry: SeriesRegistry
+    check_time_window: bool = True
+    publish: PublishCallback = field(default=lambda topic, payload, qos, retain: False)
+
+
+# Subscription ``format`` -> factory, as ``module:callable`` import strings (imported on first use).
+# Formats naming the same factory share one decoder.
+DECODERS: dict[str, str] = {
+    "auto": "gateway.decode:Decoder.from_context",
+    "json": "gateway.decode:Decoder.from_context",
+    "line": "gateway.decode:Decoder.from_context",
+    "sparkplug": "gateway.sparkplug.decode:SparkplugDecoder.from_context",
+}
+
+
+def _import(spec: str) -> Callable[[DecoderContext], MessageDecoder]:
+    module, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
+
+
+class DecoderRouter:
+    """Routes each topic to the decoder of the first subscription that matches it (cached per topic).
+
+    >>> from gateway.config import GatewayConfig
+    >>> router = DecoderRouter(DecoderContext(GatewayConfig(), SeriesRegistry()))
+    >>> out = BatchBuilder()
+    >>> router.decode("factory/s/a/l/m1/telemetry", b'{"values": {"t": 1.5}}', 1763900000_000000000, out)
+    1
+    """
+
+    def __init__(self, ctx: DecoderContext) -> None:
+        self.ctx = ctx
+        self._by_spec: dict[str, MessageDecoder] = {}
+        self._routes: dict[str, MessageDecoder] = {}
+        self._subscriptions: list[tuple[str, MessageDecoder]] = []
+        self._build(ctx.cfg)
+
+    def _build(self, cfg: GatewayConfig) -> None:
+        subs = []
+        for sub in cfg.mqtt.subscriptions():
+            spec = DECODERS[sub.format]
+            dec = self._by_spec.get(spec)
+            if dec is None:
+                dec = self._by_spec[spec] = _import(spec)(self.ctx)
+            subs.append((sub.topic, dec))
+        self._subscriptions = subs
+        self._routes = {}
+        self._fallback = self._by_spec.get(DECODERS["auto"]) or _import(DECODERS["auto"])(self.ctx)
+
+    @property
+    def decoders(self) -> dict[str, MessageDecoder]:
+        """The live decoders by factory (one per distinct format family)."""
+        return dict(self._by_spec)
+
+    def will(self) -> tuple[str, bytes, bytes] | None:
+        """``(topic, will, birth)`` of a decoder that is a host application on the broker (Sparkplug STATE)."""
+        for dec in self._by_spec.values():
+            will = getattr(dec, "will", None)
+            state = will() if will is not None else None
+            if state is not None:
+                return state  # type: ignore[no-any-return]
+        return None
+
+    def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
+        dec = self._routes.get(topic)
+        if dec is None:
+            dec = next((d for f, d in self._subscriptions if topic_matches(f, topic)), self._fallback)
+            if len(self._routes) < 200_000:
+                self._routes[topic] = dec
+        return dec.decode(topic, payload, arrival_ns, out)
+
+    def reconfigure(self, cfg: GatewayConfig) -> None:
+        """Reconfigure every live decoder in place (their state survives), add the ones new formats need."""
+        self.ctx.cfg = cfg
+        for dec in self._by_spec.values():
+            dec.reconfigure(cfg)
+        self._build(cfg)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from gateway.batch import F64, I64, CountEvent, MachineKey, SeriesRegistry, StateEvent, TelemetryBatch
+from gateway.batch import F64, I64, CountEvent, MachineKey, SeriesRegistry, StateEvent, StatusEvent, TelemetryBatch
 from gateway.lineproto import (
     escape_field_key,
     escape_measurement,
@@ -133,6 +133,13 @@ class LineProtocolEncoder:
     def counts(self, events: Sequence[CountEvent]) -> bytes:
         return "\n".join(
             f"production,{self.tags(e.machine)} total={e.total}i,good={e.good}i {e.ts_ns}" for e in events
+        ).encode()
+
+    def device_status(self, events: Sequence[StatusEvent]) -> bytes:
+        """``device_status,<tags> online=true|false[,bdseq=..i] <ts>``: births and deaths of devices."""
+        return "\n".join(
+            f"device_status,{self.tags(e.machine)} {format_fields({'online': e.online, 'bdseq': e.bdseq})} {e.ts_ns}"
+            for e in events
         ).encode()
 
     def anomalies(self, events: AnomalyEvents) -> bytes:

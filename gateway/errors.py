@@ -30,7 +30,8 @@ class ConfigError(GatewayError):
 
 # Why a message was rejected, as a small fixed set: it is a metric label, so free text must never get in.
 RejectReason = Literal[
-    "too_large", "topic", "encoding", "json", "schema", "time_window", "line_protocol", "cardinality", "internal"
+    "too_large", "topic", "encoding", "json", "schema", "time_window", "line_protocol", "cardinality", "internal",
+    "protobuf", "no_birth", "alias", "datatype",  # Sparkplug B: bad payload, DATA before BIRTH, unknown alias
 ]
 REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 

@@ -22,7 +22,7 @@ from prometheus_client import Histogram
 from gateway.batch import AckToken, DecodedBatch, MachineKey, SeriesRegistry
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
-from gateway.decode import BatchBuilder, Decoder
+from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
 from gateway.detect.context import StateChangeFilter
 from gateway.detect.fusion import AnomalyEngine, AnomalyEvents
 from gateway.encode import LineProtocolEncoder
@@ -38,6 +38,7 @@ __all__ = ["Pipeline", "PipelineStats"]
 log = logging.getLogger("gateway.pipeline")
 
 AckCallback = Callable[[Sequence[AckToken]], int]
+PublishCallback = Callable[[str, bytes, int, bool], bool]
 # Batches close every flush_interval_ms (200 ms by default).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _WAL_LOG_FIRST = 16 << 20  # the WAL backlog is logged from 16 MiB on (the database is behind or down)
@@ -80,12 +81,9 @@ class Pipeline:
     ) -> None:
         self.cfg = cfg
         self.registry = SeriesRegistry(cfg.gateway.max_series)
-        self.decoder = Decoder(
-            cfg.mqtt.topic_template,
-            cfg.mqtt.subscriptions(),
-            cfg.gateway,
-            self.registry,
-            check_time_window=check_time_window,
+        # One decoder per subscription format, kept across reloads (they hold session state).
+        self.decoder = DecoderRouter(
+            DecoderContext(cfg, self.registry, check_time_window=check_time_window, publish=self._publish)
         )
         self.encoder = LineProtocolEncoder(self.registry)
         self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
@@ -106,6 +104,7 @@ class Pipeline:
         )
         self.stats = PipelineStats()
         self.ack: AckCallback | None = None
+        self.publish: PublishCallback | None = None  # the source's publish (decoders that answer on the broker)
         self.accepting = True
         self.emit_stats = emit_stats
         self._builder = BatchBuilder()
@@ -144,18 +143,28 @@ class Pipeline:
             if not isinstance(exc, DecodeError):
                 log.exception("internal error decoding a message on %r; it is dead-lettered", topic)
                 exc = DecodeError(f"internal error while decoding: {exc!r}", reason="internal")
-            self.stats.decode_errors += 1
-            self.rejected[exc.reason] += 1
             b.messages += 1
-            if self.deadletter is not None:
-                self.deadletter.write(topic, payload, str(exc), now)
-                self._dead_pending = True
-            if self.stats.decode_errors <= 10 or self.stats.decode_errors % 1000 == 0:  # rate-limited
-                log.warning("rejected message on %r: %s (%d so far)", topic, exc, self.stats.decode_errors)
+            self._reject(topic, payload, exc, now)
+        if b.rejects:  # parts of an accepted message (the rest is in the batch)
+            for part in b.rejects:
+                self._reject(topic, payload, part, now)
+            b.rejects.clear()
         if token is not None:
             b.tokens.append(token)
         if b.points >= self._batch_size:
             self._full.set()
+
+    def _reject(self, topic: str, payload: bytes, exc: DecodeError, now: int) -> None:
+        self.stats.decode_errors += 1
+        self.rejected[exc.reason] += 1
+        if self.deadletter is not None:
+            self.deadletter.write(topic, payload, str(exc), now)
+            self._dead_pending = True
+        if self.stats.decode_errors <= 10 or self.stats.decode_errors % 1000 == 0:  # rate-limited
+            log.warning("rejected message on %r: %s (%d so far)", topic, exc, self.stats.decode_errors)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        return self.publish is not None and self.publish(topic, payload, qos, retain)
 
     # -- flushing -------------------------------------------------------------------------------
     def load_oee(self, path: Path) -> None:
@@ -191,8 +200,6 @@ class Pipeline:
         changed = [name for name in type(cfg).model_fields if getattr(cfg, name) != getattr(old, name)]
         if not changed:
             return changed
-        decoder = Decoder(cfg.mqtt.topic_template, cfg.mqtt.subscriptions(), cfg.gateway, self.registry,
-                          check_time_window=self.decoder.check_time_window)
         anomaly = self.anomaly
         if cfg.detect != old.detect:
             anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
@@ -216,7 +223,7 @@ class Pipeline:
             keep = {*cfg.oee.windows, "shift"} if cfg.oee.enabled else set()
             self.latest_oee = {w: v for w, v in self.latest_oee.items() if w in keep}
         self.cfg = cfg
-        self.decoder = decoder
+        self.decoder.reconfigure(cfg)  # in place: decoders keep their session state
         self.registry.max_series = cfg.gateway.max_series
         self.anomaly = anomaly
         self.state_filter.holdoff_ns = int(cfg.detect.state_change_holdoff_s * 1e9)
@@ -409,6 +416,7 @@ class Pipeline:
                 oee,
                 enc.states(batch.states),
                 enc.counts(batch.counts),
+                enc.device_status(batch.statuses),
                 b"\n".join(batch.raw_lines),
             ]
         )

@@ -78,6 +78,14 @@ class Server:
         self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
+        self.pipeline.publish = self.source.publish
+        host_state = self.pipeline.decoder.will()  # a Sparkplug primary host: Will + retained STATE birth
+        if host_state is not None:
+            topic, will, birth = host_state
+            self.source.will(topic, will, qos=1, retain=True, birth=birth)
+            if not cfg.mqtt.clean_session:
+                log.warning("[sparkplug] host_id is set but [mqtt] clean_session is false; the Sparkplug spec "
+                            "asks a host application for a clean session")
         self.should_exit = asyncio.Event()
         self.http = StatusServer(cfg.http, self) if cfg.http.enabled else None
 

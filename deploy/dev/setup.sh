@@ -14,6 +14,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # systemd-analyze checks the shipped units (tests/unit/test_systemd.py).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 "${PYTHON:-python3}" -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
+# Node.js runs the Sparkplug edge node of the integration tests (Eclipse Tahu's JavaScript client).
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -40,5 +43,15 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# tests/node: sparkplug-client + sparkplug-payload at the versions of the committed package-lock.json.
+lock_stamp="tests/node/node_modules/.installed-$(sha256sum tests/node/package-lock.json | cut -c1-16)"
+if [ ! -f "$lock_stamp" ]; then
+    echo "setup: installing the Sparkplug test edge node's npm packages into tests/node"
+    if ! (cd tests/node && npm ci --no-audit --no-fund --loglevel=error >../../.venv/npm.log 2>&1); then
+        cat .venv/npm.log; echo "setup: npm ci in tests/node failed" >&2; exit 1
+    fi
+    rm -f tests/node/node_modules/.installed-*
+    touch "$lock_stamp"
+fi
 export PATH="/usr/sbin:$PATH"
-echo "setup: ok ($(mosquitto -h 2>/dev/null | head -1 | cut -c1-40), influxd $(influxd version 2>/dev/null | awk '{print $2}'), victoria-metrics, .venv)"
+echo "setup: ok ($(mosquitto -h 2>/dev/null | head -1 | cut -c1-40), influxd $(influxd version 2>/dev/null | awk '{print $2}'), victoria-metrics, node $(node --version), .venv)"

@@ -5,6 +5,10 @@ taken straight from paho's ``on_message`` callback and handed to the pipeline wi
 ``Message`` copy, and acknowledged manually (``manual_ack_set``) only once the pipeline says the points
 are durable. Acks go out in arrival order; acks for a previous connection are dropped (the broker
 redelivers those messages, and device timestamps make the rewrite idempotent).
+
+Every access to a private aiomqtt/paho attribute is one of the ``_paho_*`` helpers below, and
+``tests/unit/test_mqtt_private.py`` pins them against the installed versions: an upgrade that renames
+one fails there, not in production.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import random
 import ssl
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiomqtt
@@ -26,13 +30,54 @@ from paho.mqtt.properties import Properties
 
 from gateway.batch import AckToken
 from gateway.config import MqttConfig
+from gateway.sources import MessageCallback
 
-__all__ = ["MqttSource"]
+__all__ = ["PAHO_PRIVATE", "MqttSource"]
 
 log = logging.getLogger("gateway.sources.mqtt")
 
-MessageCallback = Callable[[str, bytes, AckToken | None], None]
 _PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, message id (MQTT 3.1.1 and 5: success)
+
+
+# -- the private aiomqtt/paho attributes the adapter relies on (and only here) ---------------------------
+# (owner, attribute): what tests/unit/test_mqtt_private.py checks on the installed versions.
+PAHO_PRIVATE = (
+    ("aiomqtt.Client", "_client"),  # the paho client: manual acks, direct on_message, publish from a callback
+    ("aiomqtt.Client", "_disconnected"),  # future resolved when the connection drops
+    ("paho.Client", "_handle_on_message"),  # per-message dispatch, replaced by a direct call
+    ("paho.Client", "_packet_queue"),  # queue raw bytes: many PUBACKs in one write
+    ("paho.MQTTMessage", "_topic"),  # raw topic bytes, when they are not UTF-8
+)
+
+
+def _paho_of(client: aiomqtt.Client) -> PahoClient:
+    return client._client
+
+
+def _paho_disconnected(client: aiomqtt.Client) -> asyncio.Future[Any]:
+    return client._disconnected
+
+
+def _paho_deliver_to(paho: PahoClient, deliver: Any) -> None:
+    # Per message, paho matches the topic against per-topic callbacks (we register none) and logs
+    # every packet; both cost more than our decode. Deliver straight to the pipeline instead.
+    paho._handle_on_message = deliver  # type: ignore[method-assign]
+
+
+def _paho_queue_pubacks(paho: PahoClient, blob: bytes) -> None:
+    # paho queues and sends each PUBACK on its own (a wake-up write and a send per message);
+    # one queued blob of PUBACK packets is the same bytes on the wire, sent in one go.
+    paho._packet_queue(PUBACK, blob, 0, 0)
+
+
+def _paho_last_packet_in(paho: PahoClient) -> float:
+    # paho 1.x kept the time of the last packet in; paho 2.x has no such attribute (so this is 0 and the
+    # stall check below never fires; paho's own keepalive still drops a broker that stops answering pings).
+    return max(float(getattr(paho, "_last_msg_in", 0.0)), 0.0)
+
+
+def _paho_raw_topic(msg: MQTTMessage) -> bytes:
+    return bytes(msg._topic)
 
 
 class MqttSource:
@@ -50,6 +95,9 @@ class MqttSource:
         self._subscribed: dict[str, int] = {}  # filter -> QoS on the live connection
         self._unsubscribe: set[str] = set()  # filters dropped by a reload, still in the broker's session
         self._changed = asyncio.Event()  # a reload changed self.cfg
+        self._will: aiomqtt.Will | None = None
+        self._birth: tuple[str, bytes, int, bool] | None = None  # published after each subscribe
+        self.published = 0
 
     # -- acking ---------------------------------------------------------------------------------
     def ack(self, tokens: Sequence[AckToken]) -> int:
@@ -67,15 +115,34 @@ class MqttSource:
                 pubacks.append(_PUBACK.pack(PUBACK, 2, tok.mid))
             else:
                 if pubacks:  # keep arrival order across QoS levels
-                    paho._packet_queue(PUBACK, b"".join(pubacks), 0, 0)
+                    _paho_queue_pubacks(paho, b"".join(pubacks))
                     pubacks = []
                 paho.ack(tok.mid, tok.qos)
             sent += 1
         if pubacks:
-            # paho queues and sends each PUBACK on its own (a wake-up write and a send per message);
-            # one queued blob of PUBACK packets is the same bytes on the wire, sent in one go.
-            paho._packet_queue(PUBACK, b"".join(pubacks), 0, 0)
+            _paho_queue_pubacks(paho, b"".join(pubacks))
         return sent
+
+    # -- publishing -----------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Queue one message on the live connection; False when there is none (nothing is kept for later).
+
+        Synchronous, so a decoder can answer from the message callback (paho's publish only queues).
+        """
+        paho = self._paho
+        if paho is None:
+            return False
+        info = paho.publish(topic, payload, qos=qos, retain=retain)
+        ok = info.rc == 0
+        self.published += ok
+        return ok
+
+    def will(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = True, birth: bytes | None = None
+    ) -> None:
+        """Set the Will of the next connections; ``birth`` goes out on ``topic`` after each subscribe."""
+        self._will = aiomqtt.Will(topic, payload, qos=qos, retain=retain)
+        self._birth = (topic, birth, qos, retain) if birth is not None else None
 
     # -- connection -----------------------------------------------------------------------------
     def _client(self, cfg: MqttConfig) -> aiomqtt.Client:
@@ -108,13 +175,12 @@ class MqttSource:
             keepalive=cfg.keepalive_s,
             tls_context=tls_context,
             timeout=10,
+            will=self._will,
             **kwargs,
         )
-        paho: PahoClient = client._client  # the adapter owns paho: manual acks, direct callback
+        paho = _paho_of(client)  # the adapter owns paho: manual acks, direct callback
         paho.manual_ack_set(True)
-        # Per message, paho matches the topic against per-topic callbacks (we register none) and logs
-        # every packet; both cost more than our decode. Deliver straight to the pipeline instead.
-        paho._handle_on_message = self._deliver  # type: ignore[method-assign,assignment]
+        _paho_deliver_to(paho, self._deliver)
         if not log.isEnabledFor(logging.DEBUG):
             paho.disable_logger()
         return client
@@ -124,7 +190,7 @@ class MqttSource:
         try:
             topic = msg.topic
         except UnicodeDecodeError:  # brokers refuse these; if one slips through, the decoder rejects it
-            topic = msg._topic.decode("utf-8", "backslashreplace")
+            topic = _paho_raw_topic(msg).decode("utf-8", "backslashreplace")
         token = AckToken(msg.mid, msg.qos, self.generation) if msg.qos > 0 else None
         self.on_message(topic, msg.payload if type(msg.payload) is bytes else bytes(msg.payload), token)
 
@@ -137,13 +203,16 @@ class MqttSource:
                 client = self._client(applied)
                 async with client:
                     self.generation += 1
-                    self._paho = client._client
+                    self._paho = _paho_of(client)
                     self.connects += 1
                     attempt = 0
                     subs: list[tuple[str, int]] = [(s.topic, s.qos or 0) for s in applied.subscriptions()]
                     await client.subscribe(subs)
                     self._subscribed = dict(subs)
                     log.info("connected to %s:%d, subscribed to %s", applied.host, applied.port, subs)
+                    if self._birth is not None:  # after subscribing, as a Sparkplug host must
+                        topic, payload, qos, retain = self._birth
+                        await client.publish(topic, payload, qos=qos, retain=retain)
                     self.connected.set()
                     await self._until_disconnected(client, stop, applied)
             except aiomqtt.MqttError as exc:
@@ -170,7 +239,7 @@ class MqttSource:
 
         Returns (so the caller reconnects at once) when a reload changed how to connect.
         """
-        disconnected: asyncio.Future[Any] = client._disconnected
+        disconnected = _paho_disconnected(client)
         stop_task: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
             while True:
@@ -191,9 +260,8 @@ class MqttSource:
                 if disconnected in done:
                     exc = disconnected.exception()
                     raise aiomqtt.MqttError(f"disconnected: {exc}")
-                paho = client._client
                 # paho records the last packet of any kind (PINGRESP too): silence means a stall.
-                last = max(getattr(paho, "_last_msg_in", 0.0), 0.0)
+                last = _paho_last_packet_in(_paho_of(client))
                 if last and time.monotonic() - last > max(self.cfg.stall_timeout_s, 2.5 * self.cfg.keepalive_s):
                     raise aiomqtt.MqttError("connection stalled (no packets from the broker); reconnecting")
         finally:

@@ -167,7 +167,7 @@ def step_batch(
     order: Any, sid: Any, mach: Any, ts: Any, x: Any,
     ev_mach: Any, ev_ts: Any, ev_reg: Any,
     s_state: Any, s_lev: Any, s_lag: Any, s_sib: Any, s_group: Any,
-    m_state: Any, m_last: Any, g_state: Any, g_members: Any,
+    m_state: Any, g_state: Any, g_members: Any,
     prm: Any, out: Any, expected: Any, zout: Any,
 ) -> None:
     """Score then learn every sample, in ``order`` (grouped by machine, then time, then arrival).
@@ -217,10 +217,6 @@ def step_batch(
                 m_state[mid] = ev_reg[e]
             e += 1
         regime = m_state[mid]
-        dt_m = t - m_last[mid] if m_last[mid] > -1e300 else 0.0
-        if dt_m < 0.0:
-            dt_m = 0.0
-        m_last[mid] = t
         # -- pass 1: level of every sample of the group (siblings read each other's level mean)
         for ii in range(i0, i1):
             i = order[ii]
@@ -392,7 +388,8 @@ def step_batch(
             an = _alpha(dt, t_level, lev[k, L_N] + 1.0)
             if bestz_ok(e_own, sd_own, z_join):
                 ecl = max(-clip * sd_own, min(clip * sd_own, e_own)) if lev[k, L_N] > grace else e_own
-                lev[k, L_MEAN] += an * ecl * 0.0 if st[S_VN] < visit_n and lev[k, L_N] > grace else an * ecl
+                if not (st[S_VN] < visit_n and lev[k, L_N] > grace):  # the visit offset learns first
+                    lev[k, L_MEAN] += an * ecl
                 lev[k, L_VAR] += an * (min(e_own * e_own, (clip * sd_own) ** 2) - lev[k, L_VAR]) \
                     if lev[k, L_N] > grace else (e_own * e_own - lev[k, L_VAR]) / (lev[k, L_N] + 1.0)
                 lev[k, L_N] += 1.0

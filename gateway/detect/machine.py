@@ -133,7 +133,6 @@ class MachineModel:
         self.s_group = np.full(0, -1, np.int64)
         self.s_mach = np.zeros(0, np.int64)
         self.m_state = np.full(0, -1, np.int64)
-        self.m_last = np.full(0, -np.inf)
         self.g_state = np.zeros((0, K.N_G))
         self.g_members = np.zeros(0, np.float64)
         self._machine_ids: dict[object, int] = {}
@@ -186,10 +185,13 @@ class MachineModel:
         if ng > groups_before:
             self.g_state = np.concatenate((self.g_state, np.zeros((ng - groups_before, K.N_G))))
         self.g_members = np.bincount(self.s_group[self.s_group >= 0], minlength=ng).astype(np.float64)
-        nm = len(self._machine_ids)
-        if nm > self.m_state.shape[0]:
-            self.m_state = np.concatenate((self.m_state, np.full(nm - self.m_state.shape[0], -1, np.int64)))
-            self.m_last = np.concatenate((self.m_last, np.full(nm - self.m_last.shape[0], -np.inf)))
+        self._grow_machines()
+
+    def _grow_machines(self) -> None:
+        """One regime slot per known machine (-1: no state channel seen)."""
+        add = len(self._machine_ids) - self.m_state.shape[0]
+        if add > 0:
+            self.m_state = np.concatenate((self.m_state, np.full(add, -1, np.int64)))
 
     def run(
         self, series: I64, ts_ns: I64, values: F64, *, machines: Sequence[MachineKey] | None = None,
@@ -214,10 +216,7 @@ class MachineModel:
             ev_r = np.array([REGIME_OF_STATE.get(e.state, 0) for e in states], np.int64)
             o = np.lexsort((ev_t, ev_m))
             ev_m, ev_t, ev_r = ev_m[o], ev_t[o], ev_r[o]
-            nm = len(self._machine_ids)
-            if nm > self.m_state.shape[0]:
-                self.m_state = np.concatenate((self.m_state, np.full(nm - self.m_state.shape[0], -1, np.int64)))
-                self.m_last = np.concatenate((self.m_last, np.full(nm - self.m_last.shape[0], -np.inf)))
+            self._grow_machines()
         raw = np.zeros((n, len(K.CHANNELS)))
         expected = np.zeros(n)
         z = np.zeros(n)
@@ -225,7 +224,7 @@ class MachineModel:
             mach = self.s_mach[series]
             order = np.lexsort((ts_ns, mach))  # stable: arrival order within a machine and timestamp
             K.step_batch(order, series, mach, ts_ns, values, ev_m, ev_t, ev_r, self.s_state, self.s_lev,
-                         self.s_lag, self.s_sib, self.s_group, self.m_state, self.m_last, self.g_state,
+                         self.s_lag, self.s_sib, self.s_group, self.m_state, self.g_state,
                          self.g_members, self._prm, raw, expected, z)
         if ev_m.shape[0]:  # every machine ends the batch in its latest state (with or without samples)
             last = np.flatnonzero(np.r_[ev_m[1:] != ev_m[:-1], True])

@@ -19,7 +19,7 @@ def payloads(q: DiskQueue) -> list[bytes]:
     return [m.payload for m in q.read_after(0, 10**6)]
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

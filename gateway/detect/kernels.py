@@ -40,6 +40,7 @@ N_ON_U = 4  # the first N_ON_U lags filter the level mean, the others the stoppe
 RESOLVE_EVERY = 16.0
 RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
+RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
 
@@ -53,7 +54,7 @@ S_PENDN = 5  # consecutive far samples
 S_ABS_OWN = 6  # EWMA |error| of the own-level model
 S_CHI = 7  # CUSUM high side
 S_CLO = 8  # CUSUM low side
-S_VAR = 9  # EWMA of z²
+S_VAR = 9  # short EWMA of the difference variance (z_t - z_{t-1})² / 2
 S_RUN = 10  # identical readings in a row
 S_USE = 11  # model in use: 0 own levels, 1 + j lag model on sibling j
 S_LAST_T = 12  # last timestamp (s)
@@ -63,7 +64,12 @@ S_PRE = 15  # error against the nearest level before any new level opened (what 
 S_VISIT = 16  # offset of this visit of the level (a new product, a new load) from the level's mean
 S_VN = 17  # samples of this visit
 S_LOW = 18  # 1 while in the lowest of the series' levels (the machine is stopped), else 0
-N_S = 19
+S_ZP = 19  # last clipped z (for the lag-1 autocorrelation)
+S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
+S_ZV = 21  # EWMA of z² (clipped)
+S_ZQ = 22  # last z clipped at 2 clip (for the noise of consecutive differences)
+S_DV = 23  # long-run EWMA of the difference variance (z_t - z_{t-1})² / 2: the reference of S_VAR
+N_S = 24
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -363,6 +369,11 @@ def step_batch(
             # -- statistics
             az = abs(z)
             zc = max(-clip * 2.0, min(clip * 2.0, z))
+            # the CUSUM's z in units of its long-run σ: a residual with lag-1 autocorrelation ρ (what a
+            # model's slow misfit leaves) sums like an iid one of variance (1 + ρ) / (1 - ρ)
+            rho = st[S_ZZ] / st[S_ZV] if st[S_ZV] > 0.0 else 0.0
+            rho = max(0.0, min(RHO_MAX, rho))
+            zc = zc * math.sqrt((1.0 - rho) / (1.0 + rho))
             hi = max(0.0, st[S_CHI] + zc - ck)
             lo = max(0.0, st[S_CLO] - zc - ck)
             cus = max(hi, lo)
@@ -371,8 +382,32 @@ def step_batch(
                 lo = 0.0
             st[S_CHI] = hi
             st[S_CLO] = lo
-            z2 = min(z * z, 36.0)
-            st[S_VAR] += va * (z2 - st[S_VAR]) if nseen > 1.0 else z2 - st[S_VAR]
+            # noise: half the squared difference of consecutive z estimates the variance of z's fast
+            # part, blind to a slow misfit or an offset; its short EWMA against its own day-long one
+            zq = max(-clip * 2.0, min(clip * 2.0, z))
+            ar = _alpha(dt, t_level, nseen)
+            if st[S_N] > 0.0:
+                d2 = min(0.5 * (zq - st[S_ZQ]) ** 2, 36.0)
+                if st[S_DV] <= 0.0:
+                    st[S_VAR] = d2
+                    st[S_DV] = d2
+                else:
+                    st[S_VAR] += va * (d2 - st[S_VAR])
+                    ref = st[S_DV]
+                    # the reference learns only while the short EWMA is within 4 of its own standard errors
+                    # (an EWMA of a χ²₁ over 1/va samples: sd √(2va/(2-va)) of its mean) of it: hours of
+                    # tripled noise stay an alarm instead of becoming the new normal
+                    # it averages from the end of the warm-up on (the warm-up's z, against levels still
+                    # being learned, is noisier than what follows)
+                    if nseen <= grace + 1.0:
+                        st[S_DV] = st[S_VAR]
+                    elif st[S_VAR] < (1.0 + 4.0 * math.sqrt(2.0 * va / (2.0 - va))) * ref:
+                        st[S_DV] += _alpha(dt, t_level, nseen - grace) * (min(d2, clip * clip * ref) - ref)
+            st[S_ZQ] = zq
+            zl = max(-clip, min(clip, z))
+            st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
+            st[S_ZV] += ar * (zl * zl - st[S_ZV])
+            st[S_ZP] = zl
             same = st[S_N] > 0.0 and xv == st[S_PREV]
             st[S_RUN] = st[S_RUN] + 1.0 if same else 1.0
             p_same = lev[k, L_SAME]
@@ -382,7 +417,7 @@ def step_batch(
             warm = nseen > grace
             out[i, 0] = az if warm else 0.0
             out[i, 1] = cus / ch if warm else 0.0
-            out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va else 0.0
+            out[i, 2] = st[S_VAR] / st[S_DV] if warm and nseen > 1.0 / va and st[S_DV] > 0.0 else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0
             # -- learn: levels (clipped), identical-reading rate, own error, peers
             an = _alpha(dt, t_level, lev[k, L_N] + 1.0)

@@ -23,10 +23,21 @@ The standardised error ``z`` of the model in use feeds four statistics, each a d
 detector                statistic                                              alarm (score 0.5) at
 ======================  =====================================================  ======================
 ``residual_spike``      ``|z|``                                                ``z_spike`` σ
-``residual_cusum``      two-sided CUSUM of ``z`` with allowance ``cusum_k``     ``S = cusum_h``
-``residual_variance``   EWMA of ``z²`` over ``variance_memory`` samples         ``variance_alarm``
+``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
+                        ``cusum_k``
+``residual_variance``   EWMA over ``variance_memory`` samples of the            ``variance_alarm``
+                        difference variance ``(z_t - z_{t-1})² / 2``, as a
+                        ratio to its own day-long mean
 ``stuck``               identical readings in a row                            ``log(stuck_p)/log(p)``
 ======================  =====================================================  ======================
+
+The CUSUM's ``z`` is scaled by ``√((1-ρ)/(1+ρ))``, ``ρ`` the day-long lag-1 autocorrelation of ``z``
+(at most 0.95): what a model's slow misfit leaves behind is autocorrelated, and an autocorrelated
+residual sums like an independent one of variance ``(1+ρ)/(1-ρ)``, so unscaled it would cross ``h``
+with no fault. The noise statistic uses consecutive differences, which are blind to a slow misfit or
+an offset (those are the CUSUM's), and compares them with the series' own long-run difference
+variance (which stops learning while the short one is more than 4 standard errors above it, so hours
+of tripled noise stay an alarm).
 
 where ``p`` is the series' own rate of identical consecutive readings in its current level (a
 quantised sensor repeats itself more often; a stuck one repeats itself far longer than its rate
@@ -88,8 +99,8 @@ class MachineModelParams(BaseModel):
     level_memory_s: float = Field(86400.0, gt=0, description="Memory of levels, noise and fits (seconds).")
     cusum_k: float = Field(1.0, ge=0, description="CUSUM allowance in σ (half the smallest step to find).")
     cusum_h: float = Field(5.0, gt=0, description="CUSUM decision interval in σ (score 0.5 there).")
-    variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of z².")
-    variance_alarm: float = Field(4.0, gt=1, description="EWMA of z² (a noise variance ratio) alarmed at.")
+    variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of the difference variance of z.")
+    variance_alarm: float = Field(4.0, gt=1, description="Noise variance ratio (short / long-run difference variance) alarmed at.")
     z_spike: float = Field(6.0, gt=0, description="|z| alarmed at.")
     stuck_p: float = Field(1e-6, gt=0, lt=1, description="Run of identical readings as improbable as this.")
     stuck_min: int = Field(10, ge=2, description="Never alarm a run shorter than this.")

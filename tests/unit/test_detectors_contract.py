@@ -74,7 +74,8 @@ def _stuck(x: F64, i: int) -> None:
 
 
 def _noisier(x: F64, i: int) -> None:
-    x[i - 10 : i + 1] += 5.0 * np.random.default_rng(7).standard_normal(11)
+    # the noise 5x for one variance memory (30 samples): the variance statistic is an EWMA over that memory
+    x[i - 30 : i + 1] += 4.9 * np.random.default_rng(7).standard_normal(31)
 
 
 def _shift_before(x: F64, i: int) -> None:

@@ -220,7 +220,7 @@ class AnomalyEngine:
     >>> ev = eng.process(series, ts, values, ["temp_c", "pressure_bar"])
     >>> at = ev.ts_ns == 301_000_000_000
     >>> sorted({d for d, a in zip(ev.detector, at) if a})
-    ['fused', 'residual_cusum', 'residual_spike']
+    ['fused', 'residual_spike']
     >>> set(ev.series[at].tolist()), float(ev.value[at][0])
     ({1}, 35.0)
     """

@@ -100,7 +100,7 @@ class MachineModelParams(BaseModel):
     cusum_k: float = Field(1.0, ge=0, description="CUSUM allowance in σ (half the smallest step to find).")
     cusum_h: float = Field(5.0, gt=0, description="CUSUM decision interval in σ (score 0.5 there).")
     variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of the difference variance of z.")
-    variance_alarm: float = Field(4.0, gt=1, description="Noise variance ratio (short / long-run difference variance) alarmed at.")
+    variance_alarm: float = Field(4.0, gt=1, description="Noise variance ratio (short / long-run) alarmed at.")
     z_spike: float = Field(6.0, gt=0, description="|z| alarmed at.")
     stuck_p: float = Field(1e-6, gt=0, lt=1, description="Run of identical readings as improbable as this.")
     stuck_min: int = Field(10, ge=2, description="Never alarm a run shorter than this.")

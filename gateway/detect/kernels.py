@@ -190,6 +190,8 @@ def step_batch(
     ck = prm[4]
     ch = prm[5]
     va = prm[6]
+    # 4 standard errors above the reference: an EWMA of a χ²₁ over 1/va samples has sd √(2va/(2-va))
+    var_learn = 1.0 + 4.0 * math.sqrt(2.0 * va / (2.0 - va))
     stuck_p = prm[8]
     stuck_min = prm[9]
     t_fit = prm[10]
@@ -368,12 +370,12 @@ def step_batch(
             zout[i] = z
             # -- statistics
             az = abs(z)
-            zc = max(-clip * 2.0, min(clip * 2.0, z))
+            zq = max(-clip * 2.0, min(clip * 2.0, z))
             # the CUSUM's z in units of its long-run σ: a residual with lag-1 autocorrelation ρ (what a
             # model's slow misfit leaves) sums like an iid one of variance (1 + ρ) / (1 - ρ)
             rho = st[S_ZZ] / st[S_ZV] if st[S_ZV] > 0.0 else 0.0
             rho = max(0.0, min(RHO_MAX, rho))
-            zc = zc * math.sqrt((1.0 - rho) / (1.0 + rho))
+            zc = zq * math.sqrt((1.0 - rho) / (1.0 + rho))
             hi = max(0.0, st[S_CHI] + zc - ck)
             lo = max(0.0, st[S_CLO] - zc - ck)
             cus = max(hi, lo)
@@ -384,25 +386,18 @@ def step_batch(
             st[S_CLO] = lo
             # noise: half the squared difference of consecutive z estimates the variance of z's fast
             # part, blind to a slow misfit or an offset; its short EWMA against its own day-long one
-            zq = max(-clip * 2.0, min(clip * 2.0, z))
+            # The reference follows the short EWMA through the warm-up (whose z, against levels still being
+            # learned, is noisier than what follows), then averages from its end on, learning only while
+            # the short EWMA is below var_learn times it: hours of tripled noise stay an alarm.
             ar = _alpha(dt, t_level, nseen)
             if st[S_N] > 0.0:
                 d2 = min(0.5 * (zq - st[S_ZQ]) ** 2, 36.0)
-                if st[S_DV] <= 0.0:
-                    st[S_VAR] = d2
-                    st[S_DV] = d2
-                else:
-                    st[S_VAR] += va * (d2 - st[S_VAR])
-                    ref = st[S_DV]
-                    # the reference learns only while the short EWMA is within 4 of its own standard errors
-                    # (an EWMA of a χ²₁ over 1/va samples: sd √(2va/(2-va)) of its mean) of it: hours of
-                    # tripled noise stay an alarm instead of becoming the new normal
-                    # it averages from the end of the warm-up on (the warm-up's z, against levels still
-                    # being learned, is noisier than what follows)
-                    if nseen <= grace + 1.0:
-                        st[S_DV] = st[S_VAR]
-                    elif st[S_VAR] < (1.0 + 4.0 * math.sqrt(2.0 * va / (2.0 - va))) * ref:
-                        st[S_DV] += _alpha(dt, t_level, nseen - grace) * (min(d2, clip * clip * ref) - ref)
+                st[S_VAR] = d2 if st[S_DV] <= 0.0 else st[S_VAR] + va * (d2 - st[S_VAR])
+                ref = st[S_DV]
+                if nseen <= grace + 1.0 or ref <= 0.0:
+                    st[S_DV] = st[S_VAR]
+                elif st[S_VAR] < var_learn * ref:
+                    st[S_DV] += _alpha(dt, t_level, nseen - grace) * (min(d2, clip * clip * ref) - ref)
             st[S_ZQ] = zq
             zl = max(-clip, min(clip, z))
             st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
@@ -430,16 +425,15 @@ def step_batch(
                 lev[k, L_N] += 1.0
                 if st[S_N] > 0.0 and st[S_RUN] < stuck_min:  # only short runs teach the repeat rate
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
-            aa = _alpha(dt, t_level, nseen)
             pre = abs(st[S_PRE])
-            st[S_ABS_OWN] = pre if st[S_N] == 0.0 else st[S_ABS_OWN] + aa * (pre - st[S_ABS_OWN])
+            st[S_ABS_OWN] = pre if st[S_N] == 0.0 else st[S_ABS_OWN] + ar * (pre - st[S_ABS_OWN])
             # the visit offset: learned over the first visit_n samples of each visit, then held
             if st[S_VN] < visit_n and lev[k, L_N] > grace:
                 st[S_VN] += 1.0
                 st[S_VISIT] += (max(-z_join * sd_own, min(z_join * sd_own, e_own))) / st[S_VN]
             ds = abs(xv - st[S_PREV]) if st[S_N] > 0.0 else 0.0
             if ds > 0.0:  # noise scale from the typical step (log-domain EWMA: robust to jumps)
-                st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + aa * (math.log(ds) - math.log(st[S_SCALE])))
+                st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + ar * (math.log(ds) - math.log(st[S_SCALE])))
             if use_group and best_j >= 0:
                 wg = _alpha(dt, t_group, 1e300) / g_members[g]
                 gs = g_state[g, G_S]

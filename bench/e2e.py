@@ -8,6 +8,7 @@ The broker runs with persistence off (identical for the ceiling and the gateway 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,7 @@ store_waveforms = {'true' if store_waveforms else 'false'}
 host = "127.0.0.1"
 port = {srv.broker.port}
 client_id = "bench-{name}"
+fast_receive = {os.environ.get("BENCH_FAST_RECEIVE", "true")}
 
 [influx]
 url = "{srv.influx.url}"

@@ -121,6 +121,8 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(30, ge=5)
     reconnect_max_s: float = Field(30.0, gt=0, le=300)
     stall_timeout_s: float = Field(120.0, gt=0, description="Reconnect when nothing arrives and pings fail.")
+    fast_receive: bool = Field(True, description="Read whole socket chunks and frame PUBLISH packets in one loop "
+                               "once subscribed (paho keeps connect, TLS, auth, subscribe, pings); false: paho reads.")
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None

@@ -25,12 +25,14 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.client import PUBACK, MQTTMessage
 from paho.mqtt.client import Client as PahoClient
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.batch import AckToken
 from gateway.config import MqttConfig
 from gateway.sources import MessageCallback
+from gateway.sources.mqtt_frame import MalformedPacket, PacketFramer, Publish
 
 __all__ = ["PAHO_PRIVATE", "MqttSource"]
 
@@ -47,7 +49,14 @@ PAHO_PRIVATE = (
     ("paho.Client", "_handle_on_message"),  # per-message dispatch, replaced by a direct call
     ("paho.Client", "_packet_queue"),  # queue raw bytes: many PUBACKs in one write
     ("paho.MQTTMessage", "_topic"),  # raw topic bytes, when they are not UTF-8
+    ("paho.Client", "_sock"),  # fast receive: the connected socket, read in whole chunks
+    ("paho.Client", "_in_packet"),  # fast receive: paho's partial-packet state, taken over at the switch
+    ("paho.Client", "_packet_handle"),  # fast receive: non-PUBLISH packets handed back to paho
+    ("paho.Client", "_loop_rc_handle"),  # fast receive: connection lost / protocol error, as paho does it
+    ("paho.Client", "_last_bytes_received"),  # fast receive: keepalive bookkeeping
 )
+
+_READ = 256 * 1024  # bytes per socket read on the fast path
 
 
 def _paho_of(client: aiomqtt.Client) -> PahoClient:
@@ -80,6 +89,53 @@ def _paho_raw_topic(msg: MQTTMessage) -> bytes:
     return bytes(msg._topic)
 
 
+def _paho_socket(paho: PahoClient) -> Any:
+    return paho._sock
+
+
+def _paho_take_partial(paho: PahoClient) -> bytes:
+    # paho reads a packet in pieces: the bytes of the one it is in the middle of, as they came off the
+    # wire (command, remaining-length bytes, body so far), so the framer continues where paho stopped
+    inp = paho._in_packet
+    if inp["command"] == 0:
+        return b""
+    partial = bytes([inp["command"], *inp["remaining_count"]]) + bytes(inp["packet"])
+    _paho_reset_reader(paho)
+    return partial
+
+
+def _paho_reset_reader(paho: PahoClient) -> None:
+    paho._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                       "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+
+
+def _paho_handle_raw(paho: PahoClient, raw: bytes) -> int:
+    # one complete packet framed by us, processed by paho exactly as if its own reader had read it
+    i = 1
+    while raw[i] & 0x80:
+        i += 1
+    body = bytearray(raw[i + 1:])
+    paho._in_packet = {"command": raw[0], "have_remaining": 1, "remaining_count": list(raw[1:i + 1]),
+                       "remaining_mult": 1, "remaining_length": len(body), "packet": body,
+                       "to_process": 0, "pos": 0}
+    try:
+        rc = int(paho._packet_handle())
+    except Exception as exc:  # paho's MalformedPacket, as its _packet_read maps it
+        log.warning("broker packet 0x%02x refused by paho: %s", raw[0], exc)
+        rc = int(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+    finally:
+        _paho_reset_reader(paho)
+    return rc
+
+
+def _paho_lost(paho: PahoClient, rc: MQTTErrorCode) -> None:
+    paho._loop_rc_handle(rc)
+
+
+def _paho_bytes_received(paho: PahoClient) -> None:
+    paho._last_bytes_received = time.monotonic()  # paho's time_func: its keepalive pings read this
+
+
 class MqttSource:
     """Subscribes, feeds every message to ``on_message`` and acknowledges on request."""
 
@@ -98,6 +154,8 @@ class MqttSource:
         self._will: aiomqtt.Will | None = None
         self._birth: tuple[str, bytes, int, bool] | None = None  # published after each subscribe
         self.published = 0
+        self.fast = False  # the fast receive path reads the live connection
+        self.fast_connects = 0  # connections the fast path took over
 
     # -- acking ---------------------------------------------------------------------------------
     def ack(self, tokens: Sequence[AckToken]) -> int:
@@ -201,10 +259,14 @@ class MqttSource:
             applied = self.cfg  # the settings this connection is made with; a reload may change self.cfg
             try:
                 client = self._client(applied)
+                # before connecting: a persistent session's queued messages follow the CONNACK at once,
+                # and their tokens must carry this connection's generation to be acked on it
+                self.generation += 1
+                self._paho = _paho_of(client)
                 async with client:
-                    self.generation += 1
-                    self._paho = _paho_of(client)
                     self.connects += 1
+                    if applied.fast_receive:  # at once: a session's backlog follows the CONNACK, before any SUBACK
+                        self._take_over_reads(applied)
                     attempt = 0
                     subs: list[tuple[str, int]] = [(s.topic, s.qos or 0) for s in applied.subscriptions()]
                     await client.subscribe(subs)
@@ -222,6 +284,7 @@ class MqttSource:
             finally:  # before any back-off: acks for this connection must not go out any more
                 self.connected.clear()
                 self._paho = None
+                self.fast = False
             if error is None or stop.is_set():
                 continue
             attempt += 1
@@ -233,6 +296,72 @@ class MqttSource:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
                 pass
+
+    # -- fast receive ---------------------------------------------------------------------------
+    def _take_over_reads(self, applied: MqttConfig) -> None:
+        """Replace aiomqtt's reader (paho's one-packet-at-a-time ``loop_read``) by :meth:`_fast_read`."""
+        paho = self._paho
+        if paho is None or _paho_socket(paho) is None:
+            return
+        sock = _paho_socket(paho)
+        loop = asyncio.get_running_loop()
+        framer = PacketFramer(v5=applied.protocol == "5")
+        fd = sock.fileno()
+        loop.remove_reader(fd)  # the loop runs no reader in between: paho's state is final here
+        framer.feed(_paho_take_partial(paho))  # never a whole packet (paho would have handled it)
+        loop.add_reader(fd, self._fast_read, paho, sock, framer)
+        self.fast = True
+        self.fast_connects += 1
+        log.info("fast receive on (whole socket reads, %d KiB)", _READ // 1024)
+
+    def _fast_read(self, paho: PahoClient, sock: Any, framer: PacketFramer) -> None:
+        """One readable event: read what is there, frame it, deliver PUBLISHes, give the rest to paho."""
+        chunks = []
+        try:
+            while True:
+                data = sock.recv(_READ)
+                if not data:
+                    break
+                chunks.append(data)
+                pending = getattr(sock, "pending", None)  # TLS: decrypted bytes the kernel no longer flags
+                if pending is None or not pending():
+                    break
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except OSError as exc:
+            log.warning("MQTT socket read failed: %s", exc)
+            _paho_lost(paho, MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            return
+        if not chunks:  # readable with nothing to read: the broker closed the connection
+            _paho_lost(paho, MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            return
+        _paho_bytes_received(paho)
+        try:
+            packets = framer.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except MalformedPacket as exc:
+            log.warning("malformed packet from the broker (%s); reconnecting", exc)
+            _paho_lost(paho, MQTTErrorCode.MQTT_ERR_PROTOCOL)
+            return
+        on_message = self.on_message
+        gen = self.generation
+        delivered = 0
+        for pkt in packets:
+            if isinstance(pkt, Publish):
+                try:
+                    topic = pkt.topic.decode()
+                except UnicodeDecodeError:  # the decoder rejects it with the topic shown
+                    topic = pkt.topic.decode("utf-8", "backslashreplace")
+                delivered += 1
+                on_message(topic, pkt.payload, AckToken(pkt.mid, 1, gen) if pkt.qos else None)
+            else:
+                rc = _paho_handle_raw(paho, pkt)
+                if rc:
+                    self.messages += delivered
+                    _paho_lost(paho, MQTTErrorCode(rc))
+                    return
+                if self._paho is not paho:  # paho dropped the connection (e.g. DISCONNECT)
+                    break
+        self.messages += delivered
 
     async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event, applied: MqttConfig) -> None:
         """Wait for ``stop``, a disconnect or a reload; the watchdog reconnects a connection that went silent.

@@ -1,0 +1,193 @@
+"""Backlog drain: how fast each subscriber empties a queued 100,000-message QoS 1 session at mosquitto.
+
+Every subscriber has its own persistent session on one broker (``max_queued_messages`` 1,000,000,
+persistence off so the broker does no disk work); each round publishes the backlog once (it queues in
+every session at the same time), then drains the sessions one after another, in an order that
+alternates between rounds. Nothing else runs, so no publisher competes for the cores. Subscribers:
+
+* ``paho``       a bare paho 2.x client that only counts (automatic QoS 1 acks);
+* ``mosquitto_sub`` the C client (``-c -q 1 -C N``), the broker's pace;
+* ``source``     the gateway's MQTT source (``MqttSource``, default config: fast receive), a callback
+  that only keeps the ack tokens, PUBACKs in groups of 1000 as the WAL would send them;
+* ``source-paho`` the same with ``fast_receive = false`` (paho reads every packet).
+
+Usage: ``python bench/ingest.py [--messages N] [--rounds R]``; prints msg/s per round and ratios to paho.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+for p in (str(BENCH.parent), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+TOPIC = "factory/#"
+KINDS = ("paho", "mosquitto_sub", "source", "source-paho")
+
+
+def drain_paho(port: int, n: int, create: bool = False) -> float:
+    import paho.mqtt.client as mqtt
+
+    done = threading.Event()
+    got = [0]
+
+    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+        got[0] += 1
+        if got[0] >= n:
+            done.set()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-paho", clean_session=False,
+                    protocol=mqtt.MQTTv311)
+    c.on_message = on_message
+    t0 = time.perf_counter()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    if create:
+        c.subscribe(TOPIC, qos=1)
+        time.sleep(0.5)
+    else:
+        done.wait(600)
+    dt = time.perf_counter() - t0
+    c.loop_stop()
+    c.disconnect()
+    return dt
+
+
+def drain_mosquitto_sub(port: int, n: int, create: bool = False) -> float:
+    base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", "bench-c", "-c", "-q", "1", "-t", TOPIC]
+    t0 = time.perf_counter()
+    subprocess.run([*base, "-E"] if create else [*base, "-C", str(n)], stdout=subprocess.DEVNULL, check=True,
+                   timeout=600)
+    return time.perf_counter() - t0
+
+
+def drain_source(port: int, n: int, create: bool = False, fast: bool = True) -> float:
+    from gateway.config import MqttConfig
+    from gateway.sources.mqtt import MqttSource
+
+    cfg = MqttConfig.model_validate({"port": port, "client_id": f"bench-src-{fast}", "topics": [TOPIC],
+                                     "fast_receive": fast})
+
+    async def main() -> float:
+        tokens: list[Any] = []
+        count = [0]
+        finished = asyncio.Event()
+
+        def on_message(_t: str, _p: bytes, tok: Any) -> None:
+            count[0] += 1
+            tokens.append(tok)
+            if len(tokens) >= 1000 or count[0] >= n:
+                src.ack(tokens)
+                tokens.clear()
+                if count[0] >= n:
+                    finished.set()
+
+        src = MqttSource(cfg, on_message)
+        stop = asyncio.Event()
+        t0 = time.perf_counter()
+        task = asyncio.create_task(src.run(stop))
+        if create:
+            await src.connected.wait()
+        else:
+            await asyncio.wait_for(finished.wait(), 600)
+        dt = time.perf_counter() - t0
+        await asyncio.sleep(0.2)  # the last PUBACKs go out
+        stop.set()
+        await task
+        return dt
+
+    return asyncio.run(main())
+
+
+DRAIN = {"paho": drain_paho, "mosquitto_sub": drain_mosquitto_sub, "source": drain_source,
+         "source-paho": lambda port, n, create=False: drain_source(port, n, create, fast=False)}
+
+
+def run(messages: int = 100_000, rounds: int = 3) -> dict[str, Any]:
+    from publisher import publish_parallel, telemetry_messages
+
+    from tests.servers import Mosquitto
+
+    msgs = telemetry_messages(messages, 50, time.time() - 600)
+    rates: dict[str, list[float]] = {k: [] for k in KINDS}
+    with tempfile.TemporaryDirectory(prefix="fgw-ingest-") as tmp, \
+            Mosquitto(Path(tmp), persistence=False) as broker:
+        for k in KINDS:
+            DRAIN[k](broker.port, 0, True)
+        for r in range(rounds):
+            publish_parallel(broker.port, msgs, procs=2)
+            order = KINDS if r % 2 == 0 else tuple(reversed(KINDS))
+            for k in order:
+                dt = DRAIN[k](broker.port, messages)
+                rates[k].append(messages / dt)
+                print(f"round {r + 1} {k:14s} {messages / dt:10,.0f} msg/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print("\nmedian msg/s and ratio to the bare paho subscriber (same run):")
+    for k in KINDS:
+        print(f"  {k:14s} {med[k]:10,.0f}   {med[k] / med['paho']:5.2f}x   rounds: "
+              + ", ".join(f"{x:,.0f}" for x in rates[k]))
+    return {"messages": messages, "rounds": rates, "median": med}
+
+
+def run_gateway(messages: int = 100_000, rounds: int = 2) -> None:
+    """The whole gateway (default config, detect on, WAL, InfluxDB 1.x) draining a queued backlog.
+
+    Timed from the process start to InfluxDB holding every point, minus the start-up time to
+    "subscribed" measured on the empty session (Python imports, connect), both printed.
+    """
+    from e2e import _count, gateway_config, servers, wait_for
+    from publisher import publish_parallel, telemetry_messages
+
+    from tests.gwproc import GatewayProcess
+
+    msgs = telemetry_messages(messages, 50, time.time() - 600)
+    with servers() as srv:
+        for r in range(rounds):
+            for fast in ((True, False) if r % 2 == 0 else (False, True)):
+                name = f"drain_{fast}_{r}"
+                db = f"bench_{name}"
+                os.environ["BENCH_FAST_RECEIVE"] = "true" if fast else "false"
+                conf = gateway_config(srv, name, db=db)
+                gw = GatewayProcess(conf)
+                t0 = time.perf_counter()
+                gw.start("subscribed", timeout=30)  # creates the session
+                startup = time.perf_counter() - t0
+                gw.stop()
+                publish_parallel(srv.broker.port, msgs, procs=2)
+                gw = GatewayProcess(conf)
+                t0 = time.perf_counter()
+                gw.start("subscribed", timeout=60)
+                got, _seen = wait_for(lambda db=db: _count(srv.influx, db, "telemetry", "temp_c"), messages, 300)
+                total = time.perf_counter() - t0
+                gw.stop()
+                print(f"round {r + 1} gateway fast_receive={fast!s:5s} {got:,} points, {total:.2f} s "
+                      f"(start-up {startup:.2f} s): {got / (total - startup):10,.0f} msg/s", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gateway", action="store_true", help="drain with the whole gateway into InfluxDB instead")
+    a = ap.parse_args()
+    if a.gateway:
+        run_gateway(a.messages, a.rounds)
+    else:
+        run(a.messages, a.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

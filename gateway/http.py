@@ -5,15 +5,14 @@
   writes; otherwise 503 with one ``broker: ...`` / ``sink: ...`` line per reason;
 - ``GET /metrics``: Prometheus exposition of a registry of this server's own (not the global one).
 
-The metrics are read at scrape time from the counters the gateway keeps anyway (:class:`PipelineStats`,
-the output's stats, the WAL, the dead-letter file, the MQTT source), so the hot path pays nothing for them.
+The metrics are read at scrape time from :func:`gateway.stats.collect` (one typed snapshot per stage: pipeline,
+output, WAL, dead-letter file, MQTT source), so the hot path pays nothing for them.
 Every label comes from a small fixed set (reject reasons, detector names): no payload text gets in.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,10 +27,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway import __version__
 from gateway.config import HttpConfig
-from gateway.detect.fusion import EVENT_NAMES
-from gateway.errors import REJECT_REASONS, GatewayError
+from gateway.errors import GatewayError
+from gateway.stats import collect
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
@@ -59,14 +57,14 @@ class GatewayState(Protocol):
 def readiness(gateway: GatewayState) -> list[str]:
     """Why the gateway is not ready, one ``component: reason`` per problem; empty when it is ready."""
     reasons = []
-    src = gateway.source
-    if not src.connected.is_set():
-        detail = f"last error: {src.last_error}" if src.last_error else "connecting"
-        reasons.append(f"broker: not connected to {src.cfg.host}:{src.cfg.port} ({detail})")
-    out = gateway.pipeline.output
-    if out.failing_since is not None:
-        reasons.append(f"sink: write failing for {time.monotonic() - out.failing_since:.0f} s: {out.last_error}")
-    if not gateway.pipeline.accepting:
+    st = collect(gateway.pipeline, gateway.source)
+    mq, out = st.mqtt, st.output
+    if mq is not None and not mq.connected:
+        detail = f"last error: {mq.last_error}" if mq.last_error else "connecting"
+        reasons.append(f"broker: not connected to {mq.host}:{mq.port} ({detail})")
+    if out.failing_for_s is not None:
+        reasons.append(f"sink: write failing for {out.failing_for_s:.0f} s: {out.last_error}")
+    if not st.pipeline.accepting:
         reasons.append("gateway: shutting down")
     return reasons
 
@@ -79,51 +77,49 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         g = self.gateway
-        p = g.pipeline
-        out = p.output.stats
+        st = collect(g.pipeline, g.source)
+        p, out, mq = st.pipeline, st.output, st.mqtt
+        assert mq is not None  # collect() was given the source
         yield InfoMetricFamily("factory_gateway", "Gateway version and instance.",
-                               value={"version": __version__, "gateway_instance": p.cfg.gateway.instance})
+                               value={"version": st.version, "gateway_instance": st.instance})
         yield CounterMetricFamily("factory_gateway_messages_received", "MQTT messages delivered by the broker.",
-                                  value=g.source.messages)
+                                  value=mq.messages)
         rejected = CounterMetricFamily(
             "factory_gateway_messages_rejected", "Messages that failed to decode or validate (dead-lettered).",
             labels=["reason"],
         )
-        for reason in REJECT_REASONS:
-            rejected.add_metric([reason], p.rejected[reason])
+        for reason, n in p.rejected.items():
+            rejected.add_metric([reason], n)
         yield rejected
         yield CounterMetricFamily("factory_gateway_points_decoded", "Points decoded from accepted messages.",
-                                  value=p.stats.points_in)
+                                  value=p.points_in)
         yield CounterMetricFamily("factory_gateway_points_written", "Lines the database accepted.",
                                   value=out.points_written)
         yield CounterMetricFamily("factory_gateway_write_retries", "Database writes retried after a failure.",
                                   value=out.retries)
         yield CounterMetricFamily("factory_gateway_lines_rejected", "Lines the database refused (400/422).",
                                   value=out.rejected_lines)
-        failing = p.output.failing_since
         yield GaugeMetricFamily("factory_gateway_sink_failing_seconds",
                                 "How long database writes have been failing; 0 while they succeed.",
-                                value=0.0 if failing is None else time.monotonic() - failing)
-        if p.deadletter is not None:
+                                value=out.failing_for_s or 0.0)
+        if st.deadletter is not None:
             yield CounterMetricFamily("factory_gateway_dead_letters", "Records written to the dead-letter file.",
-                                      value=p.deadletter.records_written)
+                                      value=st.deadletter.records_written)
         yield GaugeMetricFamily("factory_gateway_mqtt_connected", "1 while connected and subscribed to the broker.",
-                                value=int(g.source.connected.is_set()))
+                                value=int(mq.connected))
         yield CounterMetricFamily("factory_gateway_mqtt_reconnects", "Broker connections after the first one.",
-                                  value=max(0, g.source.connects - 1))
-        yield from p.batch_latency.collect()
+                                  value=mq.reconnects)
+        yield from g.pipeline.batch_latency.collect()
         anomalies = CounterMetricFamily("factory_gateway_anomalies", "Anomaly events written, by detector.",
                                         labels=["detector"])
-        names = set(EVENT_NAMES if p.cfg.detect.enabled else ()) | set(p.anomalies_by_detector)
-        for name in sorted(names):
-            anomalies.add_metric([name], p.anomalies_by_detector[name])
+        for name, n in p.anomalies_by_detector.items():
+            anomalies.add_metric([name], n)
         yield anomalies
-        yield GaugeMetricFamily("factory_gateway_series", "Machine x metric series known.", value=len(p.registry))
+        yield GaugeMetricFamily("factory_gateway_series", "Machine x metric series known.", value=p.series)
         yield GaugeMetricFamily("factory_gateway_series_max", "Cardinality cap (gateway.max_series).",
-                                value=p.registry.max_series)
-        wal = p.wal
+                                value=p.max_series)
+        wal = st.wal
         if wal is not None:
-            oldest = wal.oldest_pending_time()
             yield GaugeMetricFamily("factory_gateway_wal_bytes_pending", "Unconfirmed bytes in the write-ahead log.",
                                     value=wal.bytes_pending)
             yield GaugeMetricFamily("factory_gateway_wal_records_pending", "Unconfirmed records in the WAL.",
@@ -132,7 +128,7 @@ class GatewayCollector(Collector):
                                     "acks stop until the database catches up.", value=wal.max_bytes)
             yield GaugeMetricFamily("factory_gateway_wal_oldest_pending_age_seconds",
                                     "Age of the oldest record not yet in the database; 0 when none.",
-                                    value=0.0 if oldest is None else max(0.0, time.time() - oldest))
+                                    value=wal.oldest_pending_age_s or 0.0)
             yield CounterMetricFamily("factory_gateway_wal_backpressure_waits",
                                       "Waits (of up to 1 s) for room in a full WAL, acks held meanwhile.",
                                       value=p.backpressure_waits)

@@ -24,13 +24,14 @@ from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
 from gateway.detect.context import StateChangeFilter
-from gateway.detect.fusion import AnomalyEngine, AnomalyEvents
+from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, AnomalyEvents
 from gateway.encode import LineProtocolEncoder
-from gateway.errors import DecodeError
+from gateway.errors import REJECT_REASONS, DecodeError
 from gateway.features import FeatureExtractor, SeverityEvents, SeverityMonitor
 from gateway.oee import OeeEngine, OeeRecord
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
+from gateway.stats import PipelineSnapshot
 from gateway.wal import WriteAheadLog
 
 __all__ = ["Pipeline", "PipelineStats"]
@@ -241,6 +242,20 @@ class Pipeline:
     def pending(self) -> int:
         return self._builder.messages
 
+    def snapshot(self) -> PipelineSnapshot:
+        """This stage's counters for :mod:`gateway.stats`."""
+        names = set(EVENT_NAMES if self.cfg.detect.enabled else ()) | set(self.anomalies_by_detector)
+        return PipelineSnapshot(
+            **asdict(self.stats),
+            series=len(self.registry),
+            max_series=self.registry.max_series,
+            pending_messages=self.pending(),
+            backpressure_waits=self.backpressure_waits,
+            accepting=self.accepting,
+            rejected={reason: self.rejected[reason] for reason in REJECT_REASONS},
+            anomalies_by_detector={name: self.anomalies_by_detector[name] for name in sorted(names)},
+        )
+
     async def run_flusher(self, stop: asyncio.Event) -> None:
         """Flush whenever the batch is full or old enough, until ``stop``; then flush what is left."""
         while not stop.is_set():
@@ -433,15 +448,17 @@ class Pipeline:
         self._last_stats_ns = time.monotonic_ns()
         fields: dict[str, float | int | str | bool | None] = dict(asdict(self.stats))
         fields["series"] = len(self.registry)
-        o = self.output.stats
+        o = self.output.snapshot()
         fields.update(points_written=o.points_written, write_errors=o.write_errors, rejected_lines=o.rejected_lines)
         if self.wal is not None:
-            fields.update(wal_bytes=self.wal.bytes_pending, wal_records=self.wal.records_pending)
+            w = self.wal.snapshot()
+            fields.update(wal_bytes=w.bytes_pending, wal_records=w.records_pending)
         line = self.encoder.point("gateway_stats", {"instance": self.cfg.gateway.instance}, fields, time.time_ns())
+        p = self.snapshot()
         log.info(
             "in %d msgs / %d points, written %d points, decode errors %d, write errors %d, series %d, "
             "last batch %.0f ms",
-            self.stats.messages_in, self.stats.points_in, o.points_written, self.stats.decode_errors,
-            o.write_errors, len(self.registry), self.stats.batch_latency_ms,
+            p.messages_in, p.points_in, o.points_written, p.decode_errors, o.write_errors, p.series,
+            p.batch_latency_ms,
         )
         return line.encode()

@@ -242,6 +242,11 @@ class HttpConfig(_Section):
 
     enabled: bool = True
     listen: str = Field("127.0.0.1:9273", description="host:port to listen on; IPv6 in brackets: [::1]:9273.")
+    ring_size: int = Field(120, ge=2, le=100_000, description="Slots kept per series for the page's charts.")
+    ring_interval_s: float = Field(30.0, ge=0.1, le=86400, description="One chart slot per this many seconds.")
+    event_ring: int = Field(100, ge=1, le=100_000, description="State changes / anomalies / OEE records kept "
+                            "per machine for the page.")
+    stale_after_s: float = Field(60.0, gt=0, description="A machine silent this long shows as stale.")
 
     @field_validator("listen")
     @classmethod

@@ -32,6 +32,7 @@ from gateway.oee import OeeEngine, OeeRecord
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
 from gateway.stats import PipelineSnapshot
+from gateway.view import PlantView
 from gateway.wal import WriteAheadLog
 
 __all__ = ["Pipeline", "PipelineStats"]
@@ -104,6 +105,9 @@ class Pipeline:
             sink, max_retry_s=cfg.influx.max_retry_s, on_rejected=self._reject_lines if deadletter else None
         )
         self.stats = PipelineStats()
+        h = cfg.http  # the operator's page reads this view of the plant; fed after compute, bounded
+        self.view = PlantView(self.registry, ring_size=h.ring_size, ring_interval_s=h.ring_interval_s,
+                              events=h.event_ring) if h.enabled else None
         self.ack: AckCallback | None = None
         self.publish: PublishCallback | None = None  # the source's publish (decoders that answer on the broker)
         self.accepting = True
@@ -396,10 +400,12 @@ class Pipeline:
             found.append(severity_events(self.severity.process(
                 tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics, self.registry.machines)))
         anomalies = []
+        kept_all = []
         for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
             kept = self.state_filter.keep(events, self.registry.machines)
             self.stats.anomalies += len(kept)
             self.anomalies_by_detector.update(kept.detector)
+            kept_all.append(kept)
             anomalies.append(enc.anomalies(kept))
         oee = b""
         records: list[OeeRecord] = []
@@ -409,6 +415,8 @@ class Pipeline:
             self._last_oee_ns = time.monotonic_ns()
             records += self.oee.update(batch.states, batch.counts, time.time_ns())
         self.stats.oee_windows += len(records)
+        if self.view is not None:
+            self.view.observe(batch, kept_all, records)
         for r in records:
             if r.oee is not None:
                 self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)

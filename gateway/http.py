@@ -4,6 +4,7 @@
 - ``GET /readyz``: 200 ``ready`` when the broker connection is up and subscribed and the database takes
   writes; otherwise 503 with one ``broker: ...`` / ``sink: ...`` line per reason;
 - ``GET /metrics``: Prometheus exposition of a registry of this server's own (not the global one).
+- ``GET /api/v1/...``: the operator's JSON documents (:mod:`gateway.api`, from :mod:`gateway.view`), read-only.
 
 The metrics are read at scrape time from :func:`gateway.stats.collect` (one typed snapshot per stage: pipeline,
 output, WAL, dead-letter file, MQTT source), so the hot path pays nothing for them.
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -27,13 +29,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway import api
 from gateway.config import HttpConfig
 from gateway.errors import GatewayError
 from gateway.stats import collect
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from gateway.config import GatewayConfig
     from gateway.pipeline import Pipeline
     from gateway.sources.mqtt import MqttSource
+    from gateway.view import PlantView
 
 __all__ = ["GatewayCollector", "GatewayState", "HttpConfig", "HttpListenError", "StatusServer", "readiness"]
 
@@ -52,6 +59,12 @@ class GatewayState(Protocol):
 
     @property
     def source(self) -> MqttSource: ...
+
+    @property
+    def cfg(self) -> GatewayConfig: ...
+
+    @property
+    def config_path(self) -> Path | None: ...
 
 
 def readiness(gateway: GatewayState) -> list[str]:
@@ -146,6 +159,12 @@ class StatusServer:
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        self.app.router.add_get("/api/v1/plant", self._plant)
+        self.app.router.add_get("/api/v1/machines/{site}/{area}/{line}/{machine}", self._machine)
+        self.app.router.add_get("/api/v1/gateway", self._gateway)
+        self.app.router.add_get("/api/v1/deadletters", self._deadletters)
+        self.app.router.add_get("/api/v1/config", self._config)
+        self._rates = api.Rates()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -158,7 +177,7 @@ class StatusServer:
             await runner.cleanup()
             raise HttpListenError(f"http.listen: cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
         self._runner = runner
-        log.info("serving /healthz, /readyz and /metrics on http://%s", self.cfg.listen)
+        log.info("serving /healthz, /readyz, /metrics and /api/v1 on http://%s", self.cfg.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -173,3 +192,35 @@ class StatusServer:
         if reasons:
             return web.Response(status=503, text="\n".join(reasons))
         return web.Response(text="ready")
+
+    def _json(self, doc: object, status: int = 200) -> web.Response:
+        return web.Response(body=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status=status,
+                            content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    def _view(self) -> PlantView:
+        view = self.gateway.pipeline.view
+        if view is None:  # only when [http] is disabled, and then nothing serves this
+            raise web.HTTPServiceUnavailable(text="no plant view")
+        return view
+
+    async def _plant(self, request: web.Request) -> web.Response:
+        return self._json(api.plant_doc(self._view(), self.cfg.stale_after_s))
+
+    async def _machine(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        path = f"{m['site']}/{m['area']}/{m['line']}/{m['machine']}"
+        doc = api.machine_doc(self._view(), path, self.cfg.stale_after_s)
+        if doc is None:
+            return self._json({"error": f"no machine {path!r}"}, status=404)
+        return self._json(doc)
+
+    async def _gateway(self, request: web.Request) -> web.Response:
+        st = collect(self.gateway.pipeline, self.gateway.source)
+        return self._json(api.gateway_doc(st, self._rates.sample(st)))
+
+    async def _deadletters(self, request: web.Request) -> web.Response:
+        return self._json(api.deadletters_doc(self.gateway.pipeline))
+
+    async def _config(self, request: web.Request) -> web.Response:
+        path = self.gateway.config_path
+        return self._json(api.config_doc(self.gateway.cfg, None if path is None else str(path)))

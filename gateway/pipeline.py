@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,6 +124,7 @@ class Pipeline:
         self.backpressure_waits = 0
         self.rejected: Counter[str] = Counter()  # by DecodeError.reason (a small fixed set: metric labels)
         self.anomalies_by_detector: Counter[str] = Counter()
+        self.recent_rejects: deque[tuple[float, str, str, str]] = deque(maxlen=20)  # (time, topic, reason, why)
         # Seconds from a batch's first arrival to its ack; unregistered: gateway.http's collector exports it.
         self.batch_latency = Histogram(
             "factory_gateway_batch_latency_seconds",
@@ -162,6 +163,7 @@ class Pipeline:
     def _reject(self, topic: str, payload: bytes, exc: DecodeError, now: int) -> None:
         self.stats.decode_errors += 1
         self.rejected[exc.reason] += 1
+        self.recent_rejects.append((now / 1e9, topic, exc.reason, str(exc)[:300]))
         if self.deadletter is not None:
             self.deadletter.write(topic, payload, str(exc), now)
             self._dead_pending = True

@@ -4,6 +4,7 @@
 - ``GET /readyz``: 200 ``ready`` when the broker connection is up and subscribed and the database takes
   writes; otherwise 503 with one ``broker: ...`` / ``sink: ...`` line per reason;
 - ``GET /metrics``: Prometheus exposition of a registry of this server's own (not the global one).
+- ``GET /``: the operator's page (:mod:`gateway.web`), which polls the JSON API;
 - ``GET /api/v1/...``: the operator's JSON documents (:mod:`gateway.api`, from :mod:`gateway.view`), read-only.
 
 The metrics are read at scrape time from :func:`gateway.stats.collect` (one typed snapshot per stage: pipeline,
@@ -33,6 +34,7 @@ from gateway import api
 from gateway.config import HttpConfig
 from gateway.errors import GatewayError
 from gateway.stats import collect
+from gateway.web import index_html
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -159,12 +161,14 @@ class StatusServer:
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        self.app.router.add_get("/", self._index)
         self.app.router.add_get("/api/v1/plant", self._plant)
         self.app.router.add_get("/api/v1/machines/{site}/{area}/{line}/{machine}", self._machine)
         self.app.router.add_get("/api/v1/gateway", self._gateway)
         self.app.router.add_get("/api/v1/deadletters", self._deadletters)
         self.app.router.add_get("/api/v1/config", self._config)
         self._rates = api.Rates()
+        self._page = index_html()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -177,7 +181,7 @@ class StatusServer:
             await runner.cleanup()
             raise HttpListenError(f"http.listen: cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
         self._runner = runner
-        log.info("serving /healthz, /readyz, /metrics and /api/v1 on http://%s", self.cfg.listen)
+        log.info("serving the page, /api/v1, /healthz, /readyz and /metrics on http://%s", self.cfg.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -192,6 +196,11 @@ class StatusServer:
         if reasons:
             return web.Response(status=503, text="\n".join(reasons))
         return web.Response(text="ready")
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy":
+                                     "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
 
     def _json(self, doc: object, status: int = 200) -> web.Response:
         return web.Response(body=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status=status,

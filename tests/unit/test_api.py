@@ -107,3 +107,12 @@ def test_rates_over_the_last_minute(tmp_path: Path) -> None:
         assert msgs == pytest.approx(120 / 60)  # the sample at 0 s fell out of the minute
     finally:
         _close(server)
+
+
+async def test_page_served_self_contained(running: Server) -> None:
+    status, body = await _get(running, "/")
+    assert status == 200
+    assert b"/api/v1/plant" in body
+    assert b"http://" not in body
+    assert b"https://" not in body  # no asset from the internet
+    assert b"<script src" not in body

@@ -14,12 +14,14 @@ Every label comes from a small fixed set (reject reasons, detector names): no pa
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import (
@@ -35,6 +37,7 @@ from gateway.config import HttpConfig
 from gateway.errors import GatewayError
 from gateway.stats import collect
 from gateway.web import index_html
+from gateway.webauth import WebConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["GatewayCollector", "GatewayState", "HttpConfig", "HttpListenError", "StatusServer", "readiness"]
 
 log = logging.getLogger("gateway.http")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes answer without credentials
 
 
 class HttpListenError(GatewayError):
@@ -157,7 +162,11 @@ class StatusServer:
         self.gateway = gateway
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(gateway))
-        self.app = web.Application()
+        try:
+            self.auth = cfg.web_config()
+        except WebConfigError as exc:
+            raise HttpListenError(f"http.web_config_file: {exc}") from exc
+        self.app = web.Application(middlewares=[self._authenticate] if self.auth is not None else [])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
@@ -176,7 +185,8 @@ class StatusServer:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            ctx = None if self.auth is None else self.auth.ssl_context()
+            await web.TCPSite(runner, host, port, ssl_context=ctx).start()
         except OSError as exc:
             await runner.cleanup()
             raise HttpListenError(f"http.listen: cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
@@ -196,6 +206,21 @@ class StatusServer:
         if reasons:
             return web.Response(status=503, text="\n".join(reasons))
         return web.Response(text="ready")
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Basic auth against ``web_config_file`` on everything but the probes."""
+        if request.path in OPEN_PATHS or self.auth is None:
+            return await handler(request)
+        scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+        try:
+            user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            sep = ""
+        if scheme.lower() != "basic" or not sep or not self.auth.check(user, password):
+            return web.Response(status=401, text="authentication required",
+                                headers={"WWW-Authenticate": 'Basic realm="factory-gateway", charset="UTF-8"'})
+        return await handler(request)
 
     async def _index(self, request: web.Request) -> web.Response:
         return web.Response(body=self._page, content_type="text/html", charset="utf-8",

@@ -4,6 +4,7 @@ through real mosquitto and InfluxDB: a small plant (states, counts, telemetry, a
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -139,6 +140,9 @@ ring_interval_s = 10
         assert wait_until(lambda: bool(browser.find_elements(By.CSS_SELECTOR, marked)), timeout=10)
         assert browser.find_elements(By.CSS_SELECTOR, "#detail svg.band rect")
         browser.save_screenshot(str(shots / "detail.png"))
+        readme_png = os.environ.get("FGW_README_SCREENSHOT")  # regenerates docs/operator-page.png (README)
+        if readme_png:
+            shutil.copyfile(shots / "detail.png", readme_png)
 
         # press2 and lathe1 keep sending, press1 stops: it turns stale on the page, without a reload
         marker = browser.execute_script("window.__noReload = 1; return window.__noReload")

@@ -3,19 +3,23 @@ through real mosquitto and InfluxDB: a small plant (states, counts, telemetry, a
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from gateway.server import Server
 from tests.gwproc import GatewayProcess, publish, wait_until, write_config
 from tests.servers import InfluxDB1, Mosquitto, free_port
 
@@ -157,3 +161,37 @@ ring_interval_s = 10
         assert browser.execute_script("return window.__noReload") == marker  # same document: updated by polling
         browser.save_screenshot(str(shots / "stale.png"))
         assert gw.stop() == 0
+
+
+def test_two_thousand_machines_render_in_under_a_second(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    """The in-process gateway (fake sink) with 2,000 machines: navigation start to all tiles drawn < 1 s."""
+    from tests.unit.test_http import FakeSink, _cfg, _close, _deliver
+
+    server = Server(_cfg(tmp_path, oee={"enabled": True, "windows": ["1m"]}, gateway={"max_series": 20_000}),
+                    sink=FakeSink())
+    now = time.time()
+    for i in range(2000):
+        base = f"factory/s1/a{i // 500}/l{i // 50}/m{i}"
+        _deliver(server, f"{base}/state", orjson.dumps({"ts": now - 200, "state": "RUNNING"}))
+        _deliver(server, f"{base}/count", orjson.dumps({"ts": now - 130, "total": 100, "good": 90 + i % 10}))
+        _deliver(server, f"{base}/telemetry", orjson.dumps({"ts": now - 1, "values": {"temp_c": 50.0 + i % 7}}))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.pipeline.flush(), loop).result(60)
+        assert server.http is not None
+        asyncio.run_coroutine_threadsafe(server.http.start(), loop).result(10)
+        browser.get(f"http://{server.cfg.http.listen}/")
+        assert wait_until(lambda: browser.execute_script("return window.firstRenderMs") is not None, timeout=10)
+        ms = browser.execute_script("return window.firstRenderMs")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".tile")) == 2000
+        print(f"2,000 machines: first render {ms:.0f} ms after navigation start")
+        browser.save_screenshot(str(tmp_path / "plant-2000.png"))
+        assert ms < 1000
+    finally:
+        if server.http is not None:
+            asyncio.run_coroutine_threadsafe(server.http.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        _close(server)

@@ -191,7 +191,8 @@ class StatusServer:
             await runner.cleanup()
             raise HttpListenError(f"http.listen: cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
         self._runner = runner
-        log.info("serving the page, /api/v1, /healthz, /readyz and /metrics on http://%s", self.cfg.listen)
+        log.info("serving the page, /api/v1, /healthz, /readyz and /metrics on %s://%s%s",
+                 "http" if ctx is None else "https", self.cfg.listen, "" if self.auth is None else " (basic auth)")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.server import Server
-from tests.servers import free_port
+from tests.servers import free_port, make_test_ca
 from tests.unit.test_http import FakeSink, _cfg, _close
 
 
@@ -107,3 +108,29 @@ async def test_auth_401_401_200(secured: Server, path: str) -> None:
 async def test_probes_need_no_credentials(secured: Server) -> None:
     assert (await _status(secured, "/healthz", None))[0] == 200
     assert (await _status(secured, "/readyz", None))[0] == 503  # not connected to a broker: answers, unauthenticated
+
+
+async def test_tls_server_config_serves_https(tmp_path: Path) -> None:
+    tls = make_test_ca(tmp_path / "tls")
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    web = _web_config(tmp_path, f"basic_auth_users:\n  operator: {hashed}\ntls_server_config:\n"
+                                f"  cert_file: {tls.server_cert}\n  key_file: {tls.server_key}\n")
+    server = Server(_cfg(tmp_path, http={"listen": f"127.0.0.1:{free_port()}", "web_config_file": str(web)}),
+                    sink=FakeSink())
+    assert server.http is not None
+    await server.http.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_cert))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            url = f"https://{server.cfg.http.listen}"
+            auth = {"Authorization": _basic("operator", "s3cret")}
+            async with s.get(url + "/api/v1/plant", ssl=ctx, headers=auth) as r:
+                assert r.status == 200
+            async with s.get(url + "/healthz", ssl=ctx) as r:
+                assert r.status == 200
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP is not served
+                async with s.get(f"http://{server.cfg.http.listen}/healthz") as r:
+                    await r.read()
+    finally:
+        await server.http.stop()
+        _close(server)

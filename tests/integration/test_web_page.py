@@ -194,4 +194,5 @@ def test_two_thousand_machines_render_in_under_a_second(tmp_path: Path, browser:
             asyncio.run_coroutine_threadsafe(server.http.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()  # else the garbage collector reports the loop and its sockets in a later test
         _close(server)

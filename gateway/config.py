@@ -36,6 +36,7 @@ from gateway.errors import ConfigError
 from gateway.features import FeaturesConfig
 from gateway.oee import MachineConfig, OeeConfig
 from gateway.wal import BufferConfig
+from gateway.webauth import WebConfig, WebConfigError, is_loopback, load_web_config
 
 __all__ = [
     "GatewayConfig",
@@ -244,6 +245,31 @@ class HttpConfig(_Section):
 
     enabled: bool = True
     listen: str = Field("127.0.0.1:9273", description="host:port to listen on; IPv6 in brackets: [::1]:9273.")
+    ring_size: int = Field(120, ge=2, le=100_000, description="Slots kept per series for the page's charts.")
+    ring_interval_s: float = Field(30.0, ge=0.1, le=86400, description="One chart slot per this many seconds.")
+    event_ring: int = Field(100, ge=1, le=100_000, description="State changes / anomalies / OEE records kept "
+                            "per machine for the page.")
+    stale_after_s: float = Field(60.0, gt=0, description="A machine silent this long shows as stale.")
+    web_config_file: Path | None = Field(None, description="Prometheus web-config file (basic_auth_users, "
+                                         "tls_server_config); required to listen beyond loopback.")
+
+    @model_validator(mode="after")
+    def _auth(self) -> HttpConfig:
+        host, _ = parse_listen(self.listen)
+        if self.web_config_file is None:
+            if self.enabled and not is_loopback(host):
+                raise ValueError(f"web_config_file: required to listen on {self.listen} (not a loopback address): "
+                                 "a Prometheus web-config file with basic_auth_users")
+            return self
+        try:
+            load_web_config(self.web_config_file)
+        except WebConfigError as exc:
+            raise ValueError(f"web_config_file: {exc}") from exc
+        return self
+
+    def web_config(self) -> WebConfig | None:
+        """The parsed ``web_config_file`` (read again: a reload may have changed it); None without one."""
+        return None if self.web_config_file is None else load_web_config(self.web_config_file)
 
     @field_validator("listen")
     @classmethod
@@ -382,6 +408,9 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Gateway
             raise ConfigError([f"(file): {path} is not UTF-8 text: byte {exc.start}: {exc.reason}"]) from exc
         except OSError as exc:
             raise ConfigError([f"(file): cannot read {path}: {exc.strerror or exc}"]) from exc
+    http = data.get("http")
+    if path is not None and isinstance(http, dict) and isinstance(http.get("web_config_file"), str):
+        http["web_config_file"] = str(Path(path).parent / http["web_config_file"])  # relative to this file
     saved = None
     if env is not None:
         saved = dict(os.environ)

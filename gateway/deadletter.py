@@ -29,6 +29,7 @@ import orjson
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
 from gateway.errors import GatewayError
+from gateway.stats import DeadLetterSnapshot
 
 __all__ = ["DeadLetterConfig", "DeadLetterError", "DeadLetterFile", "format_rfc3339_ns"]
 
@@ -167,6 +168,10 @@ class DeadLetterFile:
     def records_written(self) -> int:
         """Records written since this object was opened."""
         return self._records
+
+    def snapshot(self) -> DeadLetterSnapshot:
+        """Counts for :mod:`gateway.stats`."""
+        return DeadLetterSnapshot(records_written=self.records_written, rotations=self.rotations, path=str(self.path))
 
     @property
     def rotations(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gateway.errors import GatewayError, SinkError
 from gateway.sinks import Sink
+from gateway.stats import OutputSnapshot
 
 __all__ = ["OutputStats", "OutputStopped", "RunningOutput"]
 
@@ -59,6 +60,16 @@ class RunningOutput:
         self.last_error: str | None = None
         self._stopping = asyncio.Event()
         self._rng = rng or random.Random()
+
+    def snapshot(self) -> OutputSnapshot:
+        """This stage's counters for :mod:`gateway.stats`."""
+        s = self.stats
+        failing = self.failing_since
+        return OutputSnapshot(
+            writes=s.writes, points_written=s.points_written, write_errors=s.write_errors, retries=s.retries,
+            rejected_lines=s.rejected_lines,
+            failing_for_s=None if failing is None else time.monotonic() - failing, last_error=self.last_error,
+        )
 
     def stop(self) -> None:
         """Abort retries (at shutdown); pending data stays wherever it was durable."""

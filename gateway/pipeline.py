@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,13 +24,15 @@ from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
 from gateway.detect.context import StateChangeFilter
-from gateway.detect.fusion import AnomalyEngine, AnomalyEvents
+from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, AnomalyEvents
 from gateway.encode import LineProtocolEncoder
-from gateway.errors import DecodeError
+from gateway.errors import REJECT_REASONS, DecodeError
 from gateway.features import FeatureExtractor, SeverityEvents, SeverityMonitor
 from gateway.oee import OeeEngine, OeeRecord
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
+from gateway.stats import PipelineSnapshot
+from gateway.view import PlantView
 from gateway.wal import WriteAheadLog
 
 __all__ = ["Pipeline", "PipelineStats"]
@@ -103,6 +105,9 @@ class Pipeline:
             sink, max_retry_s=cfg.influx.max_retry_s, on_rejected=self._reject_lines if deadletter else None
         )
         self.stats = PipelineStats()
+        h = cfg.http  # the operator's page reads this view of the plant; fed after compute, bounded
+        self.view = PlantView(self.registry, ring_size=h.ring_size, ring_interval_s=h.ring_interval_s,
+                              events=h.event_ring) if h.enabled else None
         self.ack: AckCallback | None = None
         self.publish: PublishCallback | None = None  # the source's publish (decoders that answer on the broker)
         self.accepting = True
@@ -119,6 +124,7 @@ class Pipeline:
         self.backpressure_waits = 0
         self.rejected: Counter[str] = Counter()  # by DecodeError.reason (a small fixed set: metric labels)
         self.anomalies_by_detector: Counter[str] = Counter()
+        self.recent_rejects: deque[tuple[float, str, str, str]] = deque(maxlen=20)  # (time, topic, reason, why)
         # Seconds from a batch's first arrival to its ack; unregistered: gateway.http's collector exports it.
         self.batch_latency = Histogram(
             "factory_gateway_batch_latency_seconds",
@@ -157,6 +163,7 @@ class Pipeline:
     def _reject(self, topic: str, payload: bytes, exc: DecodeError, now: int) -> None:
         self.stats.decode_errors += 1
         self.rejected[exc.reason] += 1
+        self.recent_rejects.append((now / 1e9, topic, exc.reason, str(exc)[:300]))
         if self.deadletter is not None:
             self.deadletter.write(topic, payload, str(exc), now)
             self._dead_pending = True
@@ -240,6 +247,20 @@ class Pipeline:
 
     def pending(self) -> int:
         return self._builder.messages
+
+    def snapshot(self) -> PipelineSnapshot:
+        """This stage's counters for :mod:`gateway.stats`."""
+        names = set(EVENT_NAMES if self.cfg.detect.enabled else ()) | set(self.anomalies_by_detector)
+        return PipelineSnapshot(
+            **asdict(self.stats),
+            series=len(self.registry),
+            max_series=self.registry.max_series,
+            pending_messages=self.pending(),
+            backpressure_waits=self.backpressure_waits,
+            accepting=self.accepting,
+            rejected={reason: self.rejected[reason] for reason in REJECT_REASONS},
+            anomalies_by_detector={name: self.anomalies_by_detector[name] for name in sorted(names)},
+        )
 
     async def run_flusher(self, stop: asyncio.Event) -> None:
         """Flush whenever the batch is full or old enough, until ``stop``; then flush what is left."""
@@ -381,10 +402,12 @@ class Pipeline:
             found.append(severity_events(self.severity.process(
                 tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics, self.registry.machines)))
         anomalies = []
+        kept_all = []
         for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
             kept = self.state_filter.keep(events, self.registry.machines)
             self.stats.anomalies += len(kept)
             self.anomalies_by_detector.update(kept.detector)
+            kept_all.append(kept)
             anomalies.append(enc.anomalies(kept))
         oee = b""
         records: list[OeeRecord] = []
@@ -394,6 +417,8 @@ class Pipeline:
             self._last_oee_ns = time.monotonic_ns()
             records += self.oee.update(batch.states, batch.counts, time.time_ns())
         self.stats.oee_windows += len(records)
+        if self.view is not None:
+            self.view.observe(batch, kept_all, records)
         for r in records:
             if r.oee is not None:
                 self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)
@@ -433,15 +458,17 @@ class Pipeline:
         self._last_stats_ns = time.monotonic_ns()
         fields: dict[str, float | int | str | bool | None] = dict(asdict(self.stats))
         fields["series"] = len(self.registry)
-        o = self.output.stats
+        o = self.output.snapshot()
         fields.update(points_written=o.points_written, write_errors=o.write_errors, rejected_lines=o.rejected_lines)
         if self.wal is not None:
-            fields.update(wal_bytes=self.wal.bytes_pending, wal_records=self.wal.records_pending)
+            w = self.wal.snapshot()
+            fields.update(wal_bytes=w.bytes_pending, wal_records=w.records_pending)
         line = self.encoder.point("gateway_stats", {"instance": self.cfg.gateway.instance}, fields, time.time_ns())
+        p = self.snapshot()
         log.info(
             "in %d msgs / %d points, written %d points, decode errors %d, write errors %d, series %d, "
             "last batch %.0f ms",
-            self.stats.messages_in, self.stats.points_in, o.points_written, self.stats.decode_errors,
-            o.write_errors, len(self.registry), self.stats.batch_latency_ms,
+            p.messages_in, p.points_in, o.points_written, p.decode_errors, o.write_errors, p.series,
+            p.batch_latency_ms,
         )
         return line.encode()

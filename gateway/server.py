@@ -31,6 +31,7 @@ from gateway.pipeline import Pipeline
 from gateway.sinks import Sink
 from gateway.sinks.influx import make_influx_sink
 from gateway.sources.mqtt import MqttSource
+from gateway.stats import collect
 from gateway.wal import WriteAheadLog
 
 __all__ = ["ReplayInputError", "Server", "replay"]
@@ -149,22 +150,22 @@ class Server:
     def status_line(self) -> str:
         """One line for the terminal and systemd's STATUS: rates since the last call, backlog, anomalies."""
         now = time.monotonic()
-        st, out = self.pipeline.stats, self.pipeline.output.stats
-        counters = (st.messages_in, out.points_written)
+        st = collect(self.pipeline, self.source)
+        counters = (st.pipeline.messages_in, st.output.points_written)
         last_t, last = self._status_last
         self._status_last = (now, counters)
         dt = max(now - last_t, 1e-9)
         rates = [(c - p) / dt for c, p in zip(counters, last, strict=True)]
-        backlog = f"{self.pipeline.pending()} msgs unflushed"
-        if self.wal is not None:
-            backlog += f", WAL {self.wal.bytes_pending / 1e6:.1f} MB"
+        backlog = f"{st.pipeline.pending_messages} msgs unflushed"
+        if st.wal is not None:
+            backlog += f", WAL {st.wal.bytes_pending / 1e6:.1f} MB"
         parts = [
-            "broker " + ("connected" if self.source.connected.is_set() else "DISCONNECTED"),
+            "broker " + ("connected" if st.mqtt is not None and st.mqtt.connected else "DISCONNECTED"),
             f"{rates[0]:.0f} msgs/s",
             f"{rates[1]:.0f} points/s",
             f"backlog {backlog}",
-            f"{st.anomalies} anomalies",
-            f"{st.decode_errors} rejected",
+            f"{st.pipeline.anomalies} anomalies",
+            f"{st.pipeline.decode_errors} rejected",
         ]
         low = self._lowest_oee()
         if low is not None:

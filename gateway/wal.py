@@ -38,6 +38,7 @@ from typing import Annotated, NamedTuple, Self
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
 from gateway.errors import GatewayError
+from gateway.stats import WalSnapshot
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -255,6 +256,14 @@ class WriteAheadLog:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+    def snapshot(self) -> WalSnapshot:
+        """The backlog for :mod:`gateway.stats`."""
+        oldest = self.oldest_pending_time()
+        return WalSnapshot(
+            bytes_pending=self.bytes_pending, records_pending=self.records_pending, max_bytes=self.max_bytes,
+            oldest_pending_age_s=None if oldest is None else max(0.0, time.time() - oldest),
+        )
 
     def oldest_pending_time(self) -> float | None:
         """When (seconds since the epoch) the oldest unconfirmed record was appended; None if none is pending.

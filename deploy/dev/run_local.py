@@ -76,11 +76,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
 
     procs: list[subprocess.Popen[bytes]] = []
+    http = f"127.0.0.1:{free_port()}"  # not the default 9273: an installed gateway may hold it
+    print(f"operator's page: http://{http}/  (the plant, OEE, anomalies, gateway panel)", flush=True)
     with Mosquitto(state / "mosquitto", log_to=state / "mosquitto.log") as broker, \
             InfluxDB1(state / "influxdb", log_to=state / "influxdb.log") as influx:
         print(f"mosquitto on 127.0.0.1:{broker.port} (pid {broker.pid}), "
               f"InfluxDB on {influx.url} (pid {influx.pid}); data under {state}")
-        http = f"127.0.0.1:{free_port()}"  # not the default 9273: an installed gateway may hold it
         env = dict(os.environ, FGW_MQTT__PORT=str(broker.port), FGW_INFLUX__URL=influx.url,
                    FGW_BUFFER__DIR=str(state / "buffer"), FGW_DEADLETTER__PATH=str(state / "deadletter.jsonl"),
                    FGW_HTTP__LISTEN=http)
@@ -100,7 +101,7 @@ def main() -> int:
         print(f"gateway pid {procs[0].pid} (log {state / 'gateway.log'}), "
               f"simulator pid {procs[1].pid}: {args.machines} machines at {args.rate} Hz. Ctrl-C stops.")
         print(f"query: influx -port {influx.port} -database factory -execute 'SELECT * FROM telemetry LIMIT 5'")
-        print(f"health and metrics: curl http://{http}/readyz  http://{http}/metrics")
+        print(f"page: http://{http}/  health and metrics: curl http://{http}/readyz  http://{http}/metrics")
         started = time.monotonic()
         next_summary = started + args.every
         while not stop:

@@ -17,6 +17,9 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # Node.js runs the Sparkplug edge node of the integration tests (Eclipse Tahu's JavaScript client).
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# The operator's page is tested in a real browser: Debian's chromium driven by Selenium (tests/integration/test_web_page.py).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

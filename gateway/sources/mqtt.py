@@ -33,6 +33,7 @@ from gateway.batch import AckToken
 from gateway.config import MqttConfig
 from gateway.sources import MessageCallback
 from gateway.sources.mqtt_frame import MalformedPacket, PacketFramer, Publish
+from gateway.stats import MqttSnapshot
 
 __all__ = ["PAHO_PRIVATE", "MqttSource"]
 
@@ -401,6 +402,13 @@ class MqttSource:
         "host", "port", "client_id", "protocol", "clean_session", "session_expiry_s", "receive_maximum",
         "keepalive_s", "username", "password", "password_file", "tls",
     })
+
+    def snapshot(self) -> MqttSnapshot:
+        """The connection for :mod:`gateway.stats`."""
+        return MqttSnapshot(
+            host=self.cfg.host, port=self.cfg.port, connected=self.connected.is_set(), messages=self.messages,
+            reconnects=max(0, self.connects - 1), last_error=self.last_error,
+        )
 
     def reconfigure(self, cfg: MqttConfig) -> None:
         """Take reloaded ``[mqtt]`` settings; the connection task applies them (:meth:`_sync`).

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 import orjson
 import pytest
 from paho.mqtt.client import MQTTMessage
@@ -23,9 +24,11 @@ from gateway.http import HttpListenError
 from gateway.output import RunningOutput
 from gateway.server import Server
 from gateway.wal import WriteAheadLog
+from gateway.webauth import is_loopback
 from tests.servers import free_port
 
 NOW = time.time()
+DEMO_HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
 
 
 class FakeSink:
@@ -130,7 +133,9 @@ async def _get(client: aiohttp.ClientSession, server: Server, path: str) -> tupl
 )
 def test_listen_accepted(tmp_path: Path, listen: str, address: tuple[str, int]) -> None:
     path = tmp_path / "gw.toml"
-    path.write_text(f'[http]\nlisten = "{listen}"\n')
+    (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  op: {DEMO_HASH}\n")
+    auth = "" if is_loopback(address[0]) else 'web_config_file = "web.yml"\n'  # beyond loopback: auth required
+    path.write_text(f'[http]\nlisten = "{listen}"\n{auth}')
     assert load_config(path, env={}).http.address == address
 
 

@@ -1,0 +1,218 @@
+"""A bounded in-memory view of the plant for the operator's page, fed by the pipeline after compute.
+
+Per machine: its current state and since when, the last OEE record of each window (the very records the
+gateway writes as ``oee`` points), the last anomaly, the time of its last message, and two bounded rings
+(state changes, anomaly events). Per series: a ring of ``ring_size`` slots of ``ring_interval_s`` each
+(float32, NaN = no sample in that slot; a slot keeps the latest sample that fell in it).
+
+Memory: 4 bytes per slot plus 16 bytes per series. At the defaults (120 slots of 30 s = the last hour),
+10,000 machines x 8 metrics = 80,000 series cost 80,000 x (120 x 4 + 16) B = 39.7 MB.
+
+>>> import numpy as np
+>>> rings = SeriesRings(ring_size=4, ring_interval_s=10)
+>>> s = 10**9
+>>> rings.update(np.array([0, 0, 0]), np.array([100 * s, 105 * s, 112 * s]), np.array([1.0, 2.0, 3.0]))
+>>> rings.read(0)
+([80.0, 90.0, 100.0, 110.0], [nan, nan, 2.0, 3.0])
+>>> rings.update(np.array([0]), np.array([131 * s]), np.array([4.0]))  # 120 s had no sample
+>>> rings.read(0)
+([100.0, 110.0, 120.0, 130.0], [2.0, 3.0, nan, 4.0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.batch import MachineKey
+
+if TYPE_CHECKING:
+    from gateway.batch import DecodedBatch, SeriesRegistry
+    from gateway.detect.fusion import AnomalyEvents
+    from gateway.oee import OeeRecord
+
+__all__ = ["AnomalyMark", "MachineView", "PlantView", "SeriesRings", "StateChange"]
+
+_NONE = np.iinfo(np.int64).min
+
+
+class SeriesRings:
+    """One fixed-size ring of downsampled values per series id, grown as series appear."""
+
+    def __init__(self, ring_size: int, ring_interval_s: float, *, capacity: int = 1024) -> None:
+        if ring_size < 1 or not ring_interval_s > 0:
+            raise ValueError("ring_size must be >= 1 and ring_interval_s > 0")
+        self.ring_size = ring_size
+        self.interval_ns = round(ring_interval_s * 1e9)
+        self.values = np.full((capacity, ring_size), np.nan, np.float32)
+        self.last_slot = np.full(capacity, _NONE, np.int64)  # newest slot number written, per series
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + self.last_slot.nbytes)
+
+    def _grow(self, n: int) -> None:
+        cap = self.values.shape[0]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        values = np.full((new, self.ring_size), np.nan, np.float32)
+        values[:cap] = self.values
+        last = np.full(new, _NONE, np.int64)
+        last[:cap] = self.last_slot
+        self.values, self.last_slot = values, last
+
+    def update(self, series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64],
+               value: npt.NDArray[np.float64]) -> None:
+        """Put samples into their slots; slots older than the ring are dropped, skipped slots become NaN."""
+        if series.shape[0] == 0:
+            return
+        self._grow(int(series.max()) + 1)
+        r = self.ring_size
+        slot = ts_ns // self.interval_ns
+        order = np.lexsort((ts_ns, series))  # by series, then time: the last write of a slot is its latest sample
+        series, slot, value = series[order], slot[order], value[order]
+        uniq, first = np.unique(series, return_index=True)
+        newest = np.maximum.reduceat(slot, first)
+        old = self.last_slot[uniq]
+        fresh = old == _NONE  # a new row is all NaN already
+        old = np.where(fresh, newest, old)
+        last = np.maximum(old, newest)
+        advance = np.minimum(last - old, r)
+        if advance.sum():  # NaN the slots the ring moves over, (old, last], at most one turn
+            rows = np.repeat(uniq, advance)
+            starts = np.repeat(last - advance + 1, advance)
+            offs = np.arange(rows.shape[0]) - np.repeat(np.cumsum(advance) - advance, advance)
+            self.values[rows, (starts + offs) % r] = np.nan
+        self.last_slot[uniq] = last
+        keep = slot > self.last_slot[series] - r
+        self.values[series[keep], slot[keep] % r] = value[keep]
+
+    def read(self, sid: int) -> tuple[list[float], list[float]]:
+        """(slot start times in seconds since the epoch, values) of one series, oldest first; empty if unknown."""
+        if sid >= self.last_slot.shape[0] or self.last_slot[sid] == _NONE:
+            return [], []
+        last = int(self.last_slot[sid])
+        slots = np.arange(last - self.ring_size + 1, last + 1)
+        vals = self.values[sid, slots % self.ring_size]
+        return (slots * (self.interval_ns / 1e9)).tolist(), [float(v) for v in vals.tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    ts: float  # seconds since the epoch
+    state: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyMark:
+    ts: float
+    metric: str
+    detector: str
+    value: float
+    score: float
+
+
+@dataclass(slots=True)
+class MachineView:
+    key: MachineKey
+    events: int
+    state: str | None = None
+    state_since: float | None = None
+    online: bool | None = None  # Sparkplug birth/death; None when the source never says
+    last_message: float | None = None
+    oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
+    oee_history: deque[OeeRecord] = field(init=False)
+    states: deque[StateChange] = field(init=False)
+    anomalies: deque[AnomalyMark] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.oee_history = deque(maxlen=self.events)
+        self.states = deque(maxlen=self.events)
+        self.anomalies = deque(maxlen=self.events)
+
+    @property
+    def last_anomaly(self) -> AnomalyMark | None:
+        return self.anomalies[-1] if self.anomalies else None
+
+
+class PlantView:
+    """What the page shows, updated once per flushed batch by :meth:`observe` (no I/O, no locks)."""
+
+    def __init__(self, registry: SeriesRegistry, *, ring_size: int = 120, ring_interval_s: float = 30.0,
+                 events: int = 100) -> None:
+        self.registry = registry
+        self.rings = SeriesRings(ring_size, ring_interval_s)
+        self.events = events
+        self.machines: dict[MachineKey, MachineView] = {}
+        self._series_last_ns = np.full(1024, _NONE, np.int64)
+
+    def machine(self, key: MachineKey) -> MachineView:
+        m = self.machines.get(key)
+        if m is None:
+            m = self.machines[key] = MachineView(key, self.events)
+        return m
+
+    def _seen(self, key: MachineKey, ts_ns: int) -> None:
+        m = self.machine(key)
+        t = ts_ns / 1e9
+        if m.last_message is None or t > m.last_message:
+            m.last_message = t
+
+    def observe(self, batch: DecodedBatch, anomalies: list[AnomalyEvents], oee: list[OeeRecord]) -> None:
+        """One batch after compute: its telemetry, states, counts, statuses, kept anomalies, closed OEE windows."""
+        reg = self.registry
+        tel = batch.telemetry
+        n = batch.detect_rows
+        if n:
+            series, ts = tel.series[:n], tel.ts_ns[:n]
+            self.rings.update(series, ts, tel.value[:n])
+            if self._series_last_ns.shape[0] < len(reg):
+                grown = np.full(max(len(reg), 2 * self._series_last_ns.shape[0]), _NONE, np.int64)
+                grown[: self._series_last_ns.shape[0]] = self._series_last_ns
+                self._series_last_ns = grown
+            np.maximum.at(self._series_last_ns, series, ts)
+            machines = reg.machines
+            for sid in np.unique(series).tolist():
+                self._seen(machines[sid], int(self._series_last_ns[sid]))
+        for st in sorted(batch.states, key=lambda e: e.ts_ns):
+            m = self.machine(st.machine)
+            self._seen(st.machine, st.ts_ns)
+            t = st.ts_ns / 1e9
+            if m.state_since is not None and t < m.state_since:
+                continue  # late: the current state is newer
+            if m.state != st.state.value:
+                m.state, m.state_since = st.state.value, t
+                m.states.append(StateChange(t, st.state.value, st.reason))
+        for c in batch.counts:
+            self._seen(c.machine, c.ts_ns)
+        for s in batch.statuses:
+            self.machine(s.machine).online = s.online
+        for ev in anomalies:
+            if not len(ev):
+                continue
+            for sid, ts, det, val, score in zip(ev.series.tolist(), ev.ts_ns.tolist(), ev.detector,
+                                                ev.value.tolist(), ev.score.tolist(), strict=True):
+                m = self.machine(reg.machines[sid])
+                m.anomalies.append(AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score))
+        for r in oee:
+            m = self.machine(r.machine)
+            m.oee[r.window] = r
+            m.oee_history.append(r)
+
+    def series_of(self, key: MachineKey) -> dict[str, tuple[list[float], list[float | None]]]:
+        """Every metric ring of one machine: metric -> (times, values with None for empty slots)."""
+        out: dict[str, tuple[list[float], list[float | None]]] = {}
+        for metric in sorted(set(self.registry.metrics)):
+            sid = self.registry.lookup(key, metric)
+            if sid is not None:
+                times, values = self.rings.read(sid)
+                if times:
+                    out[metric] = (times, [v if not math.isnan(v) else None for v in values])
+        return out

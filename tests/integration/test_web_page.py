@@ -1,0 +1,198 @@
+"""The operator's page in a real browser (Debian's chromium + chromium-driver, headless, via Selenium),
+through real mosquitto and InfluxDB: a small plant (states, counts, telemetry, a fault) as a person sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from gateway.server import Server
+from tests.gwproc import GatewayProcess, publish, wait_until, write_config
+from tests.servers import InfluxDB1, Mosquitto, free_port
+
+MACHINES = {"l1": ["press1", "press2"], "l2": ["lathe1"]}
+STATES = {"press1": "RUNNING", "press2": "DOWN", "lathe1": "IDLE"}
+WORDS = {"RUNNING": "Running", "DOWN": "Down", "IDLE": "Idle"}
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path / 'chrome'}"):
+        opts.add_argument(arg)
+    chromium = shutil.which("chromium")
+    if chromium:
+        opts.binary_location = chromium
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _plant(t0: float) -> list[tuple[str, Any]]:
+    msgs: list[tuple[str, Any]] = []
+    for line, machines in MACHINES.items():
+        for k, m in enumerate(machines):
+            base = f"factory/s1/a1/{line}/{m}"
+            msgs.append((f"{base}/state", {"ts": t0, "state": "RUNNING"}))
+            for i in range(300):
+                ts = round(t0 + i * 2, 3)
+                value = 60.0 + 0.5 * math.sin(i / 10) + 0.05 * ((i * 7919 + k) % 13 - 6)
+                if m == "press1" and i == 250:
+                    value = 95.0  # the fault
+                msgs.append((f"{base}/telemetry", {"ts": ts, "values": {"temp_c": value}}))
+                if i % 10 == 9:
+                    msgs.append((f"{base}/count", {"ts": ts, "total": i + 1, "good": i + 1 - i // 40}))
+            if STATES[m] != "RUNNING":
+                msgs.append((f"{base}/state", {"ts": t0 + 450, "state": STATES[m], "reason": "test"}))
+    return msgs
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _tiles(driver: webdriver.Chrome) -> dict[str, Any]:
+    return {t.get_attribute("data-id"): t for t in driver.find_elements(By.CSS_SELECTOR, ".tile")}
+
+
+def test_page_shows_the_plant_live(
+    tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str], browser: webdriver.Chrome
+) -> None:
+    influx, db = influx_db
+    port = free_port()
+    cfg = write_config(tmp_path / "gw.toml", f"""
+[gateway]
+instance = "web-it"
+stats_interval_s = 3600
+[mqtt]
+host = "127.0.0.1"
+port = {mosquitto.port}
+client_id = "gw-web"
+[influx]
+url = "{influx.url}"
+database = "{db}"
+flush_interval_ms = 100
+[buffer]
+dir = "{tmp_path / 'wal'}"
+[deadletter]
+path = "{tmp_path / 'deadletter.jsonl'}"
+[detect]
+detectors = ["spike"]
+grace_samples = 50
+[oee]
+windows = ["1m"]
+idle_close_s = 3600
+[http]
+listen = "127.0.0.1:{port}"
+stale_after_s = 6
+ring_interval_s = 10
+""")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"screenshots in {shots}")
+    t0 = time.time() - 900
+    with GatewayProcess(cfg) as gw:
+        publish(mosquitto.port, _plant(t0), client_id="pub-web")
+        assert wait_until(lambda: influx.count("anomaly", db) >= 1, timeout=30), gw.tail()
+        assert wait_until(lambda: influx.count("oee", db) >= 3 * 8, timeout=30), gw.tail()
+        fresh = [(f"factory/s1/a1/{line}/{m}/telemetry", {"ts": time.time(), "values": {"temp_c": 60.0}})
+                 for line, ms in MACHINES.items() for m in ms]
+        publish(mosquitto.port, fresh, client_id="pub-web-fresh")
+        browser.get(f"http://127.0.0.1:{port}/")
+        ids = {f"s1/a1/{line}/{m}" for line, ms in MACHINES.items() for m in ms}
+        assert wait_until(lambda: set(_tiles(browser)) == ids, timeout=10), browser.page_source[:2000]
+        browser.save_screenshot(str(shots / "plant.png"))
+        tiles = _tiles(browser)
+        for ident, tile in tiles.items():
+            machine = ident.rsplit("/", 1)[1]
+            [row] = influx.query(f"SELECT last(state) FROM machine_state WHERE machine = '{machine}'", db)
+            assert WORDS[row["last"]] in tile.find_element(By.CSS_SELECTOR, ".s").text
+            [oee] = influx.query(f"SELECT * FROM oee WHERE machine = '{machine}' ORDER BY time DESC LIMIT 1", db)
+            text = tile.find_element(By.CSS_SELECTOR, ".oee").text
+            assert f"OEE {_pct(oee['oee'])}" in text, (text, oee)
+            for key, name in (("A", "availability"), ("P", "performance"), ("Q", "quality")):
+                assert f"{key} {_pct(oee[name])}" in text, (text, oee)
+            parts = tile.find_element(By.CSS_SELECTOR, ".parts").text
+            assert f"parts {oee['good_count']}/{oee['total_count']}" in parts, (parts, oee)
+            assert "stale" not in (tile.get_attribute("class") or "")
+        rows = influx.query("SELECT * FROM anomaly WHERE machine = 'press1'", db)
+        latest = max(r["time"] for r in rows)
+        written = {(r["metric"], r["detector"]) for r in rows if r["time"] == latest}  # fused + its rule, same time
+        shown = tiles["s1/a1/l1/press1"].find_element(By.CSS_SELECTOR, ".a").text
+        assert any(f"{metric} {detector}" in shown for metric, detector in written), (shown, written)
+        for other in ("s1/a1/l1/press2", "s1/a1/l2/lathe1"):
+            assert tiles[other].find_element(By.CSS_SELECTOR, ".a").text == ""
+        tiles["s1/a1/l1/press1"].click()  # the detail: chart with the anomaly marked
+        marked = "#detail svg[data-metric='temp_c'] line.anomaly"
+        assert wait_until(lambda: bool(browser.find_elements(By.CSS_SELECTOR, marked)), timeout=10)
+        assert browser.find_elements(By.CSS_SELECTOR, "#detail svg.band rect")
+        browser.save_screenshot(str(shots / "detail.png"))
+        readme_png = os.environ.get("FGW_README_SCREENSHOT")  # regenerates docs/operator-page.png (README)
+        if readme_png:
+            shutil.copyfile(shots / "detail.png", readme_png)
+
+        # press2 and lathe1 keep sending, press1 stops: it turns stale on the page, without a reload
+        marker = browser.execute_script("window.__noReload = 1; return window.__noReload")
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            publish(mosquitto.port, [(t, {"ts": time.time(), "values": {"temp_c": 60.0}}) for t, _ in fresh
+                                     if "press1" not in t], client_id="pub-web-keep")
+            time.sleep(1)
+        assert wait_until(lambda: "stale" in (_tiles(browser)["s1/a1/l1/press1"].get_attribute("class") or ""),
+                          timeout=10)
+        assert "stale" not in (_tiles(browser)["s1/a1/l1/press2"].get_attribute("class") or "")
+        assert browser.execute_script("return window.__noReload") == marker  # same document: updated by polling
+        browser.save_screenshot(str(shots / "stale.png"))
+        assert gw.stop() == 0
+
+
+def test_two_thousand_machines_render_in_under_a_second(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    """The in-process gateway (fake sink) with 2,000 machines: navigation start to all tiles drawn < 1 s."""
+    from tests.unit.test_http import FakeSink, _cfg, _close, _deliver
+
+    server = Server(_cfg(tmp_path, oee={"enabled": True, "windows": ["1m"]}, gateway={"max_series": 20_000}),
+                    sink=FakeSink())
+    now = time.time()
+    for i in range(2000):
+        base = f"factory/s1/a{i // 500}/l{i // 50}/m{i}"
+        _deliver(server, f"{base}/state", orjson.dumps({"ts": now - 200, "state": "RUNNING"}))
+        _deliver(server, f"{base}/count", orjson.dumps({"ts": now - 130, "total": 100, "good": 90 + i % 10}))
+        _deliver(server, f"{base}/telemetry", orjson.dumps({"ts": now - 1, "values": {"temp_c": 50.0 + i % 7}}))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.pipeline.flush(), loop).result(60)
+        assert server.http is not None
+        asyncio.run_coroutine_threadsafe(server.http.start(), loop).result(10)
+        browser.get(f"http://{server.cfg.http.listen}/")
+        assert wait_until(lambda: browser.execute_script("return window.firstRenderMs") is not None, timeout=10)
+        ms = browser.execute_script("return window.firstRenderMs")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".tile")) == 2000
+        print(f"2,000 machines: first render {ms:.0f} ms after navigation start")
+        browser.save_screenshot(str(tmp_path / "plant-2000.png"))
+        assert ms < 1000
+    finally:
+        if server.http is not None:
+            asyncio.run_coroutine_threadsafe(server.http.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()  # else the garbage collector reports the loop and its sockets in a later test
+        _close(server)

@@ -28,7 +28,7 @@ import numba
 
 __all__ = ["CHANNELS", "K_LEVELS", "N_LAG", "step_batch"]
 
-K_LEVELS = 4  # operating levels per series (stopped, idle, setup, running) — or the state channel's regimes
+K_LEVELS = 6  # operating levels per series (stopped, idle, setup, running) — or the state channel's regimes
 # Lag basis: the sibling's level mean through 7.5, 15, 30 and 60 min first-order lags (together they fit
 # any thermal time constant from 10 to 45 min within 1 %), and its "stopped" indicator (lowest level)
 # through 10 and 40 min: switching a machine off drops its base load too, which no straight line in the
@@ -40,6 +40,7 @@ N_ON_U = 4  # the first N_ON_U lags filter the level mean, the others the stoppe
 RESOLVE_EVERY = 16.0
 RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
+VISIT_MEMORY = 30.0  # visits remembered by a level's spread of visit offsets
 RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
@@ -54,7 +55,7 @@ S_PENDN = 5  # consecutive far samples
 S_ABS_OWN = 6  # EWMA |error| of the own-level model
 S_CHI = 7  # CUSUM high side
 S_CLO = 8  # CUSUM low side
-S_VAR = 9  # short EWMA of the difference variance (z_t - z_{t-1})² / 2
+S_VAR = 9  # short EWMA of the difference variance (e_t - e_{t-1})² / 2 over the level's long-run one
 S_RUN = 10  # identical readings in a row
 S_USE = 11  # model in use: 0 own levels, 1 + j lag model on sibling j
 S_LAST_T = 12  # last timestamp (s)
@@ -67,16 +68,18 @@ S_LOW = 18  # 1 while in the lowest of the series' levels (the machine is stoppe
 S_ZP = 19  # last clipped z (for the lag-1 autocorrelation)
 S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
 S_ZV = 21  # EWMA of z² (clipped)
-S_ZQ = 22  # last z clipped at 2 clip (for the noise of consecutive differences)
-S_DV = 23  # long-run EWMA of the difference variance (z_t - z_{t-1})² / 2: the reference of S_VAR
-N_S = 24
+S_EP = 22  # last error of the model in use (its units; for the noise of consecutive differences)
+N_S = 23
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
 L_VAR = 1
 L_N = 2
 L_SAME = 3  # EWMA rate of identical consecutive readings while in this level
-N_L = 4
+L_TAU = 4  # mean square of the level's visit offsets (how far a new product or load sits from the level)
+L_NV = 5  # visits whose offset was learned
+L_DV = 6  # long-run difference variance (e_t - e_{t-1})² / 2 of the model's error in this level: the noise
+N_L = 7
 
 # per-series per-sibling lag model: forgotten sums of the least-squares fit, lag states, e2, |e|, n
 J_W = 0
@@ -272,6 +275,9 @@ def step_batch(
                         lev[k, L_VAR] = sc * sc
                         lev[k, L_N] = 0.0
                         lev[k, L_SAME] = 0.0
+                        lev[k, L_TAU] = 0.0
+                        lev[k, L_NV] = 0.0
+                        lev[k, L_DV] = 0.0
                         st[S_PENDN] = 0.0
                         best = k
                         bestz = abs(xv - lev[k, L_MEAN]) / sc
@@ -307,6 +313,13 @@ def step_batch(
             sd_own = _level_sd(lev, k, st[S_SCALE], grace)
             mu = lev[k, L_MEAN] + st[S_VISIT]
             e_own = xv - mu
+            visiting = st[S_VN] < visit_n and lev[k, L_N] > grace  # this visit's offset is still learned
+            sd_z = sd_own
+            if visiting:  # its error: the spread of visit offsets at first, then that of a mean of S_VN samples
+                u2 = lev[k, L_TAU]
+                if st[S_VN] > 0.0:
+                    u2 = min(u2, sd_own * sd_own / st[S_VN])
+                sd_z = math.sqrt(sd_own * sd_own + u2)
             g = s_group[s]
             use_group = g >= 0 and g_members[g] >= min_group
             cg = g_state[g, G_C] if use_group else 0.0
@@ -314,7 +327,7 @@ def step_batch(
             best_j = -1
             best_abs = st[S_ABS_OWN]
             e_sel = e_own
-            sd_sel = sd_own
+            sd_sel = sd_z
             pred_sel = mu
             d_raw = 0.0
             for j in range(N_SIB):
@@ -376,29 +389,35 @@ def step_batch(
             rho = st[S_ZZ] / st[S_ZV] if st[S_ZV] > 0.0 else 0.0
             rho = max(0.0, min(RHO_MAX, rho))
             zc = zq * math.sqrt((1.0 - rho) / (1.0 + rho))
-            hi = max(0.0, st[S_CHI] + zc - ck)
-            lo = max(0.0, st[S_CLO] - zc - ck)
+            hi = st[S_CHI]
+            lo = st[S_CLO]
+            if not visiting:  # no sum while the visit's offset learns
+                hi = max(0.0, hi + zc - ck)
+                lo = max(0.0, lo - zc - ck)
             cus = max(hi, lo)
             if cus >= ch:
                 hi = 0.0
                 lo = 0.0
             st[S_CHI] = hi
             st[S_CLO] = lo
-            # noise: half the squared difference of consecutive z estimates the variance of z's fast
-            # part, blind to a slow misfit or an offset; its short EWMA against its own day-long one
-            # The reference follows the short EWMA through the warm-up (whose z, against levels still being
-            # learned, is noisier than what follows), then averages from its end on, learning only while
-            # the short EWMA is below var_learn times it: hours of tripled noise stay an alarm.
+            # noise: half the squared difference of consecutive errors of the model in use estimates the
+            # variance of its fast part, blind to a slow misfit or an offset (those are the CUSUM's). It is
+            # compared, in the series' own units, with the same in the current level over the long run (noise
+            # depends on the level; z's σ would change with the model in use): a short EWMA of the ratio. The
+            # level's reference averages from its warm-up on and learns only while the short EWMA is below
+            # var_learn: hours of tripled noise stay an alarm. Nothing is learned while the visit's offset is.
             ar = _alpha(dt, t_level, nseen)
-            if st[S_N] > 0.0:
-                d2 = min(0.5 * (zq - st[S_ZQ]) ** 2, 36.0)
-                st[S_VAR] = d2 if st[S_DV] <= 0.0 else st[S_VAR] + va * (d2 - st[S_VAR])
-                ref = st[S_DV]
-                if nseen <= grace + 1.0 or ref <= 0.0:
-                    st[S_DV] = st[S_VAR]
-                elif st[S_VAR] < var_learn * ref:
-                    st[S_DV] += _alpha(dt, t_level, nseen - grace) * (min(d2, clip * clip * ref) - ref)
-            st[S_ZQ] = zq
+            if st[S_N] > 0.0 and not visiting:
+                de = e_sel - st[S_EP]
+                d2 = 0.5 * de * de
+                ref = lev[k, L_DV]
+                if lev[k, L_N] <= grace or ref <= 0.0:
+                    lev[k, L_DV] = ref + (d2 - ref) / (lev[k, L_N] + 1.0) if ref > 0.0 else d2 + 1e-300
+                else:
+                    st[S_VAR] += va * (min(d2 / ref, 36.0) - st[S_VAR])
+                    if st[S_VAR] < var_learn:
+                        lev[k, L_DV] += _alpha(dt, t_level, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
+            st[S_EP] = e_sel
             zl = max(-clip, min(clip, z))
             st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
             st[S_ZV] += ar * (zl * zl - st[S_ZV])
@@ -412,25 +431,28 @@ def step_batch(
             warm = nseen > grace
             out[i, 0] = az if warm else 0.0
             out[i, 1] = cus / ch if warm else 0.0
-            out[i, 2] = st[S_VAR] / st[S_DV] if warm and nseen > 1.0 / va and st[S_DV] > 0.0 else 0.0
+            out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0
             # -- learn: levels (clipped), identical-reading rate, own error, peers
             an = _alpha(dt, t_level, lev[k, L_N] + 1.0)
-            if bestz_ok(e_own, sd_own, z_join):
+            if bestz_ok(e_own, sd_own, z_join) and st[S_RUN] < need:  # a stuck sensor teaches nothing
                 ecl = max(-clip * sd_own, min(clip * sd_own, e_own)) if lev[k, L_N] > grace else e_own
-                if not (st[S_VN] < visit_n and lev[k, L_N] > grace):  # the visit offset learns first
+                if not visiting:  # the visit's offset learns first; the level from samples it explains
                     lev[k, L_MEAN] += an * ecl
-                lev[k, L_VAR] += an * (min(e_own * e_own, (clip * sd_own) ** 2) - lev[k, L_VAR]) \
-                    if lev[k, L_N] > grace else (e_own * e_own - lev[k, L_VAR]) / (lev[k, L_N] + 1.0)
+                    lev[k, L_VAR] += an * (min(e_own * e_own, (clip * sd_own) ** 2) - lev[k, L_VAR]) \
+                        if lev[k, L_N] > grace else (e_own * e_own - lev[k, L_VAR]) / (lev[k, L_N] + 1.0)
                 lev[k, L_N] += 1.0
                 if st[S_N] > 0.0 and st[S_RUN] < stuck_min:  # only short runs teach the repeat rate
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
             pre = abs(st[S_PRE])
             st[S_ABS_OWN] = pre if st[S_N] == 0.0 else st[S_ABS_OWN] + ar * (pre - st[S_ABS_OWN])
             # the visit offset: learned over the first visit_n samples of each visit, then held
-            if st[S_VN] < visit_n and lev[k, L_N] > grace:
+            if visiting and st[S_RUN] < need:
                 st[S_VN] += 1.0
                 st[S_VISIT] += (max(-z_join * sd_own, min(z_join * sd_own, e_own))) / st[S_VN]
+                if st[S_VN] >= visit_n:  # learned: its square teaches the level's spread of visit offsets
+                    lev[k, L_NV] += 1.0
+                    lev[k, L_TAU] += (st[S_VISIT] ** 2 - lev[k, L_TAU]) / min(lev[k, L_NV], VISIT_MEMORY)
             ds = abs(xv - st[S_PREV]) if st[S_N] > 0.0 else 0.0
             if ds > 0.0:  # noise scale from the typical step (log-domain EWMA: robust to jumps)
                 st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + ar * (math.log(ds) - math.log(st[S_SCALE])))

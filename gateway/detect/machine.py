@@ -6,9 +6,12 @@ lower is used (chosen per series, online):
 - **Own operating levels.** A machine has a few operating levels (stopped, idle, setup, running); each
   metric that follows the load at once (power, current, vibration) sits at one level per regime with its
   own noise. The level is the state channel's regime when the machine sends one, else the nearest of up
-  to four levels learned from the series itself (a sample further than ``z_join`` σ from every level
+  to six levels learned from the series itself (a sample further than ``z_join`` σ from every level
   opens a new one once ``n_new`` such samples agree). A recurring start, break or stop moves between
-  known levels and scores low; a step, drift, spike or noise change inside a level does not.
+  known levels and scores low; a step, drift, spike or noise change inside a level does not. Each
+  visit of a level learns its own offset over its first ``visit_samples`` samples (a new product
+  after a setup); meanwhile ``z`` carries that estimate's uncertainty (the level's spread of visit
+  offsets, then ``σ²/n``) and neither the CUSUM nor the noise statistic sums.
 - **Lagged load (cross-metric).** A metric that follows the load through a lag (temperature) is
   predicted by recursive least squares from a sibling metric's level mean passed through first-order
   lags of 7.5, 15, 30 and 60 min (their combination fits any thermal time constant from about 10 to
@@ -26,8 +29,8 @@ detector                statistic                                              a
 ``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
                         ``cusum_k``
 ``residual_variance``   EWMA over ``variance_memory`` samples of the            ``variance_alarm``
-                        difference variance ``(z_t - z_{t-1})² / 2``, as a
-                        ratio to its own day-long mean
+                        difference variance ``(e_t - e_{t-1})² / 2`` of the
+                        error, as a ratio to the level's day-long one
 ``stuck``               identical readings in a row                            ``log(stuck_p)/log(p)``
 ======================  =====================================================  ======================
 
@@ -35,14 +38,16 @@ The CUSUM's ``z`` is scaled by ``√((1-ρ)/(1+ρ))``, ``ρ`` the day-long lag-1
 (at most 0.95): what a model's slow misfit leaves behind is autocorrelated, and an autocorrelated
 residual sums like an independent one of variance ``(1+ρ)/(1-ρ)``, so unscaled it would cross ``h``
 with no fault. The noise statistic uses consecutive differences, which are blind to a slow misfit or
-an offset (those are the CUSUM's), and compares them with the series' own long-run difference
-variance (which stops learning while the short one is more than 4 standard errors above it, so hours
-of tripled noise stay an alarm).
+an offset (those are the CUSUM's), in the series' units (``z``'s σ changes with the model in use), and
+compares them with the current level's long-run difference variance (noise depends on the load; the
+reference stops learning while the short ratio is more than 4 standard errors above 1, so hours of
+tripled noise stay an alarm).
 
 where ``p`` is the series' own rate of identical consecutive readings in its current level (a
 quantised sensor repeats itself more often; a stuck one repeats itself far longer than its rate
-allows). Levels, fits and peers learn from Huber-clipped errors (``clip`` σ), so a fault is not
-absorbed while it lasts.
+allows). Levels, fits and peers learn from Huber-clipped errors (``clip`` σ), and a level not from a
+stuck run, so a fault is not absorbed while it lasts. ``visit_samples`` = 12: the visit offset's error
+σ/√12 is under a third of the CUSUM's allowance.
 
 Parameters are set by principle, not fitted: ``cusum_k`` = 1 σ is half the smallest step to find
 (2 σ); ``cusum_h`` = 5 gives an in-control run length of about 10⁵ samples per side; ``z_spike`` = 6 σ
@@ -99,7 +104,7 @@ class MachineModelParams(BaseModel):
     level_memory_s: float = Field(86400.0, gt=0, description="Memory of levels, noise and fits (seconds).")
     cusum_k: float = Field(1.0, ge=0, description="CUSUM allowance in σ (half the smallest step to find).")
     cusum_h: float = Field(5.0, gt=0, description="CUSUM decision interval in σ (score 0.5 there).")
-    variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of the difference variance of z.")
+    variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of the noise variance ratio.")
     variance_alarm: float = Field(4.0, gt=1, description="Noise variance ratio (short / long-run) alarmed at.")
     z_spike: float = Field(6.0, gt=0, description="|z| alarmed at.")
     stuck_p: float = Field(1e-6, gt=0, lt=1, description="Run of identical readings as improbable as this.")
@@ -108,7 +113,7 @@ class MachineModelParams(BaseModel):
     min_peers: int = Field(3, ge=2, description="Machines of a site × area × metric needed for a common mode.")
     clip: float = Field(3.0, gt=0, description="Learning clips errors at this many σ (Huber).")
     visit_samples: int = Field(
-        6, ge=0, description="Samples at the start of each visit of a level that learn the visit's own offset "
+        12, ge=0, description="Samples at the start of each visit of a level that learn the visit's own offset "
         "(a new product or load after a setup); 0 = off.")
 
 

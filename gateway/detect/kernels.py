@@ -447,10 +447,11 @@ def step_batch(
             pre = abs(st[S_PRE])
             st[S_ABS_OWN] = pre if st[S_N] == 0.0 else st[S_ABS_OWN] + ar * (pre - st[S_ABS_OWN])
             # the visit offset: learned over the first visit_n samples of each visit, then held
-            if visiting and st[S_RUN] < need:
+            if lev[k, L_N] > grace and st[S_RUN] < need and (visiting or abs(e_own) <= clip * sd_own):
                 st[S_VN] += 1.0
-                st[S_VISIT] += (max(-z_join * sd_own, min(z_join * sd_own, e_own))) / st[S_VN]
-                if st[S_VN] >= visit_n:  # learned: its square teaches the level's spread of visit offsets
+                lim = (z_join if visiting else clip) * sd_own
+                st[S_VISIT] += (max(-lim, min(lim, e_own))) / st[S_VN]
+                if st[S_VN] == visit_n:  # learned: its square teaches the level's spread of visit offsets
                     lev[k, L_NV] += 1.0
                     lev[k, L_TAU] += (st[S_VISIT] ** 2 - lev[k, L_TAU]) / min(lev[k, L_NV], VISIT_MEMORY)
             ds = abs(xv - st[S_PREV]) if st[S_N] > 0.0 else 0.0

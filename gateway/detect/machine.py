@@ -11,7 +11,9 @@ lower is used (chosen per series, online):
   known levels and scores low; a step, drift, spike or noise change inside a level does not. Each
   visit of a level learns its own offset over its first ``visit_samples`` samples (a new product
   after a setup); meanwhile ``z`` carries that estimate's uncertainty (the level's spread of visit
-  offsets, then ``σ²/n``) and neither the CUSUM nor the noise statistic sums.
+  offsets, then ``σ²/n``) and neither the CUSUM nor the noise statistic sums. Later samples within
+  ``clip`` σ keep refining it as a running mean (a fault of 2 σ or more is the CUSUM's within a few
+  samples, long before a mean of the whole visit moves).
 - **Lagged load (cross-metric).** A metric that follows the load through a lag (temperature) is
   predicted by recursive least squares from a sibling metric's level mean passed through first-order
   lags of 7.5, 15, 30 and 60 min (their combination fits any thermal time constant from about 10 to
@@ -46,8 +48,8 @@ tripled noise stay an alarm).
 where ``p`` is the series' own rate of identical consecutive readings in its current level (a
 quantised sensor repeats itself more often; a stuck one repeats itself far longer than its rate
 allows). Levels, fits and peers learn from Huber-clipped errors (``clip`` σ), and a level not from a
-stuck run, so a fault is not absorbed while it lasts. ``visit_samples`` = 12: the visit offset's error
-σ/√12 is under a third of the CUSUM's allowance.
+stuck run, so a fault is not absorbed while it lasts. ``visit_samples`` = 16: the visit offset's error
+σ/√16 is a quarter of the CUSUM's allowance.
 
 Parameters are set by principle, not fitted: ``cusum_k`` = 1 σ is half the smallest step to find
 (2 σ); ``cusum_h`` = 5 gives an in-control run length of about 10⁵ samples per side; ``z_spike`` = 6 σ
@@ -113,7 +115,7 @@ class MachineModelParams(BaseModel):
     min_peers: int = Field(3, ge=2, description="Machines of a site × area × metric needed for a common mode.")
     clip: float = Field(3.0, gt=0, description="Learning clips errors at this many σ (Huber).")
     visit_samples: int = Field(
-        12, ge=0, description="Samples at the start of each visit of a level that learn the visit's own offset "
+        16, ge=0, description="Samples at the start of each visit of a level that learn the visit's own offset "
         "(a new product or load after a setup); 0 = off.")
 
 

@@ -1,0 +1,96 @@
+"""The machine model's handling of what a shop floor does every day: products, level-dependent noise, stuck runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.batch import MachineKey, StateEvent
+from gateway.detect.machine import MachineModel, MachineModelParams
+from gateway.schema import MachineState
+
+KEY = MachineKey("s", "a", "l", "m1")
+DT_NS = 10 * 10**9
+
+
+def _run(values: np.ndarray, states: list[StateEvent] = (), batch: int = 60) -> dict[str, np.ndarray]:  # type: ignore[assignment]
+    """Score one series in batches of ``batch`` samples, state events delivered with their batch."""
+    mm = MachineModel(MachineModelParams(), grace=30)
+    n = values.shape[0]
+    ts = np.arange(n, dtype=np.int64) * DT_NS
+    out: dict[str, list[np.ndarray]] = {}
+    for a in range(0, n, batch):
+        b = min(n, a + batch)
+        ev = [e for e in states if ts[a] <= e.ts_ns <= ts[b - 1]]
+        r = mm.run(np.zeros(b - a, np.int64), ts[a:b], values[a:b], machines=[KEY], states=ev)
+        for d, s in r.scores.items():
+            out.setdefault(d, []).append(s)
+    return {d: np.concatenate(s) for d, s in out.items()}
+
+
+def _flags(scores: dict[str, np.ndarray], lo: int = 0) -> dict[str, list[int]]:
+    return {d: (np.flatnonzero(s[lo:] >= 0.5) + lo).tolist() for d, s in scores.items()}
+
+
+def _products(rng: np.random.Generator, visits: int, run_len: int = 240, stop_len: int = 60) -> tuple[
+        np.ndarray, list[StateEvent], list[int]]:
+    """Running visits at a new product's load each (offsets up to ±5 σ of the running noise), stopped between."""
+    vals: list[np.ndarray] = []
+    states: list[StateEvent] = []
+    starts: list[int] = []
+    t = 0
+    for _ in range(visits):
+        offset = rng.uniform(-0.5, 0.5)  # σ 0.1: ±5 σ
+        states.append(StateEvent(KEY, t * DT_NS, MachineState.RUNNING))
+        starts.append(t)
+        vals.append(8.0 + offset + rng.normal(0, 0.1, run_len))
+        t += run_len
+        states.append(StateEvent(KEY, t * DT_NS, MachineState.PLANNED_STOP))
+        vals.append(0.4 + rng.normal(0, 0.01, stop_len))
+        t += stop_len
+    return np.round(np.concatenate(vals), 3), states, starts
+
+
+def test_a_new_product_at_each_visit_is_normal_and_a_step_inside_one_is_not() -> None:
+    rng = np.random.default_rng(4)
+    values, states, starts = _products(rng, 30)
+    quiet = _flags(_run(values, states), lo=starts[3])
+    alarmed_visits = {np.searchsorted(starts, i, side="right") for v in quiet.values() for i in v}
+    # a visit's offset is a mean of samples, its error σ/4 to start with: a CUSUM of k = 1 σ may still
+    # cross in the odd visit (1 of 27 here); without visit offsets every one of them would
+    assert len(alarmed_visits) <= 2, quiet
+    step_at = starts[25] + 100
+    values[step_at: step_at + 120] += 0.3  # 3 σ for 20 minutes, well after the visit's offset is learned
+    flagged = _flags(_run(values, states), lo=starts[3])
+    in_step = [i for i in flagged["residual_cusum"] if step_at <= i < step_at + 130]
+    assert in_step, flagged
+    assert in_step[0] < step_at + 10, flagged
+
+
+def test_noise_is_judged_against_its_own_level() -> None:
+    """Idle is ten times quieter than running; no state channel. Tripled running noise is an alarm."""
+    rng = np.random.default_rng(7)
+    n = 6000
+    run = (np.arange(n) // 300) % 2 == 1
+    sd = np.where(run, 0.1, 0.01)
+    values = np.where(run, 8.0, 1.0) + rng.normal(0, 1, n) * sd
+    quiet = _flags(_run(np.round(values, 3)), lo=900)
+    assert not quiet["residual_variance"], quiet
+    noisy = values.copy()
+    seg = slice(4500, 4800)  # a running visit
+    assert run[seg].all()
+    noisy[seg] += 2.0 * (values[seg] - 8.0)
+    flagged = _flags(_run(np.round(noisy, 3)), lo=900)
+    assert flagged["residual_variance"], flagged
+    assert all(4500 <= i < 4830 for i in flagged["residual_variance"]), flagged
+
+
+def test_a_stuck_run_teaches_its_level_nothing() -> None:
+    """After a sensor stuck for an hour the normal noise is not an alarm (the level kept its σ)."""
+    rng = np.random.default_rng(11)
+    values = np.round(5.0 + rng.normal(0, 0.05, 3000), 3)
+    values[1500:1860] = values[1500]
+    flagged = _flags(_run(values), lo=300)
+    assert flagged["stuck"], flagged
+    assert all(1500 <= i < 1860 for i in flagged["stuck"]), flagged
+    after = {d: [i for i in v if i >= 1870] for d, v in flagged.items()}
+    assert all(not v for v in after.values()), after

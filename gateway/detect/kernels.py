@@ -41,6 +41,7 @@ RESOLVE_EVERY = 16.0
 RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
 VISIT_MEMORY = 30.0  # visits remembered by a level's spread of visit offsets
+LOCAL_ALPHA = 0.2  # weight of the local error mean: 5 samples, shorter than any thermal change of misfit
 RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
@@ -69,7 +70,8 @@ S_ZP = 19  # last clipped z (for the lag-1 autocorrelation)
 S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
 S_ZV = 21  # EWMA of z² (clipped)
 S_EP = 22  # last error of the model in use (its units; for the noise of consecutive differences)
-N_S = 23
+S_EL = 23  # short EWMA of that error (LOCAL_ALPHA): what it is locally, its slow misfit included
+N_S = 24
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -418,6 +420,12 @@ def step_batch(
                     if st[S_VAR] < var_learn:
                         lev[k, L_DV] += _alpha(dt, t_level, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
             st[S_EP] = e_sel
+            # a spike against the local error (the model's slow misfit removed) in the level's fast noise:
+            # e - its short EWMA has variance σ²·2/(2-α) for independent noise of σ² = the difference variance
+            z_loc = 0.0
+            if not visiting and lev[k, L_N] > grace and lev[k, L_DV] > 0.0 and st[S_N] > 0.0:
+                z_loc = abs(e_sel - st[S_EL]) / math.sqrt(lev[k, L_DV] * 2.0 / (2.0 - LOCAL_ALPHA))
+            st[S_EL] = e_sel if st[S_N] == 0.0 else st[S_EL] + LOCAL_ALPHA * (e_sel - st[S_EL])
             zl = max(-clip, min(clip, z))
             st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
             st[S_ZV] += ar * (zl * zl - st[S_ZV])
@@ -429,7 +437,7 @@ def step_batch(
             if p_same > 1e-12:
                 need = max(stuck_min, math.log(stuck_p) / math.log(min(p_same, 0.999999)) + 1.0)
             warm = nseen > grace
-            out[i, 0] = az if warm else 0.0
+            out[i, 0] = max(az, z_loc) if warm else 0.0
             out[i, 1] = cus / ch if warm else 0.0
             out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0

@@ -16,24 +16,9 @@ from gateway.errors import REJECT_REASONS
 from gateway.pipeline import Pipeline
 from gateway.stats import collect
 from gateway.wal import WriteAheadLog
+from tests.fakes import RecordingSink
 
 TOPIC = "factory/s/a/l/m1/telemetry"
-
-
-class FakeSink:
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-    async def connect(self) -> None:
-        return None
-
-    async def write(self, body: bytes) -> None:
-        self.bodies.append(body)
-
-    async def close(self) -> None:
-        return None
 
 
 def _cfg() -> GatewayConfig:
@@ -49,7 +34,7 @@ def _msg(i: int) -> bytes:
 
 
 async def test_collect_reports_every_stage(tmp_path: Path) -> None:
-    sink = FakeSink()
+    sink = RecordingSink()
     dead = DeadLetterFile(tmp_path / "dl.jsonl")
     wal = WriteAheadLog(tmp_path / "wal", max_bytes=1 << 20)
     try:
@@ -97,7 +82,7 @@ async def _run(p: Pipeline) -> None:
 
 
 async def test_output_snapshot_while_failing(tmp_path: Path) -> None:
-    p = Pipeline(_cfg(), FakeSink(), emit_stats=False)
+    p = Pipeline(_cfg(), RecordingSink(), emit_stats=False)
     p.output.failing_since = time.monotonic() - 5
     p.output.last_error = "influx down"
     out = collect(p).output

@@ -16,24 +16,9 @@ from gateway.detect.fusion import EVENT_NAMES, AnomalyEvents
 from gateway.errors import ConfigError
 from gateway.pipeline import Pipeline
 from gateway.view import PlantView, SeriesRings
+from tests.fakes import RecordingSink
 
 S = 10**9
-
-
-class FakeSink:
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-    async def connect(self) -> None:
-        return None
-
-    async def write(self, body: bytes) -> None:
-        self.bodies.append(body)
-
-    async def close(self) -> None:
-        return None
 
 
 def test_ring_keeps_latest_sample_per_slot_and_drops_old() -> None:
@@ -101,7 +86,7 @@ async def test_pipeline_feeds_view_with_states_oee_and_telemetry() -> None:
         "detect": {"enabled": False}, "features": {"enabled": False},
         "oee": {"windows": ["1m"]}, "http": {"ring_size": 10, "ring_interval_s": 60},
     })
-    sink = FakeSink()
+    sink = RecordingSink()
     p = Pipeline(cfg, sink, emit_stats=False)
     t0 = (int(time.time()) // 60 - 5) * 60  # five minutes ago, on a minute boundary
     topic = "factory/s1/a1/l1/m1/"

@@ -7,7 +7,7 @@
 - ``GET /``: the operator's page (:mod:`gateway.web`), which polls the JSON API;
 - ``GET /api/v1/...``: the operator's JSON documents (:mod:`gateway.api`, from :mod:`gateway.view`), read-only.
 
-The metrics are read at scrape time from :func:`gateway.stats.collect` (one typed snapshot per stage: pipeline,
+The metrics are read at scrape time from :func:`gateway.pipeline.collect` (one typed snapshot per stage: pipeline,
 output, WAL, dead-letter file, MQTT source), so the hot path pays nothing for them.
 Every label comes from a small fixed set (reject reasons, detector names): no payload text gets in.
 """
@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from gateway import api
 from gateway.config import HttpConfig
 from gateway.errors import GatewayError
-from gateway.stats import collect
+from gateway.pipeline import collect
 from gateway.web import index_html
 from gateway.webauth import WebConfigError
 

@@ -15,10 +15,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import Histogram
 
+from gateway import __version__
 from gateway.batch import AckToken, DecodedBatch, MachineKey, SeriesRegistry
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
@@ -31,11 +33,14 @@ from gateway.features import FeatureExtractor, SeverityEvents, SeverityMonitor
 from gateway.oee import OeeEngine, OeeRecord
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
-from gateway.stats import PipelineSnapshot
+from gateway.stats import GatewayStats, PipelineSnapshot
 from gateway.view import PlantView
 from gateway.wal import WriteAheadLog
 
-__all__ = ["Pipeline", "PipelineStats"]
+if TYPE_CHECKING:
+    from gateway.sources.mqtt import MqttSource
+
+__all__ = ["Pipeline", "PipelineStats", "collect"]
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -472,3 +477,17 @@ class Pipeline:
             p.batch_latency_ms,
         )
         return line.encode()
+
+
+def collect(pipeline: Pipeline, source: MqttSource | None = None) -> GatewayStats:
+    """Every stage's snapshot at one instant (:mod:`gateway.stats`), what the page, the API, Prometheus,
+    the status line and the ``gateway_stats`` points all render."""
+    return GatewayStats(
+        version=__version__,
+        instance=pipeline.cfg.gateway.instance,
+        pipeline=pipeline.snapshot(),
+        output=pipeline.output.snapshot(),
+        wal=None if pipeline.wal is None else pipeline.wal.snapshot(),
+        deadletter=None if pipeline.deadletter is None else pipeline.deadletter.snapshot(),
+        mqtt=None if source is None else source.snapshot(),
+    )

@@ -27,11 +27,10 @@ from gateway.errors import ConfigError
 from gateway.http import StatusServer
 from gateway.notify import Notifier
 from gateway.oee import parse_duration_ns
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, collect
 from gateway.sinks import Sink
 from gateway.sinks.influx import make_influx_sink
 from gateway.sources.mqtt import MqttSource
-from gateway.stats import collect
 from gateway.wal import WriteAheadLog
 
 __all__ = ["ReplayInputError", "Server", "replay"]

@@ -1,4 +1,4 @@
-"""One registry of the gateway's own numbers: each stage gives a typed snapshot, :func:`collect` assembles them.
+"""One registry of the gateway's own numbers: each stage gives a typed snapshot, :func:`gateway.pipeline.collect` assembles them
 
 Prometheus (:class:`gateway.http.GatewayCollector`), the ``gateway_stats`` points, the status line and the
 JSON API all read a :class:`GatewayStats`, so a number is computed in one place and named once. Snapshots are
@@ -16,13 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
-
-from gateway import __version__
-
-if TYPE_CHECKING:
-    from gateway.pipeline import Pipeline
-    from gateway.sources.mqtt import MqttSource
+from typing import Any
 
 __all__ = [
     "DeadLetterSnapshot",
@@ -31,7 +25,6 @@ __all__ = [
     "OutputSnapshot",
     "PipelineSnapshot",
     "WalSnapshot",
-    "collect",
 ]
 
 
@@ -125,16 +118,3 @@ class GatewayStats:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the mappings become plain dicts)."""
         return asdict(self)
-
-
-def collect(pipeline: Pipeline, source: MqttSource | None = None) -> GatewayStats:
-    """Ask each stage for its snapshot."""
-    return GatewayStats(
-        version=__version__,
-        instance=pipeline.cfg.gateway.instance,
-        pipeline=pipeline.snapshot(),
-        output=pipeline.output.snapshot(),
-        wal=None if pipeline.wal is None else pipeline.wal.snapshot(),
-        deadletter=None if pipeline.deadletter is None else pipeline.deadletter.snapshot(),
-        mqtt=None if source is None else source.snapshot(),
-    )

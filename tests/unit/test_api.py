@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from gateway.api import Rates
+from gateway.pipeline import collect
 from gateway.server import Server
-from gateway.stats import collect
 from tests.unit.test_http import FakeSink, _cfg, _close, _deliver
 
 

@@ -13,8 +13,7 @@ from gateway.batch import AckToken
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.errors import REJECT_REASONS
-from gateway.pipeline import Pipeline
-from gateway.stats import collect
+from gateway.pipeline import Pipeline, collect
 from gateway.wal import WriteAheadLog
 from tests.fakes import RecordingSink
 

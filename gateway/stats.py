@@ -1,4 +1,5 @@
-"""One registry of the gateway's own numbers: each stage gives a typed snapshot, :func:`gateway.pipeline.collect` assembles them
+"""One registry of the gateway's own numbers: each stage gives a typed snapshot (assembled by
+:func:`gateway.pipeline.collect`).
 
 Prometheus (:class:`gateway.http.GatewayCollector`), the ``gateway_stats`` points, the status line and the
 JSON API all read a :class:`GatewayStats`, so a number is computed in one place and named once. Snapshots are

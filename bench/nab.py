@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "nab")
     ap.add_argument("--results", type=Path, default=None, help="score existing output CSVs")
     ap.add_argument("--detector", default=None, help="score one named detector instead of the fused set")
+    ap.add_argument("--raw-scores", action="store_true",
+                    help="score the fused score of every row, not only the rows where an anomaly point is written")
     args = ap.parse_args(argv)
     data = args.data.resolve()
     tmp = None
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="nab-")
         results = Path(tmp.name)
         t0 = time.perf_counter()
-        n = run_detect(data, results, args.detector)
+        n = run_detect(data, results, args.detector, events=not args.raw_scores)
         print(f"ran detector {args.detector or 'fused'} on {n} files in {time.perf_counter() - t0:.1f} s")
     names, stamps, scores, windows = load(data, results)
     sanity(names, stamps, windows)

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument("--input", type=Path, required=True, help="directory of CSVs (searched recursively)")
     det.add_argument("--output", type=Path, required=True, help="where <same relative path> CSVs are written")
     det.add_argument("--detector", default=None, help="one detector instead of the fused set")
+    det.add_argument("--events", action="store_true",
+                     help="the fused score only on rows where an anomaly point would be written, else 0")
     return p
 
 
@@ -93,7 +95,7 @@ def _detect(args: argparse.Namespace) -> int:
     if not args.input.is_dir():
         print(f"--input: {args.input} is not a directory", file=sys.stderr)
         return 2
-    n = run_detect(args.input, args.output, args.detector)
+    n = run_detect(args.input, args.output, args.detector, events=args.events)
     print(f"scored {n} files into {args.output}", file=sys.stderr)
     return 0 if n else 1
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from gateway.batch import F64, I64
 from gateway.detect.config import DETECTOR_NAMES, DetectionConfig
-from gateway.detect.fusion import AnomalyEngine, make_detector
+from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, make_detector
 
 __all__ = ["BATCH_ROWS", "DETECTOR_NAMES", "run_detect", "score_series"]
 
@@ -34,9 +34,12 @@ def _ts_ns(text: str) -> int:
 
 def score_series(
     values: F64, ts_ns: I64 | None = None, detector: str | None = None,
-    config: DetectionConfig | None = None, metric: str = "value",
+    config: DetectionConfig | None = None, metric: str = "value", events: bool = False,
 ) -> F64:
     """Score one series in streaming order, :data:`BATCH_ROWS` rows per batch.
+
+    ``events``: the fused score only on the rows where the gateway writes a ``fused`` anomaly point
+    (a new peak after the hold-off), 0 elsewhere: what an operator is alerted by, not the raw score.
 
     >>> import numpy as np
     >>> x = np.r_[np.random.default_rng(5).normal(0, 1, 500), 12.0]
@@ -51,9 +54,16 @@ def score_series(
     finite = np.isfinite(values)
     if detector is None:
         engine = AnomalyEngine(cfg)
+        fused = EVENT_NAMES.index("fused")
         for a in range(0, n, BATCH_ROWS):
             b = min(a + BATCH_ROWS, n)
-            out[a:b] = engine.score(np.zeros(b - a, np.int64), ts[a:b], values[a:b], [metric])
+            if not events:
+                out[a:b] = engine.score(np.zeros(b - a, np.int64), ts[a:b], values[a:b], [metric])
+                continue
+            ev = engine.process(np.zeros(b - a, np.int64), ts[a:b], values[a:b], [metric])
+            hit = ev.code == fused
+            rows = a + np.searchsorted(ts[a:b], ev.ts_ns[hit])  # NAB rows are in time order
+            out[rows] = ev.score[hit]
         return out
     det = make_detector(detector, cfg, metric)
     for a in range(0, n, BATCH_ROWS):
@@ -64,11 +74,11 @@ def score_series(
     return out
 
 
-def run_detect(input_dir: Path, output_dir: Path, detector: str | None = None) -> int:
+def run_detect(input_dir: Path, output_dir: Path, detector: str | None = None, *, events: bool = False) -> int:
     """Score every ``*.csv`` under ``input_dir`` (recursively) into the same tree under ``output_dir``.
 
     Returns the number of files written. ``detector`` is one of :data:`DETECTOR_NAMES` or None for
-    the fused score.
+    the fused score; ``events`` writes the fused score only where an anomaly point would be written.
     """
     if detector is not None and detector not in DETECTOR_NAMES:
         raise ValueError(f"unknown detector {detector!r}; allowed: {', '.join(DETECTOR_NAMES)}")
@@ -83,7 +93,7 @@ def run_detect(input_dir: Path, output_dir: Path, detector: str | None = None) -
         val_text = [r[1] if len(r) > 1 else "" for r in body]
         values = np.array([_float(v) for v in val_text], np.float64)
         ts = np.array([_ts_ns(t) for t in ts_text], np.int64)
-        scores = score_series(values, ts, detector, metric=path.stem)
+        scores = score_series(values, ts, detector, metric=path.stem, events=events and detector is None)
         target = output_dir / path.relative_to(input_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("w", newline="") as fh:

@@ -54,6 +54,20 @@ def test_fused_score_flags_spike_and_matches_streaming(tmp_path: Path) -> None:
     np.testing.assert_array_equal(score_series(values), scores)
 
 
+def test_events_mode_scores_only_the_rows_of_anomaly_points() -> None:
+    rng = np.random.default_rng(3)
+    values = 10.0 + rng.normal(0, 0.1, 800)
+    values[600] += 3.0  # 30 σ
+    ts = (1_700_000_000 + 60 * np.arange(800)) * 10**9
+    raw = score_series(values, ts)
+    ev = score_series(values, ts, events=True)
+    assert ev[600] == raw[600] >= 0.5
+    flagged = np.flatnonzero(ev)
+    assert 600 in flagged.tolist()
+    assert np.all(ev[flagged] == raw[flagged])  # the fused score itself, where a point is written
+    assert flagged.size < np.count_nonzero(raw >= 0.5) + 1
+
+
 def test_unknown_detector_is_refused(tmp_path: Path) -> None:
     assert "spike" in DETECTOR_NAMES
     with pytest.raises(ValueError, match="allowed"):

@@ -181,7 +181,8 @@ def step_batch(
     m_state: Any, g_state: Any, g_members: Any,
     prm: Any, out: Any, expected: Any, zout: Any,
 ) -> None:
-    """Score then learn every sample, in ``order`` (grouped by machine, then time, then arrival).
+    """Score then learn every sample, in ``order`` (by time, then machine, then arrival: the peers' common
+    mode then evolves the same wherever batches are cut).
 
     ``prm``: grace, z_join, n_new, t_level_s, cusum_k, cusum_h, var_alpha, z_spike (unused here),
     stuck_p, stuck_min, t_fit_s, t_group_s, min_group, var_alarm (unused here), clip, visit_n.
@@ -206,7 +207,7 @@ def step_batch(
     visit_n = prm[15]
     n = order.shape[0]
     n_ev = ev_mach.shape[0]
-    e = 0  # next state event (sorted by machine, time)
+    e = 0  # next state event (sorted by time)
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
     i0 = 0
@@ -225,9 +226,8 @@ def step_batch(
                 break
             i1 += 1
         t = t_ns * 1e-9
-        while e < n_ev and (ev_mach[e] < mid or (ev_mach[e] == mid and ev_ts[e] <= t_ns)):
-            if ev_mach[e] == mid:
-                m_state[mid] = ev_reg[e]
+        while e < n_ev and ev_ts[e] <= t_ns:  # every event up to this time, whichever machine it is of
+            m_state[ev_mach[e]] = ev_reg[e]
             e += 1
         regime = m_state[mid]
         # -- pass 1: level of every sample of the group (siblings read each other's level mean)

@@ -217,7 +217,7 @@ class MachineModel:
         self, series: I64, ts_ns: I64, values: F64, *, machines: Sequence[MachineKey] | None = None,
         metrics: Sequence[str] | None = None, states: Sequence[StateEvent] = (),
     ) -> ModelResult:
-        """Score every sample against the state before it, then learn it (per machine in time order).
+        """Score every sample against the state before it, then learn it (in time order).
 
         ``states`` are the batch's state-channel events; a machine that sent one is modelled by regime.
         """
@@ -242,8 +242,11 @@ class MachineModel:
         z = np.zeros(n)
         if n:
             mach = self.s_mach[series]
-            order = np.lexsort((ts_ns, mach))  # stable: arrival order within a machine and timestamp
-            K.step_batch(order, series, mach, ts_ns, values, ev_m, ev_t, ev_r, self.s_state, self.s_lev,
+            # by time, then machine (stable: arrival order within both), so what machines share (the peers'
+            # common mode) evolves the same wherever batches are cut; events in time order alike
+            order = np.lexsort((mach, ts_ns))
+            eo = np.argsort(ev_t, kind="stable")
+            K.step_batch(order, series, mach, ts_ns, values, ev_m[eo], ev_t[eo], ev_r[eo], self.s_state, self.s_lev,
                          self.s_lag, self.s_sib, self.s_group, self.m_state, self.g_state,
                          self.g_members, self._prm, raw, expected, z)
         if ev_m.shape[0]:  # every machine ends the batch in its latest state (with or without samples)

@@ -94,3 +94,40 @@ def test_a_stuck_run_teaches_its_level_nothing() -> None:
     assert all(1500 <= i < 1860 for i in flagged["stuck"]), flagged
     after = {d: [i for i in v if i >= 1870] for d, v in flagged.items()}
     assert all(not v for v in after.values()), after
+
+
+def test_scores_do_not_depend_on_where_batches_are_cut() -> None:
+    """Four machines of one area (peers, siblings), timestamps offset per machine, cut at messages two ways.
+
+    A message is one machine's metrics at one time (the JSON contract); 39 rows is 13 messages, so most
+    batches end inside a timestamp's round of machines."""
+    rng = np.random.default_rng(2)
+    machines = [MachineKey("s", "a", "l", f"m{i}") for i in range(4)]
+    metrics = ["power_kw", "spindle_temp_c", "vibration_mm_s"]
+    n = 1500
+    rows = [(t * DT_NS + m * 10**9, m * 3 + k, m, k) for t in range(n) for m in range(4) for k in range(3)]
+    ts = np.array([r[0] for r in rows], np.int64)
+    sid = np.array([r[1] for r in rows], np.int64)
+    step = ts // DT_NS
+    run = (step // 200) % 2 == 1
+    k = np.array([r[3] for r in rows])
+    base = np.array([[1.0, 0.0, 0.1], [8.0, 0.0, 2.0]])[run.astype(int), k]
+    # temperature: a 15-minute thermal lag of the load over a hall ambient that wanders (the peers' common mode)
+    lag = np.zeros(n)
+    for t in range(1, n):
+        lag[t] = lag[t - 1] + (1 - np.exp(-10 / 900)) * ((((t // 200) % 2) == 1) - lag[t - 1])
+    ambient = 20.0 + np.cumsum(rng.normal(0, 0.02, n))
+    temp = ambient[step] + 25.0 * lag[step]
+    values = np.where(k == 1, temp, base) + rng.normal(0, 0.05, ts.shape[0])
+    names = [machines[s // 3] for s in range(12)]
+    mets = [metrics[s % 3] for s in range(12)]
+
+    def scores(batch: int) -> np.ndarray:
+        mm = MachineModel(MachineModelParams(), grace=30)
+        out = []
+        for a in range(0, ts.shape[0], batch):
+            r = mm.run(sid[a:a + batch], ts[a:a + batch], values[a:a + batch], machines=names, metrics=mets)
+            out.append(np.stack([r.zscore, *r.scores.values()]))
+        return np.concatenate(out, axis=1)
+
+    np.testing.assert_array_equal(scores(60), scores(39))

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from gateway.batch import MachineKey, StateEvent
+from gateway.checkpoint import State
 from gateway.detect.config import DETECTOR_NAMES
 from gateway.detect.fusion import AnomalyEvents
+from gateway.schema import MachineState
 
 __all__ = ["StateChangeFilter"]
 
@@ -57,6 +59,20 @@ class StateChangeFilter:
                 newest = times[-1]
                 while len(times) > 1 and times[0] < newest - 2 * self.holdoff_ns - 3_600_000_000_000:
                     times.pop(0)  # older than any event still to come could be held off by
+
+    def snapshot(self) -> State:
+        """Each machine's last state and recent change times (see :mod:`gateway.checkpoint`)."""
+        rows = [[k.site, k.area, k.line, k.machine, str(s), self._changed.get(k, [])] for k, s in self._state.items()]
+        return State({"machines": rows, "dropped": self.dropped})
+
+    def restore(self, state: State) -> None:
+        self._state, self._changed = {}, {}
+        for site, area, line, machine, st, times in state.meta["machines"]:
+            key = MachineKey(site, area, line, machine)
+            self._state[key] = MachineState(st)
+            if times:
+                self._changed[key] = [int(t) for t in times]
+        self.dropped = int(state.meta["dropped"])
 
     def keep(self, events: AnomalyEvents, machine_of_series: Sequence[MachineKey]) -> AnomalyEvents:
         """The events that are not within ``holdoff_s`` after their machine's last state change."""

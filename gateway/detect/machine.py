@@ -71,6 +71,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.batch import F64, I64, MachineKey, StateEvent
+from gateway.checkpoint import State
 from gateway.detect import kernels as K
 from gateway.detect.base import squash
 from gateway.schema import MachineState
@@ -252,3 +253,27 @@ class MachineModel:
     def reset(self) -> None:
         """Forget everything."""
         self.__init__(self.params, self.grace)  # type: ignore[misc]
+
+    _ARRAYS = ("s_state", "s_lev", "s_lag", "s_sib", "s_group", "s_mach", "m_state", "g_state", "g_members")
+
+    def snapshot(self) -> State:
+        """Series, machine and peer-group arrays and their numbering (see :mod:`gateway.checkpoint`)."""
+        machines = [[k.site, k.area, k.line, k.machine] if isinstance(k, MachineKey) else list(k)  # type: ignore[call-overload]
+                    for k in self._machine_ids]
+        return State({"machines": machines, "groups": [list(g) for g in self._group_ids]},
+                     {name: getattr(self, name).copy() for name in self._ARRAYS})
+
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot`."""
+        self.reset()
+        arrays = {name: state.array(name) for name in self._ARRAYS}
+        for name, arr in arrays.items():
+            old = getattr(self, name)
+            if arr.dtype != old.dtype or arr.shape[1:] != old.shape[1:]:
+                raise ValueError(f"machine model: {name} has shape {arr.shape} {arr.dtype}")
+            setattr(self, name, np.array(arr, old.dtype))
+        for k in state.meta["machines"]:
+            self.machine_id(MachineKey(*k) if len(k) == 4 else (str(k[0]), int(k[1])))
+        self._group_ids = {(str(a), str(b), str(c)): i for i, (a, b, c) in enumerate(state.meta["groups"])}
+        for sid, mid in enumerate(self.s_mach.tolist()):
+            self._machine_series[mid].append(sid)

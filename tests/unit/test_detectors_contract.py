@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from gateway.batch import F64, I64
+from gateway.checkpoint import State, read_checkpoint, write_checkpoint
 from gateway.detect import (
     AnomalyEngine,
     CusumDetector,
@@ -26,39 +28,58 @@ from gateway.detect.machine import MachineModel, MachineModelParams
 
 GRACE = 20
 Scorer = Callable[[I64, F64], F64]
+METRICS = [f"m{i}" for i in range(16)]
+
+
+class Run:
+    """A detector under test: scores a batch; saves and restores its state (the checkpoint protocol)."""
+
+    def __init__(self, obj: Any, score: Callable[[Any, I64, F64], F64]) -> None:
+        self.obj = obj
+        self.score = score
+
+    def __call__(self, s: I64, v: F64) -> F64:
+        return self.score(self.obj, s, v)
+
+    def snapshot(self) -> State:
+        st: State = self.obj.snapshot()
+        return st
+
+    def restore(self, st: State) -> None:
+        if isinstance(self.obj, AnomalyEngine):
+            self.obj.restore(st, METRICS)
+        else:
+            self.obj.restore(st)
 
 
 @dataclass
 class Case:
     name: str
-    make: Callable[[], Scorer]
+    make: Callable[[], Run]
     anomaly: Callable[[F64, int], None]  # injects an obvious anomaly at index i (in place)
 
 
-def _det(cls: type, **kw: Any) -> Callable[[], Scorer]:
-    def make() -> Scorer:
-        det = cls(grace_samples=GRACE, **kw)
-        return lambda s, v: det.score_learn(s, v)  # type: ignore[no-any-return]
+def _det(cls: type, **kw: Any) -> Callable[[], Run]:
+    def make() -> Run:
+        return Run(cls(grace_samples=GRACE, **kw), lambda det, s, v: det.score_learn(s, v))
     return make
 
 
-def _model(name: str) -> Callable[[], Scorer]:
-    def make() -> Scorer:
+def _model(name: str) -> Callable[[], Run]:
+    def make() -> Run:
         mm = MachineModel(MachineModelParams(), grace=GRACE)
-        return lambda s, v: mm.run(s, np.zeros(s.shape[0], np.int64), v).scores[name]
+        return Run(mm, lambda mm, s, v: mm.run(s, np.zeros(s.shape[0], np.int64), v).scores[name])
     return make
 
 
-def _classic_engine() -> Scorer:
+def _classic_engine() -> Run:
     eng = AnomalyEngine(DetectionConfig(grace_samples=GRACE, detectors=CLASSIC_DETECTORS))
-    metrics = [f"m{i}" for i in range(16)]
-    return lambda s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, metrics)
+    return Run(eng, lambda eng, s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, METRICS))
 
 
-def _engine() -> Scorer:
+def _engine() -> Run:
     eng = AnomalyEngine(DetectionConfig(grace_samples=GRACE))
-    metrics = [f"m{i}" for i in range(16)]
-    return lambda s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, metrics)
+    return Run(eng, lambda eng, s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, METRICS))
 
 
 def _spike(x: F64, i: int) -> None:
@@ -171,3 +192,35 @@ def test_obvious_anomaly_scores_high(case: Case) -> None:
     s = case.make()(series, values)
     assert s[200] >= 0.5
     assert s[200] >= np.quantile(s[GRACE:200], 0.99)
+
+
+@pytest.mark.parametrize("cut", [1, 333, 999])
+def test_checkpoint_round_trip_continues_as_if_never_stopped(case: Case, cut: int, tmp_path: Path) -> None:
+    """Save (through a checkpoint file), load into a fresh detector, continue: the same scores and state."""
+    series, values = _data(n_series=4, per=250)
+    never = case.make()
+    whole = never(series, values)
+    first = case.make()
+    head = first(series[:cut], values[:cut])
+    path = tmp_path / "checkpoint.npz"
+    write_checkpoint(path, first.snapshot(), fingerprint="f", wal_id=1)
+    second = case.make()
+    second.restore(read_checkpoint(path, fingerprint="f").state)
+    tail = second(series[cut:], values[cut:])
+    np.testing.assert_array_equal(whole, np.concatenate([head, tail]))
+    a, b = never.snapshot(), second.snapshot()
+    assert a.meta == b.meta
+    assert a.arrays.keys() == b.arrays.keys()
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+
+
+def test_restore_refuses_state_of_another_shape(case: Case) -> None:
+    series, values = _data()
+    run = case.make()
+    run(series, values)
+    st = run.snapshot()
+    key = max((k for k, v in st.arrays.items() if v.ndim >= 1 and v.shape[0] > 1), key=lambda k: st.arrays[k].ndim)
+    st.arrays[key] = st.arrays[key][..., :1] if st.arrays[key].ndim > 1 else st.arrays[key].astype(np.int8)
+    with pytest.raises(ValueError, match=r"shape|match|not"):
+        case.make().restore(st)

@@ -73,10 +73,12 @@ class Server:
             log.info("WAL holds %d unconfirmed records (%d bytes): replaying them first",
                      self.wal.records_pending, self.wal.bytes_pending)
         self.pipeline = Pipeline(cfg, self.sink, wal=self.wal, deadletter=self.deadletter)
-        if cfg.oee.enabled:
-            cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
-        # Set even with OEE off: a reload may turn it on, and its snapshots go there too.
-        self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
+        cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
+        old = cfg.buffer.dir / "oee-state.pickle"  # before checkpoints: OEE alone, pickled
+        if old.exists():
+            log.info("%s is superseded by checkpoint.npz and no longer read; removing it", old)
+            old.unlink(missing_ok=True)
+        self.pipeline.recover(cfg.buffer.dir / "checkpoint.npz")
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.pipeline.publish = self.source.publish
@@ -265,7 +267,8 @@ class Server:
             flusher.cancel()
         except Exception:
             log.exception("flusher failed during shutdown")
-        self.pipeline.save_oee()
+        if flusher.done() and not flusher.cancelled() and flusher.exception() is None:
+            await self.pipeline.checkpoint()  # after the last batch: a restart replays nothing
         if writer is not None:
             writer_stop.set()
             try:

@@ -224,3 +224,34 @@ def test_restore_refuses_state_of_another_shape(case: Case) -> None:
     st.arrays[key] = st.arrays[key][..., :1] if st.arrays[key].ndim > 1 else st.arrays[key].astype(np.int8)
     with pytest.raises(ValueError, match=r"shape|match|not"):
         case.make().restore(st)
+
+
+def test_machine_model_regimes_do_not_depend_on_batch_boundaries() -> None:
+    """A state message holds from its own time: where the batch cuts between it and the samples is moot."""
+    from gateway.batch import MachineKey, StateEvent
+    from gateway.schema import MachineState
+
+    rng = np.random.default_rng(5)
+    m = MachineKey("s", "a", "l", "m1")
+    n = 1200
+    t = np.arange(n, dtype=np.int64) * 10**10
+    running = (np.arange(n) // 150) % 2 == 1
+    power = np.where(running, 8.0, 1.0) + rng.normal(0, 0.05, n)
+    # a state message arrives 30 samples ahead of the samples it is about (a PLC ahead of the sensor)
+    changes = [int(i) for i in np.flatnonzero(np.diff(running.astype(int))) + 1]
+    states = {max(0, i - 30): StateEvent(m, int(t[i]), MachineState.RUNNING if running[i] else MachineState.IDLE)
+              for i in changes}
+
+    def run(cuts: list[int]) -> F64:
+        mm = MachineModel(MachineModelParams(), grace=GRACE)
+        out = []
+        for a, b in itertools.pairwise([0, *cuts, n]):
+            evs = [e for i, e in states.items() if a <= i < b]
+            res = mm.run(np.zeros(b - a, np.int64), t[a:b], power[a:b], machines=[m], metrics=["power_kw"],
+                         states=evs)
+            out.append(res.scores["residual_spike"])
+        return np.concatenate(out)
+
+    whole = run([])
+    np.testing.assert_array_equal(whole, run(list(range(7, n, 7))))
+    np.testing.assert_array_equal(whole, run([5, 130, 131, 600, 1100]))

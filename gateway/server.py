@@ -265,6 +265,7 @@ class Server:
                       self.pipeline.pending())
             self.pipeline.output.stop()
             flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
         except Exception:
             log.exception("flusher failed during shutdown")
         if flusher.done() and not flusher.cancelled() and flusher.exception() is None:
@@ -274,9 +275,15 @@ class Server:
             try:
                 await asyncio.wait_for(asyncio.shield(writer), timeout=max(0.5, deadline - loop.time()))
             except TimeoutError:
-                log.warning("shutdown timeout: the WAL still holds unwritten data; it is replayed at next start")
                 self.pipeline.output.stop()
                 writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)  # ends at once; its OutputStopped is expected
+                wal = self.wal
+                assert wal is not None
+                why = (self.pipeline.output.last_error or "the database is slow")[:160]
+                log.warning("shutdown: the database did not take the backlog within shutdown_timeout_s (%s); "
+                            "%d records (%d bytes) stay in the WAL and are written at the next start",
+                            why, wal.records_pending, wal.bytes_pending)
             except Exception:
                 log.exception("writer failed during shutdown")
         source_stop.set()

@@ -47,6 +47,13 @@ class StateChangeFilter:
 
     def observe(self, states: Sequence[StateEvent]) -> None:
         """Note the state changes (a repeated state is not a change) of a batch of state events."""
+        horizon = 2 * self.holdoff_ns + 3_600_000_000_000
+        for machine in {e.machine for e in states} & self._changed.keys():
+            # before this batch's changes go in: a change of this batch never pushes out one its own
+            # events need, so where a batch is cut does not matter (only samples over an hour late do)
+            times = self._changed[machine]
+            while len(times) > 1 and times[0] < times[-1] - horizon:
+                times.pop(0)  # older than any event still to come could be held off by
         for e in states:
             previous = self._state.get(e.machine)
             self._state[e.machine] = e.state
@@ -56,9 +63,6 @@ class StateChangeFilter:
                 times.append(e.ts_ns)
                 if len(times) > 1 and times[-2] > e.ts_ns:
                     times.sort()
-                newest = times[-1]
-                while len(times) > 1 and times[0] < newest - 2 * self.holdoff_ns - 3_600_000_000_000:
-                    times.pop(0)  # older than any event still to come could be held off by
 
     def snapshot(self) -> State:
         """Each machine's last state and recent change times (see :mod:`gateway.checkpoint`)."""

@@ -27,11 +27,10 @@ from tests.servers import InfluxDB1, Mosquitto
 T0 = 1_763_618_400  # 2025-11-20T06:00Z
 SHIFT = '[oee]\nwindows = ["1h"]\ntimezone = "UTC"\n[[oee.shifts]]\nname = "early"\nstart = "06:00"\nend = "14:00"\n'
 ENV = {"FGW_GATEWAY__MAX_PAST_S": str(10 * 365 * 86400)}  # recorded data from 2025
-# Two parts of detection depend on how arrival interleaves across batches even without a crash (two
-# uninterrupted runs differ): the peers' common mode (machines of an area update one shared state in
-# machine-major order per batch) and the state-change hold-off (a state message in the same batch as
-# the samples it precedes counts, one in the next batch does not). Off here; everything else is on.
-DETECT = "[detect]\nstate_change_holdoff_s = 0\n[detect.machine]\nmin_peers = 1000000\n"
+# The peers' common mode depends on how arrival interleaves across batches even without a crash (two
+# uninterrupted runs differ): machines of an area update one shared state, machine-major per batch.
+# Off here; everything else (machine model with regimes, siblings, fusion, state-change hold-off) is on.
+DETECT = "[detect.machine]\nmin_peers = 1000000\n"
 
 
 def _config(tmp_path: Path, broker: Mosquitto, influx: InfluxDB1, db: str, cid: str, extra: str = "") -> Path:

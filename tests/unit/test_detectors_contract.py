@@ -255,3 +255,32 @@ def test_machine_model_regimes_do_not_depend_on_batch_boundaries() -> None:
     whole = run([])
     np.testing.assert_array_equal(whole, run(list(range(7, n, 7))))
     np.testing.assert_array_equal(whole, run([5, 130, 131, 600, 1100]))
+
+
+def test_state_change_hold_off_does_not_depend_on_batch_boundaries() -> None:
+    """A batch spanning hours keeps every change its own events need (they were trimmed too early)."""
+    from gateway.batch import MachineKey, StateEvent
+    from gateway.detect.context import StateChangeFilter
+    from gateway.detect.fusion import AnomalyEvents
+    from gateway.schema import MachineState
+
+    m = MachineKey("s", "a", "l", "m1")
+    h = 3600 * 10**9
+    changes = [StateEvent(m, k * h // 2, (MachineState.RUNNING, MachineState.IDLE)[k % 2]) for k in range(12)]
+    ts = np.array([k * h // 2 + 10**9 for k in range(12)] + [k * h // 2 + 120 * 10**9 for k in range(12)])
+    ev = AnomalyEvents(np.zeros(24, np.int64), ts, np.zeros(24, np.int64), *(np.ones(24) for _ in range(4)))
+
+    def kept(cuts: list[int]) -> list[int]:
+        f = StateChangeFilter(holdoff_s=60)
+        out: list[int] = []
+        for a, b in itertools.pairwise([0, *cuts, 12]):
+            f.observe(changes[a:b])
+            sel = (ts >= a * h // 2) & (ts < b * h // 2)
+            part = AnomalyEvents(*(x[sel] for x in (ev.series, ev.ts_ns, ev.code, ev.score, ev.value, ev.expected,
+                                                      ev.zscore)))
+            out += f.keep(part, [m]).ts_ns.tolist()
+        return sorted(out)
+
+    whole = kept([])
+    assert whole == sorted([int(ts[0]), *ts[12:].tolist()])  # 1 s after a change: held off (the first state is none)
+    assert kept([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]) == whole

@@ -4,6 +4,11 @@ No stage imports another; each receives what the previous one produced. ``submit
 is called straight from the source's callback, decodes into the open columnar batch and returns.
 A flusher task closes a batch when it holds ``batch_size`` points or is ``flush_interval_ms`` old,
 computes, encodes, makes it durable and only then acknowledges its messages, in arrival order.
+
+Crash safety of the derived state: each WAL record carries the batch's decoded inputs next to its line
+protocol (:mod:`gateway.journal`); between two batches the state of every stateful part is checkpointed
+(:mod:`gateway.checkpoint`) and tagged with the last WAL record id; :meth:`Pipeline.recover` loads the
+checkpoint and re-runs compute over the records after it without emitting anything again.
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ class StateChangeFilter:
 
     def snapshot(self) -> State:
         """Each machine's last state and recent change times (see :mod:`gateway.checkpoint`)."""
-        rows = [[k.site, k.area, k.line, k.machine, str(s), self._changed.get(k, [])] for k, s in self._state.items()]
+        # copies of the change lists: the file is written in a thread while batches go on
+        rows = [[k.site, k.area, k.line, k.machine, str(s), list(self._changed.get(k, ()))]
+                for k, s in self._state.items()]
         return State({"machines": rows, "dropped": self.dropped})
 
     def restore(self, state: State) -> None:

@@ -184,7 +184,7 @@ class SparkplugDecoder:
             metrics += [[m.device, m.name, m.datatype, None] for m in n.names.values() if id(m) not in aliased]
             nodes.append({"group": n.group, "edge": n.edge, "born": n.born, "bdseq": n.bdseq,
                           "devices": sorted(n.devices), "metrics": metrics,
-                          "counts": [[d, c] for d, c in n.counts.items()]})
+                          "counts": [[d, list(c)] for d, c in n.counts.items()]})  # copies: written later
         return State({"nodes": nodes})
 
     def restore(self, state: State) -> None:

@@ -110,6 +110,10 @@ class SeriesRegistry:
             self._machine_list.append(machine)
         return mid
 
+    def machine_index(self, machine: MachineKey) -> int:
+        """The id of a known machine (KeyError if it was never registered)."""
+        return self._machine_ids[machine]
+
     def machine_of(self, sid: int) -> MachineKey:
         return self._machines[sid]
 

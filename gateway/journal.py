@@ -88,7 +88,7 @@ def encode_input(batch: DecodedBatch, now_ns: int, registry: SeriesRegistry, mac
     """The inputs of one computed batch, with the registry entries from ``machine_base``/``series_base`` on."""
     n = batch.detect_rows
     tel = batch.telemetry
-    mids = registry.machine_id  # known already: decode registered every machine it saw
+    mids = registry.machine_index  # a lookup: decode registered every machine it saw (the header lists them)
     header = {
         "now": now_ns,
         "mb": machine_base,

@@ -259,6 +259,7 @@ class AnomalyEngine:
         self._profile_of: I64 = np.zeros(0, np.int64)
         self._profiles: list[_Profile] = []
         self._keys: dict[str, int] = {}
+        self._pid_of_metric: dict[str, int] = {}
         self.last_fused: F64 = np.empty(0, np.float64)
         self.model = MachineModel(config.machine, config.grace_samples)
         self._uses_model: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
@@ -271,14 +272,19 @@ class AnomalyEngine:
         if len(metrics) < needed:
             raise ValueError(f"metrics has {len(metrics)} names but series id {needed - 1} was given")
         new = np.empty(needed - done, np.int64)
+        by_metric = self._pid_of_metric
         for i, sid in enumerate(range(done, needed)):  # once per new series, not per sample
-            prof = self.config.resolve(metrics[sid])
-            key = prof.key
-            pid = self._keys.get(key)
-            if pid is None:
-                pid = len(self._profiles)
-                self._keys[key] = pid
-                self._profiles.append(_Profile(prof, self.config))
+            metric = metrics[sid]
+            pid = by_metric.get(metric)
+            if pid is None:  # once per metric name: the profile depends on the name only
+                prof = self.config.resolve(metric)
+                key = prof.key
+                pid = self._keys.get(key)
+                if pid is None:
+                    pid = len(self._profiles)
+                    self._keys[key] = pid
+                    self._profiles.append(_Profile(prof, self.config))
+                by_metric[metric] = pid
             new[i] = pid
         self._profile_of = np.concatenate((self._profile_of, new))
         uses = np.array([bool(p.enabled and p.model_names) for p in self._profiles], np.bool_)

@@ -14,11 +14,13 @@ per-series state in flat arrays indexed by series id.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from gateway.checkpoint import State
 from gateway.errors import CardinalityError
 from gateway.schema import MachineState
 
@@ -26,6 +28,7 @@ __all__ = [
     "AckToken",
     "CountEvent",
     "MachineKey",
+    "NewerSamples",
     "SeriesRegistry",
     "StateEvent",
     "StatusEvent",
@@ -107,6 +110,10 @@ class SeriesRegistry:
             self._machine_list.append(machine)
         return mid
 
+    def machine_index(self, machine: MachineKey) -> int:
+        """The id of a known machine (KeyError if it was never registered)."""
+        return self._machine_ids[machine]
+
     def machine_of(self, sid: int) -> MachineKey:
         return self._machines[sid]
 
@@ -126,6 +133,94 @@ class SeriesRegistry:
     def series_machine_ids(self) -> I64:
         """Machine id per series id, as an array."""
         return np.asarray(self._series_machine, dtype=np.int64)
+
+    @property
+    def series_machine(self) -> list[int]:
+        """Machine id per series id (index = series id)."""
+        return self._series_machine
+
+    @property
+    def machine_list(self) -> list[MachineKey]:
+        """Machine per machine id (index = machine id)."""
+        return self._machine_list
+
+    def machine_count(self) -> int:
+        return len(self._machine_list)
+
+    def add(self, machines: Sequence[MachineKey], series: Sequence[tuple[int, str]]) -> None:
+        """Register machines (next ids, in order), then series ``(machine id, metric)`` (next ids, in order).
+
+        How a restore or a replay rebuilds the same numbering; the cap does not apply (it was checked then).
+        """
+        for key in machines:
+            self._machine_ids[key] = len(self._machine_list)
+            self._machine_list.append(key)
+        for mid, metric in series:
+            machine = self._machine_list[mid]
+            self._ids[(machine, metric)] = len(self._metrics)
+            self._machines.append(machine)
+            self._metrics.append(metric)
+            self._series_machine.append(mid)
+
+    def snapshot(self) -> State:
+        """Series and machine numbering (see :mod:`gateway.checkpoint`)."""
+        return State({"machines": [list(_key_tuple(k)) for k in self._machine_list]},
+                     {"series_machine": np.asarray(self._series_machine, np.int64),
+                      "metric": np.asarray(self._metrics, dtype=np.str_)})
+
+    def restore(self, state: State) -> None:
+        """Replace the numbering with a saved one."""
+        machines = [MachineKey(*k) for k in state.meta["machines"]]
+        sm = state.array("series_machine").tolist()
+        metrics = state.array("metric").tolist()
+        if len(sm) != len(metrics) or any(not 0 <= m < len(machines) for m in sm):
+            raise ValueError("series registry: series and machines do not match")
+        self.__init__(self.max_series)  # type: ignore[misc]
+        self.add(machines, list(zip(sm, metrics, strict=True)))
+
+
+def _key_tuple(k: MachineKey) -> tuple[str, str, str, str]:
+    return (k.site, k.area, k.line, k.machine)
+
+
+class NewerSamples:
+    """Per series, the newest sample time learned from: a series learns only from samples newer than that.
+
+    A message that was made durable but not acknowledged before a crash is in the state rebuilt from the
+    WAL *and* redelivered by the broker; this keeps its second copy out of the detectors (one gather and
+    one ``maximum.at`` per batch, no per-sample Python).
+
+    >>> g = NewerSamples()
+    >>> g.keep(np.array([0, 1, 0]), np.array([5, 5, 6])).tolist()
+    [True, True, True]
+    >>> g.keep(np.array([0, 1, 1]), np.array([6, 5, 7])).tolist()  # 0@6 and 1@5 were learned already
+    [False, False, True]
+    """
+
+    def __init__(self) -> None:
+        self.last_ns: I64 = np.full(0, np.iinfo(np.int64).min, np.int64)
+        self.dropped = 0
+
+    def keep(self, series: I64, ts_ns: I64) -> npt.NDArray[np.bool_]:
+        """Which samples are newer than their series' last learned one; then learn their times."""
+        if series.shape[0] == 0:
+            return np.ones(0, np.bool_)
+        need = int(series.max()) + 1
+        if need > self.last_ns.shape[0]:
+            grown = np.full(max(need, 2 * self.last_ns.shape[0], 64), np.iinfo(np.int64).min, np.int64)
+            grown[: self.last_ns.shape[0]] = self.last_ns
+            self.last_ns = grown
+        ok: npt.NDArray[np.bool_] = ts_ns > self.last_ns[series]
+        np.maximum.at(self.last_ns, series, ts_ns)
+        self.dropped += int(ok.shape[0] - np.count_nonzero(ok))
+        return ok
+
+    def snapshot(self) -> State:
+        return State({"dropped": self.dropped}, {"last_ns": self.last_ns.copy()})
+
+    def restore(self, state: State) -> None:
+        self.last_ns = np.array(state.array("last_ns"), np.int64)
+        self.dropped = int(state.meta["dropped"])
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ from gateway.batch import (
     TelemetryBatch,
     WaveformBlock,
 )
+from gateway.checkpoint import State
 from gateway.config import GatewayConfig, GatewaySection, Subscription
 from gateway.errors import CardinalityError, DecodeError
 from gateway.lineproto import machine_tag_pairs
@@ -493,6 +494,21 @@ class DecoderRouter:
             if state is not None:
                 return state  # type: ignore[no-any-return]
         return None
+
+    def snapshot(self) -> State:
+        """The session state of the decoders that keep one (Sparkplug alias and sequence tables)."""
+        st = State()
+        for spec, dec in self._by_spec.items():
+            snap = getattr(dec, "snapshot", None)
+            if snap is not None:
+                st.put(spec, snap())
+        return st
+
+    def restore(self, state: State) -> None:
+        for spec, dec in self._by_spec.items():
+            restore = getattr(dec, "restore", None)
+            if restore is not None and state.has(spec):
+                restore(state.sub(spec))
 
     def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
         dec = self._routes.get(topic)

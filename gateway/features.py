@@ -41,6 +41,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.batch import MachineKey, WaveformBlock
+from gateway.checkpoint import State
 
 __all__ = [
     "ISO10816_LIMITS_MM_S",
@@ -68,6 +69,7 @@ _CLASSES: tuple[VibrationClass, ...] = ("I", "II", "III", "IV")
 _LIMITS = np.array([ISO10816_LIMITS_MM_S[c] for c in _CLASSES], dtype=np.float64)
 _ZONE_LETTERS = np.array(["A", "B", "C", "D", ""], dtype="<U1")
 _NO_ZONE = -1
+_NO_END = -(2**63)
 
 
 class FeaturesConfig(BaseModel):
@@ -194,7 +196,36 @@ class FeatureExtractor:
         self._window = config.window_samples
         self._carry: dict[int, _Carry] = {}
         self._is_velocity: dict[str, bool] = {}
+        self._end_ns: dict[int, int] = {}  # per series: end of the newest block taken (a redelivery is older)
         self.dropped_samples = 0
+        self.repeated_blocks = 0
+
+    def snapshot(self) -> State:
+        """Carry-over buffers and block ends per series (see :mod:`gateway.checkpoint`)."""
+        sids = sorted(self._carry)
+        c = [self._carry[s] for s in sids]
+        ends = sorted(self._end_ns.items())
+        return State(
+            {"dropped_samples": self.dropped_samples, "repeated_blocks": self.repeated_blocks},
+            {"carry_series": np.asarray(sids, np.int64), "carry_t0": np.asarray([x.t0_ns for x in c], np.int64),
+             "carry_dt": np.asarray([x.dt_ns for x in c], np.int64),
+             "carry_len": np.asarray([x.values.shape[0] for x in c], np.int64),
+             "carry_values": np.concatenate([x.values for x in c]) if c else np.empty(0, np.float64),
+             "end_series": np.asarray([k for k, _ in ends], np.int64),
+             "end_ns": np.asarray([v for _, v in ends], np.int64)},
+        )
+
+    def restore(self, state: State) -> None:
+        sids, t0, dt, lens = (state.array(k).tolist() for k in ("carry_series", "carry_t0", "carry_dt", "carry_len"))
+        values = np.asarray(state.array("carry_values"), np.float64)
+        bounds = np.cumsum([0, *lens]).tolist()
+        if bounds[-1] != values.shape[0]:
+            raise ValueError("feature carry-over lengths do not match the saved values")
+        self._carry = {s: _Carry(a, d, values[bounds[i] : bounds[i + 1]].copy())
+                       for i, (s, a, d) in enumerate(zip(sids, t0, dt, strict=True))}
+        self._end_ns = dict(zip(state.array("end_series").tolist(), state.array("end_ns").tolist(), strict=True))
+        self.dropped_samples = int(state.meta["dropped_samples"])
+        self.repeated_blocks = int(state.meta["repeated_blocks"])
 
     def _class_code(self, metric: str, machine: MachineKey) -> int:
         is_velocity = self._is_velocity.get(metric)
@@ -227,6 +258,11 @@ class FeatureExtractor:
             if values.shape[0] == 0:
                 continue
             sid, dt = block.series, block.dt_ns
+            end = block.t0_ns + values.shape[0] * dt
+            if end <= self._end_ns.get(sid, _NO_END):
+                self.repeated_blocks += 1  # nothing newer than what was taken: a redelivered block
+                continue
+            self._end_ns[sid] = end
             carry = self._carry.pop(sid, None)
             if carry is not None and carry.dt_ns == dt and abs(block.t0_ns - carry.next_ns) <= dt // 2:
                 data, t0 = np.concatenate((carry.values, values)), carry.t0_ns
@@ -331,6 +367,16 @@ class SeverityMonitor:
         self._zones = FeatureExtractor(config, machines)  # shares the velocity-metric and class rules
         self._class: I64 = np.zeros(0, np.int64)  # per series id: class index, or _NO_ZONE
         self._latch: I64 = np.zeros(0, np.int64)  # per series id: worst zone since it was last in A
+
+    def snapshot(self) -> State:
+        """Class and latch per series id (see :mod:`gateway.checkpoint`)."""
+        return State({}, {"class": self._class.copy(), "latch": self._latch.copy()})
+
+    def restore(self, state: State) -> None:
+        cls, latch = np.array(state.array("class"), np.int64), np.array(state.array("latch"), np.int64)
+        if cls.shape != latch.shape or cls.ndim != 1:
+            raise ValueError("severity state arrays do not match")
+        self._class, self._latch = cls, latch
 
     def _classes(self, n: int, metrics: Sequence[str], machine_of: Sequence[MachineKey]) -> I64:
         known = self._class.shape[0]

@@ -36,10 +36,14 @@ Counters and windows
   the window's end (so a machine that reports only state changes still gets its windows, each
   ``idle_close_s`` late). A window without planned time and without production (unknown time or
   ``PLANNED_STOP`` only) emits nothing, so idle machines cost nothing downstream.
+* Repeats: a state message older than the machine's last state message (or as old and with the same
+  state), and a count message older than its last count message (or as old with the same counters), is
+  a repeat — a broker redelivery after a crash, or a device resending — and is dropped whole
+  (``repeated_events``), so no redelivery moves a baseline or a state twice.
 * Late events: an event is late when it falls into time already accounted for some window (a state
-  older than that, or a count whose window has closed). Its contribution to the closed window is dropped
-  and ``late_events`` is incremented; it still counts where its window is open, a late state still
-  becomes the current state from then on, and a late count still moves the baseline.
+  older than the last count, or a count whose window has closed). Its contribution to the closed window
+  is dropped and ``late_events`` is incremented; it still counts where its window is open, a late state
+  still becomes the current state from then on, and a late count still moves the baseline.
 * :meth:`OeeEngine.flush` ends the stream: it emits every open window as a *partial* record whose
   ``end_ns`` is the last accounted event time (``end_ns`` < the nominal end marks it partial) and
   forgets all machines.
@@ -65,14 +69,11 @@ Counters and windows
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from operator import attrgetter
-from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -81,6 +82,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.batch import CountEvent, MachineKey, StateEvent
+from gateway.checkpoint import State
 from gateway.schema import MachineState
 
 log = logging.getLogger("gateway.oee")
@@ -104,6 +106,9 @@ _LONG_AGO = -(2**62)
 _RUNNING = MachineState.RUNNING
 _DOWN = MachineState.DOWN
 _PLANNED_STOP = MachineState.PLANNED_STOP
+_STATES = list(MachineState)
+# one saved track: cursor, gap_until, closed_end, pending_failure, has_window, then the window's fields
+_TRACK_FIELDS = 5 + 9
 
 
 def parse_duration_ns(text: str) -> int:
@@ -342,7 +347,8 @@ class _Track:
 
 
 class _Machine:
-    __slots__ = ("clock", "ideal", "index", "key", "last_good", "last_total", "last_wall", "state", "tracks")
+    __slots__ = ("clock", "count_ns", "ideal", "index", "key", "last_good", "last_total", "last_wall", "state",
+                 "state_ns", "tracks")
 
     def __init__(self, key: MachineKey, index: int, ideal: float, t: int, n_tracks: int) -> None:
         self.key = key
@@ -353,6 +359,8 @@ class _Machine:
         self.last_total = -1
         self.last_good = -1
         self.last_wall = 0
+        self.state_ns = _LONG_AGO  # time of the last state message taken (repeats are older)
+        self.count_ns = _LONG_AGO  # time of the last count message taken
         self.tracks = [_Track(t) for _ in range(n_tracks)]
 
 
@@ -403,39 +411,58 @@ class OeeEngine:
         self._by_index: list[_Machine] = []
         self._deadline: npt.NDArray[np.int64] = np.full(1024, _NEVER, dtype=np.int64)
         self.late_events = 0
+        self.repeated_events = 0
+        self.idle_closes = 0  # windows the idle timeout closed (emitted or not): wall-clock state changes
 
     @property
     def machine_count(self) -> int:
         return len(self._by_index)
 
-    def save(self, path: Path) -> None:
-        """Write the open windows and counter baselines atomically (write, fsync, rename)."""
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as fh:
-            pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    def snapshot(self) -> State:
+        """Every machine's state, counter baselines and open windows (see :mod:`gateway.checkpoint`)."""
+        ms = self._by_index
+        head = np.empty((len(ms), 8), np.int64)
+        tracks = np.zeros((len(ms), len(self._calendars), _TRACK_FIELDS), np.int64)
+        for i, m in enumerate(ms):
+            head[i] = (-1 if m.state is None else _STATES.index(m.state), m.clock, m.last_total, m.last_good,
+                       m.last_wall, m.state_ns, m.count_ns, 0)
+            for j, tr in enumerate(m.tracks):
+                row = tracks[i, j]
+                row[:5] = (tr.cursor, tr.gap_until, tr.closed_end, tr.pending_failure, tr.acc is not None)
+                a = tr.acc
+                if a is not None:
+                    row[5:] = (a.start, a.end, a.known, a.stopped, a.run, a.down, a.failures, a.total, a.good)
+        keys = [[m.key.site, m.key.area, m.key.line, m.key.machine] for m in ms]
+        return State({"machines": keys, "late_events": self.late_events, "repeated_events": self.repeated_events,
+                      "idle_closes": self.idle_closes}, {"machine": head, "track": tracks})
 
-    @classmethod
-    def load(cls, path: Path, config: OeeConfig, machines: Mapping[str, MachineConfig]) -> OeeEngine | None:
-        """The engine saved at ``path`` if it was made with the same settings, else None.
-
-        The file is the gateway's own (in ``[buffer] dir``); a missing, unreadable or outdated one
-        means a fresh start, never an error.
-        """
-        try:
-            with path.open("rb") as fh:
-                engine = pickle.load(fh)
-        except FileNotFoundError:
-            return None
-        except Exception as exc:  # a torn or foreign file: start fresh, say so
-            log.warning("ignoring OEE state %s: %r", path, exc)
-            return None
-        if not isinstance(engine, cls) or engine.config != config or dict(engine._machine_cfg) != dict(machines):
-            log.info("OEE settings changed since %s was saved: starting fresh", path)
-            return None
-        return engine
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot` taken with the same settings."""
+        keys = [MachineKey(*k) for k in state.meta["machines"]]
+        head = state.array("machine")
+        tracks = state.array("track")
+        n_cal = len(self._calendars)
+        if head.shape != (len(keys), 8) or tracks.shape != (len(keys), n_cal, _TRACK_FIELDS):
+            raise ValueError(f"OEE state arrays {head.shape} / {tracks.shape} do not fit {len(keys)} machines "
+                             f"x {n_cal} windows")
+        self._machines.clear()
+        self._by_index.clear()
+        self._deadline.fill(_NEVER)
+        for key, h, trs in zip(keys, head.tolist(), tracks.tolist(), strict=True):
+            m = self._add_machine(key, 0)
+            m.state = None if h[0] < 0 else _STATES[h[0]]
+            m.clock, m.last_total, m.last_good, m.last_wall, m.state_ns, m.count_ns = h[1:7]
+            for tr, row in zip(m.tracks, trs, strict=True):
+                tr.cursor, tr.gap_until, tr.closed_end = row[:3]
+                tr.pending_failure = bool(row[3])
+                if row[4]:
+                    a = tr.acc = _Window(row[5], row[6])
+                    a.known, a.stopped, a.run, a.down, a.failures, a.total, a.good = row[7:]
+        for m in self._by_index:
+            self._deadline[m.index] = self._next_deadline(m)
+        self.late_events = int(state.meta["late_events"])
+        self.repeated_events = int(state.meta["repeated_events"])
+        self.idle_closes = int(state.meta["idle_closes"])
 
     def update(
         self, states: Sequence[StateEvent], counts: Sequence[CountEvent], now_wall_ns: int
@@ -453,10 +480,20 @@ class OeeEngine:
             m = self._machines.get(ev.machine)
             if m is None:
                 m = self._add_machine(ev.machine, ev.ts_ns)
-            touched[m.index] = m
+            t = ev.ts_ns
             if isinstance(ev, StateEvent):
+                if t < m.state_ns or (t == m.state_ns and ev.state is m.state):
+                    self.repeated_events += 1
+                    continue
+                m.state_ns = t
+                touched[m.index] = m
                 self._on_state(m, ev, out)
             else:
+                if t < m.count_ns or (t == m.count_ns and (ev.total, ev.good) == (m.last_total, m.last_good)):
+                    self.repeated_events += 1
+                    continue
+                m.count_ns = t
+                touched[m.index] = m
                 self._on_count(m, ev, out)
         for m in touched.values():
             m.last_wall = now_wall_ns
@@ -465,6 +502,7 @@ class OeeEngine:
         if n:
             for i in np.flatnonzero(self._deadline[:n] <= now_wall_ns).tolist():
                 m = self._by_index[i]
+                self.idle_closes += 1
                 self._idle_close(m, now_wall_ns, out)
                 self._deadline[i] = self._next_deadline(m)
         return out

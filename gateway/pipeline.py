@@ -4,6 +4,11 @@ No stage imports another; each receives what the previous one produced. ``submit
 is called straight from the source's callback, decodes into the open columnar batch and returns.
 A flusher task closes a batch when it holds ``batch_size`` points or is ``flush_interval_ms`` old,
 computes, encodes, makes it durable and only then acknowledges its messages, in arrival order.
+
+Crash safety of the derived state: each WAL record carries the batch's decoded inputs next to its line
+protocol (:mod:`gateway.journal`); between two batches the state of every stateful part is checkpointed
+(:mod:`gateway.checkpoint`) and tagged with the last WAL record id; :meth:`Pipeline.recover` loads the
+checkpoint and re-runs compute over the records after it without emitting anything again.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client import Histogram
 
-from gateway import __version__
-from gateway.batch import AckToken, DecodedBatch, MachineKey, SeriesRegistry
+from gateway import __version__, journal
+from gateway.batch import AckToken, DecodedBatch, MachineKey, NewerSamples, SeriesRegistry
+from gateway.checkpoint import CheckpointError, State, fingerprint, read_checkpoint, set_aside, write_checkpoint
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
@@ -29,7 +35,7 @@ from gateway.detect.context import StateChangeFilter
 from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, AnomalyEvents
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import REJECT_REASONS, DecodeError
-from gateway.features import FeatureExtractor, SeverityEvents, SeverityMonitor
+from gateway.features import FeatureExtractor, FeatureRows, SeverityEvents, SeverityMonitor
 from gateway.oee import OeeEngine, OeeRecord
 from gateway.output import RunningOutput
 from gateway.sinks import Sink
@@ -45,6 +51,7 @@ __all__ = ["Pipeline", "PipelineStats", "collect"]
 log = logging.getLogger("gateway.pipeline")
 
 AckCallback = Callable[[Sequence[AckToken]], int]
+Clock = Callable[[], int]
 PublishCallback = Callable[[str, bytes, int, bool], bool]
 # Batches close every flush_interval_ms (200 ms by default).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -85,8 +92,10 @@ class Pipeline:
         emit_stats: bool = True,
         wal: WriteAheadLog | None = None,
         deadletter: DeadLetterFile | None = None,
+        clock: Clock = time.time_ns,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock  # the wall clock compute reads (OEE idle close); recorded with each batch
         self.registry = SeriesRegistry(cfg.gateway.max_series)
         # One decoder per subscription format, kept across reloads (they hold session state).
         self.decoder = DecoderRouter(
@@ -96,11 +105,18 @@ class Pipeline:
         self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
         self.state_filter = StateChangeFilter(cfg.detect.state_change_holdoff_s)
         self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
-        self.oee_state_path: Path | None = None  # set by the server: where open OEE windows survive restarts
+        self.newer = NewerSamples()  # a redelivered sample is not learned twice
+        self.checkpoint_path: Path | None = None  # set by recover(): where the derived state survives restarts
         # window label -> machine -> (last OEE, its window's end in ns): the status line's "lowest OEE"
         self.latest_oee: dict[str, dict[MachineKey, tuple[float, int]]] = {}
         self._closed_oee: list[OeeRecord] = []  # windows a reload closed, written with the next batch
-        self._oee_saved_ns = time.monotonic_ns()
+        self._checkpoint_ns = time.monotonic_ns()
+        self._checkpoint_soon = False
+        self._consistent = True  # False between computing a batch and its WAL record being durable
+        # registry lengths the last WAL record carries: the next record carries the entries after them
+        self._journal_machines = 0
+        self._journal_series = 0
+        self.replayed_records = 0
         self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self.severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
         self._last_oee_ns = 0
@@ -179,24 +195,156 @@ class Pipeline:
         return self.publish is not None and self.publish(topic, payload, qos, retain)
 
     # -- flushing -------------------------------------------------------------------------------
-    def load_oee(self, path: Path) -> None:
-        """Continue the OEE windows and counter baselines saved at ``path`` (if the settings match)."""
-        self.oee_state_path = path
-        if self.oee is not None:
-            saved = OeeEngine.load(path, self.cfg.oee, self.cfg.machines)
-            if saved is not None:
-                self.oee = saved
-                log.info("OEE: continuing %d machines' open windows from %s", saved.machine_count, path)
+    # -- checkpoints ----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Digest of the settings the derived state depends on: a checkpoint made with others is not used."""
+        c = self.cfg
+        return fingerprint({
+            "detect": c.detect.model_dump(mode="json"), "oee": c.oee.model_dump(mode="json"),
+            "features": c.features.model_dump(mode="json"),
+            "machines": {k: v.model_dump(mode="json") for k, v in c.machines.items()},
+        })
 
-    def save_oee(self) -> None:
-        """Snapshot the OEE state (periodically and at shutdown); a failure is logged, never fatal."""
-        self._oee_saved_ns = time.monotonic_ns()
-        if self.oee is None or self.oee_state_path is None:
-            return
+    def snapshot_state(self) -> State:
+        """Every stateful compute part (copies, so the file can be written while the pipeline runs)."""
+        st = State({"journal": [self._journal_machines, self._journal_series]})
+        reg = self.registry.snapshot()
+        if self.wal is not None:  # only what a WAL record carries: later entries come back with their record
+            reg.meta["machines"] = reg.meta["machines"][: self._journal_machines]
+            reg.arrays = {k: v[: self._journal_series] for k, v in reg.arrays.items()}
+        st.put("registry", reg)
+        st.put("newer", self.newer.snapshot())
+        st.put("state_filter", self.state_filter.snapshot())
+        for name, part in (("anomaly", self.anomaly), ("oee", self.oee), ("features", self.features),
+                           ("severity", self.severity)):
+            if part is not None:
+                st.put(name, part.snapshot())
+        decoders = self.decoder.snapshot()
+        if decoders.meta:
+            st.put("decoders", decoders)
+        return st
+
+    def restore_state(self, st: State) -> None:
+        """Continue from :meth:`snapshot_state` (settings already checked by the fingerprint)."""
+        self.registry.restore(st.sub("registry"))
+        self._journal_machines, self._journal_series = self.registry.machine_count(), len(self.registry)
+        self.newer.restore(st.sub("newer"))
+        self.state_filter.restore(st.sub("state_filter"))
+        if self.anomaly is not None:
+            self.anomaly.restore(st.sub("anomaly"), self.registry.metrics)
+        for name, part in (("oee", self.oee), ("features", self.features), ("severity", self.severity)):
+            if part is not None:
+                part.restore(st.sub(name))
+        if st.has("decoders"):
+            self.decoder.restore(st.sub("decoders"))
+
+    def _fresh_state(self) -> None:
+        cfg = self.cfg
+        self.registry.restore(SeriesRegistry().snapshot())
+        self._journal_machines = self._journal_series = 0
+        self.newer = NewerSamples()
+        self.state_filter = StateChangeFilter(cfg.detect.state_change_holdoff_s)
+        self.anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
+        self.oee = OeeEngine(cfg.oee, cfg.machines) if cfg.oee.enabled else None
+        self.features = FeatureExtractor(cfg.features, cfg.machines) if cfg.features.enabled else None
+        self.severity = SeverityMonitor(cfg.features, cfg.machines) if cfg.features.enabled else None
+
+    def recover(self, path: Path) -> None:
+        """At start: load the checkpoint at ``path``, then re-run compute over the WAL records after it.
+
+        Nothing is emitted again: what those records produced is in the database or still in the WAL.
+        A checkpoint that is corrupt, from a newer version or made with other settings is set aside as
+        ``*.rejected`` with one log line; state is then rebuilt from what the WAL still holds.
+        """
+        self.checkpoint_path = path
+        started = time.monotonic()
+        after: int | None = 0
         try:
-            self.oee.save(self.oee_state_path)
-        except OSError as exc:
-            log.warning("could not save OEE state to %s: %s", self.oee_state_path, exc)
+            ck = read_checkpoint(path, fingerprint=self.fingerprint())
+        except FileNotFoundError:
+            ck = None
+        except CheckpointError as exc:
+            ck = None
+            moved = set_aside(path)
+            if exc.intact is not None:  # other settings: its numbering is good, its state is not used
+                self.registry.restore(exc.intact.state.sub("registry"))
+                self._journal_machines, self._journal_series = self.registry.machine_count(), len(self.registry)
+                after = exc.intact.wal_id
+                what = "detector, features and OEE state rebuilt from the WAL records after it"
+            else:
+                what = "derived state starts fresh from the WAL records still on disk"
+            log.warning("checkpoint %s not used: %s; set aside as %s; %s", path, exc, moved.name, what)
+        if ck is not None:
+            try:
+                self.restore_state(ck.state)
+                after = ck.wal_id
+            except (CheckpointError, ValueError, KeyError, TypeError, IndexError) as exc:
+                self._fresh_state()
+                moved = set_aside(path)
+                log.warning("checkpoint %s not used: it does not fit this gateway (%s); set aside as %s; "
+                            "derived state starts fresh from the WAL records still on disk", path, exc, moved.name)
+                after = 0
+        replayed = self._replay(after or 0) if self.wal is not None else 0
+        if ck is not None or replayed:
+            log.info("derived state recovered in %.2f s: %s, %d WAL records re-computed (nothing re-sent)",
+                     time.monotonic() - started,
+                     f"checkpoint of WAL record {ck.wal_id}" if ck is not None else "no checkpoint", replayed)
+
+    def _replay(self, after: int) -> int:
+        """Re-run compute over the records after ``after`` (state only; outputs are already durable)."""
+        wal = self.wal
+        assert wal is not None
+        done = 0
+        for rec in wal.retained(after):
+            data = journal.compute_input(rec.payload)
+            if data is None:
+                continue  # written by a gateway before checkpoints: line protocol only
+            try:
+                batch, now = journal.decode_input(data, self.registry)
+            except journal.JournalError as exc:
+                log.warning("WAL record %d cannot be re-computed (%s): state rebuilt up to the record before",
+                            rec.id, exc)
+                break
+            self._compute(batch, now, live=False)
+            done += 1
+        self._journal_machines, self._journal_series = self.registry.machine_count(), len(self.registry)
+        self.replayed_records += done
+        return done
+
+    def checkpoint_due(self) -> bool:
+        interval = self.cfg.buffer.checkpoint_interval_s
+        if self.checkpoint_path is None or (interval <= 0 and not self._checkpoint_soon):
+            return False
+        return self._checkpoint_soon or time.monotonic_ns() - self._checkpoint_ns >= interval * 1e9
+
+    async def checkpoint(self) -> bool:
+        """Write a checkpoint of the derived state covering the WAL so far; False if skipped or failed.
+
+        The copy is taken between two batches (under the flush lock), the file is written in a thread.
+        """
+        path = self.checkpoint_path
+        if path is None:
+            return False
+        async with self._flush_lock:
+            if not self._consistent or self._closed_oee:  # a batch half done, or reload-closed windows unsent
+                return False
+            started = time.monotonic()
+            state = self.snapshot_state()
+            wal_id = self.wal.last_id if self.wal is not None else 0
+            self._checkpoint_ns = time.monotonic_ns()
+            self._checkpoint_soon = False
+            copied = time.monotonic() - started
+        try:
+            size = await asyncio.to_thread(write_checkpoint, path, state, fingerprint=self.fingerprint(),
+                                           wal_id=wal_id)
+        except (OSError, ValueError) as exc:
+            log.warning("could not write the checkpoint %s: %s", path, exc)
+            return False
+        if self.wal is not None:
+            await asyncio.to_thread(self.wal.cover, wal_id)
+        log.debug("checkpoint of WAL record %d: %d bytes, copy %.0f ms, total %.0f ms", wal_id, size,
+                  copied * 1e3, (time.monotonic() - started) * 1e3)
+        return True
 
     def reconfigure(self, cfg: GatewayConfig) -> list[str]:
         """Apply a reloaded config at once (between two messages); return the changed ``section`` names.
@@ -228,8 +376,6 @@ class Pipeline:
             if not cfg.oee.enabled:
                 self._closed_oee += oee.flush()
                 oee = None
-                if self.oee_state_path is not None:  # a stale snapshot must not come back at a later start
-                    self.oee_state_path.unlink(missing_ok=True)
             elif oee is self.oee:
                 self._closed_oee += oee.reconfigure(cfg.oee, cfg.machines)
             keep = {*cfg.oee.windows, "shift"} if cfg.oee.enabled else set()
@@ -242,8 +388,7 @@ class Pipeline:
         self.features, self.severity, self.oee = features, severity, oee
         self._batch_size = cfg.influx.batch_size
         self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
-        if oee_changed and oee is not None:
-            self.save_oee()  # a restart soon after must find the snapshot made with these settings
+        self._checkpoint_soon = True  # a restart soon after must find a checkpoint made with these settings
         self._full.set()  # flush soon: the windows a reload closed, and the open batch under the new settings
         return changed
 
@@ -281,8 +426,8 @@ class Pipeline:
                 pass
             if self._builder.messages or self._stats_due() or self._oee_due():
                 await self.flush()
-            if self.oee_state_path is not None and time.monotonic_ns() - self._oee_saved_ns > 60 * 10**9:
-                self.save_oee()
+            if self.checkpoint_due():
+                await self.checkpoint()
         await self.flush()
 
     def _oee_due(self) -> bool:
@@ -305,14 +450,24 @@ class Pipeline:
             batch = b.take()
             self.stats.messages_in += messages
             self.stats.points_in += points
-            body = self.compute_and_encode(batch)
+            now = self.clock()
+            idle_closes = self.oee.idle_closes if self.oee is not None else 0
+            self._consistent = False
+            body = self.compute_and_encode(batch, now)
             if self._stats_due():
                 body = self.encoder.join([body, self._stats_line()])
+            changed = bool(messages) or (self.oee is not None and self.oee.idle_closes != idle_closes)
+            if self.wal is not None and (body or changed):
+                # the inputs ride with the output: a restart re-computes them from here
+                reg = self.registry
+                record = journal.pack(body, journal.encode_input(batch, now, reg, self._journal_machines,
+                                                                 self._journal_series))
+                self._journal_machines, self._journal_series = reg.machine_count(), len(reg)
+                await self._append_durably(record)
+            elif body:
+                await self.output.write(body)
+            self._consistent = True
             if body:
-                if self.wal is not None:
-                    await self._append_durably(body)
-                else:
-                    await self.output.write(body)
                 self.stats.points_out += body.count(b"\n") + 1
             if self._dead_pending and self.deadletter is not None:
                 self._dead_pending = False
@@ -375,11 +530,14 @@ class Pipeline:
             chunk: list[bytes] = []
             lines = 0
             for rec in records:
-                chunk.append(rec.payload)
-                lines += rec.payload.count(b"\n") + 1
+                lp = journal.line_protocol(rec.payload)
+                if lp:
+                    chunk.append(lp)
+                    lines += lp.count(b"\n") + 1
                 last = rec.id
                 if lines >= limit or rec is records[-1]:
-                    await self.output.write(b"\n".join(chunk))
+                    if chunk:
+                        await self.output.write(b"\n".join(chunk))
                     await asyncio.to_thread(wal.confirm, last)
                     sent = last
                     chunk, lines = [], 0
@@ -393,63 +551,73 @@ class Pipeline:
             self.deadletter.write_lines(lines, reason)
             self.deadletter.sync()
 
-    def compute_and_encode(self, batch: DecodedBatch) -> bytes:
-        """Compute and encode one batch into a single line-protocol body."""
+    def compute_and_encode(self, batch: DecodedBatch, now_ns: int | None = None) -> bytes:
+        """Compute and encode one batch into a single line-protocol body (``now_ns``: the wall clock)."""
         enc = self.encoder
-        tel = batch.telemetry
-        n = batch.detect_rows
-        self.state_filter.observe(batch.states)
-        found: list[AnomalyEvents] = []
-        if self.anomaly is not None and (n or batch.states):
-            found.append(self.anomaly.process(tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics,
-                                              self.registry.machines, batch.states))
-        if self.severity is not None and n:
-            found.append(severity_events(self.severity.process(
-                tel.series[:n], tel.ts_ns[:n], tel.value[:n], self.registry.metrics, self.registry.machines)))
-        anomalies = []
-        kept_all = []
-        for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
-            kept = self.state_filter.keep(events, self.registry.machines)
-            self.stats.anomalies += len(kept)
-            self.anomalies_by_detector.update(kept.detector)
-            kept_all.append(kept)
-            anomalies.append(enc.anomalies(kept))
-        oee = b""
-        records: list[OeeRecord] = []
-        if self._closed_oee:  # windows a reload closed
-            records, self._closed_oee = self._closed_oee, []
-        if self.oee is not None:
-            self._last_oee_ns = time.monotonic_ns()
-            records += self.oee.update(batch.states, batch.counts, time.time_ns())
-        self.stats.oee_windows += len(records)
-        if self.view is not None:
-            self.view.observe(batch, kept_all, records)
-        for r in records:
-            if r.oee is not None:
-                self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)
-        oee = enc.oee(records)
-        features = b""
-        if self.features is not None and batch.waveforms:
-            reg = self.registry
-            features = enc.features(
-                self.features.process(
-                    batch.waveforms,
-                    [reg.metrics[b.series] for b in batch.waveforms],
-                    [reg.machines[b.series] for b in batch.waveforms],
-                )
-            )
+        anomalies, records, features = self._compute(batch, self.clock() if now_ns is None else now_ns, live=True)
         return enc.join(
             [
-                enc.telemetry(tel),
-                *anomalies,
-                features,
-                oee,
+                enc.telemetry(batch.telemetry),
+                *(enc.anomalies(kept) for kept in anomalies),
+                enc.features(features) if features is not None else b"",
+                enc.oee(records),
                 enc.states(batch.states),
                 enc.counts(batch.counts),
                 enc.device_status(batch.statuses),
                 b"\n".join(batch.raw_lines),
             ]
         )
+
+    def _compute(
+        self, batch: DecodedBatch, now_ns: int, *, live: bool
+    ) -> tuple[list[AnomalyEvents], list[OeeRecord], FeatureRows | None]:
+        """Run every stateful part over one batch; ``live`` False (a rebuild) leaves stats and the view."""
+        tel = batch.telemetry
+        n = batch.detect_rows
+        series, ts, value = tel.series[:n], tel.ts_ns[:n], tel.value[:n]
+        if n:
+            ok = self.newer.keep(series, ts)
+            if not ok.all():
+                series, ts, value = series[ok], ts[ok], value[ok]
+                n = int(series.shape[0])
+        self.state_filter.observe(batch.states)
+        found: list[AnomalyEvents] = []
+        if self.anomaly is not None and (n or batch.states):
+            found.append(self.anomaly.process(series, ts, value, self.registry.metrics, self.registry.machines,
+                                              batch.states))
+        if self.severity is not None and n:
+            found.append(severity_events(self.severity.process(
+                series, ts, value, self.registry.metrics, self.registry.machines)))
+        kept_all = []
+        for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
+            kept = self.state_filter.keep(events, self.registry.machines)
+            if live:
+                self.stats.anomalies += len(kept)
+                self.anomalies_by_detector.update(kept.detector)
+            kept_all.append(kept)
+        records: list[OeeRecord] = []
+        if self._closed_oee and live:  # windows a reload closed
+            records, self._closed_oee = self._closed_oee, []
+        if self.oee is not None:
+            if live:
+                self._last_oee_ns = time.monotonic_ns()
+            records += self.oee.update(batch.states, batch.counts, now_ns)
+        if live:
+            self.stats.oee_windows += len(records)
+            if self.view is not None:
+                self.view.observe(batch, kept_all, records)
+        for r in records:
+            if r.oee is not None:
+                self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)
+        features = None
+        if self.features is not None and batch.waveforms:
+            reg = self.registry
+            features = self.features.process(
+                batch.waveforms,
+                [reg.metrics[b.series] for b in batch.waveforms],
+                [reg.machines[b.series] for b in batch.waveforms],
+            )
+        return kept_all, records, features
 
     async def finish(self) -> None:
         """End of a recorded stream (replay): flush, then close every open OEE window as a partial one."""

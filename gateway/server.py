@@ -72,10 +72,12 @@ class Server:
             log.info("WAL holds %d unconfirmed records (%d bytes): replaying them first",
                      self.wal.records_pending, self.wal.bytes_pending)
         self.pipeline = Pipeline(cfg, self.sink, wal=self.wal, deadletter=self.deadletter)
-        if cfg.oee.enabled:
-            cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
-        # Set even with OEE off: a reload may turn it on, and its snapshots go there too.
-        self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
+        cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
+        old = cfg.buffer.dir / "oee-state.pickle"  # before checkpoints: OEE alone, pickled
+        if old.exists():
+            log.info("%s is superseded by checkpoint.npz and no longer read; removing it", old)
+            old.unlink(missing_ok=True)
+        self.pipeline.recover(cfg.buffer.dir / "checkpoint.npz")
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.pipeline.publish = self.source.publish
@@ -262,17 +264,25 @@ class Server:
                       self.pipeline.pending())
             self.pipeline.output.stop()
             flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
         except Exception:
             log.exception("flusher failed during shutdown")
-        self.pipeline.save_oee()
+        if flusher.done() and not flusher.cancelled() and flusher.exception() is None:
+            await self.pipeline.checkpoint()  # after the last batch: a restart replays nothing
         if writer is not None:
             writer_stop.set()
             try:
                 await asyncio.wait_for(asyncio.shield(writer), timeout=max(0.5, deadline - loop.time()))
             except TimeoutError:
-                log.warning("shutdown timeout: the WAL still holds unwritten data; it is replayed at next start")
                 self.pipeline.output.stop()
                 writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)  # ends at once; its OutputStopped is expected
+                wal = self.wal
+                assert wal is not None
+                why = (self.pipeline.output.last_error or "the database is slow")[:160]
+                log.warning("shutdown: the database did not take the backlog within shutdown_timeout_s (%s); "
+                            "%d records (%d bytes) stay in the WAL and are written at the next start",
+                            why, wal.records_pending, wal.bytes_pending)
             except Exception:
                 log.exception("writer failed during shutdown")
         source_stop.set()

@@ -97,6 +97,10 @@ class BufferConfig(BaseModel):
     With ``enabled = false`` there is no WAL: a message is acked only after the database accepted
     the write instead, so a database outage stops acking (the broker holds the backlog).
 
+    ``checkpoint_interval_s``: how often the derived state (detectors, features, OEE) is checkpointed
+    into ``dir``; WAL records after the last checkpoint are kept, even once written, so a restart can
+    re-compute them. 0 = only at shutdown.
+
     >>> BufferConfig(max_bytes="512MiB").max_bytes
     536870912
     """
@@ -107,6 +111,7 @@ class BufferConfig(BaseModel):
     max_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(DEFAULT_MAX_BYTES)
     segment_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(DEFAULT_SEGMENT_BYTES)
     enabled: bool = True
+    checkpoint_interval_s: float = Field(default=60.0, ge=0, allow_inf_nan=False)
 
 
 @dataclass(slots=True, eq=False)
@@ -163,6 +168,9 @@ class WriteAheadLog:
         :class:`WalFullError` beyond it.
     segment_bytes : int
         Size at which the active segment is closed and a new one started.
+    retain : bool
+        Keep confirmed segments until :meth:`cover` says a checkpoint of the derived state covers them
+        (a restart re-computes the records after the last checkpoint). Off: confirmed segments go at once.
 
     Examples
     --------
@@ -184,6 +192,7 @@ class WriteAheadLog:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        retain: bool = False,
     ) -> None:
         if max_bytes <= 0 or segment_bytes <= 0:
             raise ValueError("max_bytes and segment_bytes must be positive")
@@ -197,6 +206,9 @@ class WriteAheadLog:
         self._lock_fd = -1
         self._next_id = 1
         self._confirmed = 0
+        # With ``retain``, a confirmed segment is deleted only once a checkpoint covers it too (see cover()).
+        self._retain = retain
+        self._covered = 0
         self._bytes_pending = 0
         self._records_pending = 0
         self._closed = False
@@ -212,8 +224,8 @@ class WriteAheadLog:
 
     @classmethod
     def from_config(cls, config: BufferConfig) -> WriteAheadLog:
-        """Open the log described by a ``[buffer]`` config section."""
-        return cls(config.dir, max_bytes=config.max_bytes, segment_bytes=config.segment_bytes)
+        """Open the log described by a ``[buffer]`` config section (records kept until checkpointed)."""
+        return cls(config.dir, max_bytes=config.max_bytes, segment_bytes=config.segment_bytes, retain=True)
 
     # ----------------------------------------------------------------------------------- stats
 
@@ -251,6 +263,17 @@ class WriteAheadLog:
     def confirmed_id(self) -> int:
         """The confirmed watermark: every record up to this id is in the database."""
         return self._confirmed
+
+    @property
+    def covered_id(self) -> int:
+        """The last record id a checkpoint of the derived state covers (see :meth:`cover`)."""
+        return self._covered
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes on disk of confirmed records kept for a rebuild (not yet covered by a checkpoint)."""
+        total = sum(seg.size for seg in self._segments)
+        return max(0, total - self._bytes_pending)
 
     @property
     def closed(self) -> bool:
@@ -373,6 +396,28 @@ class WriteAheadLog:
     def pending(self) -> Iterator[WalRecord]:
         """Iterate over every durable record not yet confirmed (see :meth:`read_from`)."""
         return self.read_from(self._confirmed)
+
+    def retained(self, after: int) -> Iterator[WalRecord]:
+        """Iterate over every durable record on disk with id > ``after``, confirmed or not (a rebuild's input)."""
+        while True:
+            with self._lock:
+                records, last = self._read_locked(after, _ITER_RECORDS, _ITER_BYTES, confirmed=False)
+            yield from records
+            if not records:
+                return
+            after = last
+
+    def cover(self, record_id: int) -> None:
+        """Record that a durable checkpoint covers every record up to ``record_id``.
+
+        With ``retain``, segments are deleted only when both confirmed and covered; without, a no-op.
+        """
+        with self._lock:
+            if record_id <= self._covered:
+                return
+            self._covered = record_id
+            if not self._closed and self._retain:
+                self._delete_confirmed()
 
     def confirm(self, record_id: int) -> None:
         """Record that everything up to and including ``record_id`` is in the database.
@@ -605,8 +650,9 @@ class WriteAheadLog:
     def _delete_confirmed(self) -> None:
         keep: list[_Segment] = []
         doomed: list[_Segment] = []
+        upto = min(self._confirmed, self._covered) if self._retain else self._confirmed
         for seg in self._segments[:-1]:
-            (doomed if not seg.ids or seg.ids[-1] <= self._confirmed else keep).append(seg)
+            (doomed if not seg.ids or seg.ids[-1] <= upto else keep).append(seg)
         if not doomed:
             return
         self._segments = [*keep, self._segments[-1]]
@@ -619,9 +665,13 @@ class WriteAheadLog:
             # Harmless: the watermark is durable, so leftover segments are filtered on the next start.
             _log.warning("cannot delete confirmed segments in %s: %s", self._dir, exc)
 
-    def _read_locked(self, after: int, max_records: int, max_bytes: int) -> tuple[list[WalRecord], int]:
-        """Read good records above ``after``; also return the last id examined."""
-        after = max(after, self._confirmed)
+    def _read_locked(
+        self, after: int, max_records: int, max_bytes: int, *, confirmed: bool = True
+    ) -> tuple[list[WalRecord], int]:
+        """Read good records above ``after`` (and above the watermark unless ``confirmed`` is False);
+        also return the last id examined."""
+        if confirmed:
+            after = max(after, self._confirmed)
         while True:
             records, last = self._read_pass(after, max_records, max_bytes)
             # A stretch of corrupt records yields nothing but progress: keep going past it.

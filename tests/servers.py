@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -56,6 +58,28 @@ __all__ = [
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
+
+# Set by a runner (deploy/dev/run_local.py) so the servers never outlive it, even when it is SIGKILLed.
+DIE_WITH_PARENT = False
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the kernel sends this child SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG).
+
+    Only for single-threaded parents (fork + preexec_fn is unsafe with threads).
+    """
+    parent = os.getppid()
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+except OSError:  # pragma: no cover - no libc to load
+    _LIBC = None
 
 # pid -> Popen of every child still running; the atexit hook kills what is left.
 _RUNNING: dict[int, subprocess.Popen[bytes]] = {}
@@ -221,7 +245,7 @@ class ServerProcess(ABC):
             # Own process group: a test's Ctrl-C does not reach it and killpg reaches only it.
             proc = subprocess.Popen(
                 self._command(binary), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, start_new_session=True,
+                cwd=self.workdir, start_new_session=True, preexec_fn=die_with_parent if DIE_WITH_PARENT else None,
             )
         self._proc = proc
         _RUNNING[proc.pid] = proc

@@ -1,6 +1,8 @@
 """`make run`: local mosquitto + InfluxDB (data under .state/), a simulated fleet and the gateway.
 
-Prints a live summary every few seconds; Ctrl-C (or --duration) stops everything it started, by pid.
+Prints a live summary every few seconds; Ctrl-C, SIGTERM, SIGHUP (the terminal closed) or --duration stop
+everything it started, by pid. Every child also gets SIGTERM from the kernel if this runner dies
+(PR_SET_PDEATHSIG), so none outlives it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import InfluxDB1, Mosquitto, free_port, stop_process  # noqa: E402
+import tests.servers  # noqa: E402
+from tests.servers import InfluxDB1, Mosquitto, die_with_parent, free_port, stop_process  # noqa: E402
 
 MEASUREMENTS = ("telemetry", "machine_state", "production", "anomaly", "oee", "vibration_features")
 
@@ -68,12 +71,15 @@ def main() -> int:
     state.mkdir(parents=True, exist_ok=True)
     stop = False
 
-    def _stop(*_: object) -> None:
+    def _stop(sig: int, _frame: object) -> None:
         nonlocal stop
         stop = True
+        if sig == signal.SIGHUP:  # the terminal is gone: printing to it would fail before the cleanup
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    tests.servers.DIE_WITH_PARENT = True  # this runner is single-threaded: preexec_fn is safe here
 
     procs: list[subprocess.Popen[bytes]] = []
     http = f"127.0.0.1:{free_port()}"  # not the default 9273: an installed gateway may hold it
@@ -90,14 +96,14 @@ def main() -> int:
         sim_log = open(state / "simulator.log", "ab")  # noqa: SIM115
         procs.append(subprocess.Popen(
             [str(bindir / "factory-gateway"), "run", "--config", str(ROOT / "configs" / "local.toml")],
-            env=env, stdout=gw_log, stderr=subprocess.STDOUT, start_new_session=True))
+            env=env, stdout=gw_log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent))
         time.sleep(1.5)
         procs.append(subprocess.Popen(
             [str(bindir / "factory-devices"), "simulate", "--broker", f"127.0.0.1:{broker.port}",
              "--machines", str(args.machines), "--rate", str(args.rate), "--time-scale", str(args.time_scale),
              "--faults", "drift,spike,stuck,bearing_wear", "--fault-log", str(state / "faults.jsonl"),
              "--waveform-hz", "1000", "--waveform-every", "10"],
-            env=env, stdout=sim_log, stderr=subprocess.STDOUT, start_new_session=True))
+            env=env, stdout=sim_log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent))
         print(f"gateway pid {procs[0].pid} (log {state / 'gateway.log'}), "
               f"simulator pid {procs[1].pid}: {args.machines} machines at {args.rate} Hz. Ctrl-C stops.")
         print(f"query: influx -port {influx.port} -database factory -execute 'SELECT * FROM telemetry LIMIT 5'")

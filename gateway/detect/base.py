@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.batch import F64, I64
+from gateway.checkpoint import State
 
 __all__ = ["BatchLayout", "Detector", "StateField", "squash"]
 
@@ -254,3 +255,37 @@ class Detector(ABC):
         """Forget every series."""
         self._state = {k: np.empty((0, *f.tail), f.dtype) for k, f in self._spec.items()}
         self._capacity = 0
+
+    def snapshot(self, n: int | None = None) -> State:
+        """Every per-series state array (copies; see :mod:`gateway.checkpoint`); ``n``: for series ids < n."""
+        size = self._capacity if n is None else n
+        return State({"name": self.name}, {k: fit(v, size, self._spec[k].fill) for k, v in self._state.items()})
+
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot` (of a detector with the same settings)."""
+        self._state = restore_arrays(state, {k: (f.tail, f.dtype) for k, f in self._spec.items()})
+        self._capacity = int(self._state["n_seen"].shape[0])
+
+
+def fit(arr: Arr, n: int, fill: float | bool) -> Arr:
+    """A copy of ``arr`` with exactly ``n`` rows (cut, or padded with ``fill``): a canonical saved state."""
+    if arr.shape[0] >= n:
+        return arr[:n].copy()
+    out = np.full((n, *arr.shape[1:]), fill, arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+def restore_arrays(state: State, spec: dict[str, tuple[tuple[int, ...], type[np.generic]]]) -> dict[str, Arr]:
+    """The arrays ``spec`` names (trailing shape, dtype), checked: one length, no missing or foreign key."""
+    if set(state.arrays) != set(spec):
+        raise ValueError(f"state arrays {sorted(state.arrays)} are not {sorted(spec)}")
+    out: dict[str, Arr] = {}
+    n = -1
+    for k, (tail, dtype) in spec.items():
+        arr = state.arrays[k]
+        if arr.shape[1:] != tail or arr.dtype != np.dtype(dtype) or (n >= 0 and arr.shape[0] != n):
+            raise ValueError(f"state array {k!r} has shape {arr.shape} {arr.dtype}, expected (n, *{tail}) {dtype}")
+        n = arr.shape[0]
+        out[k] = np.array(arr, dtype)
+    return out

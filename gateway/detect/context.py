@@ -27,8 +27,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from gateway.batch import MachineKey, StateEvent
+from gateway.checkpoint import State
 from gateway.detect.config import DETECTOR_NAMES
 from gateway.detect.fusion import AnomalyEvents
+from gateway.schema import MachineState
 
 __all__ = ["StateChangeFilter"]
 
@@ -45,6 +47,13 @@ class StateChangeFilter:
 
     def observe(self, states: Sequence[StateEvent]) -> None:
         """Note the state changes (a repeated state is not a change) of a batch of state events."""
+        horizon = 2 * self.holdoff_ns + 3_600_000_000_000
+        for machine in {e.machine for e in states} & self._changed.keys():
+            # before this batch's changes go in: a change of this batch never pushes out one its own
+            # events need, so where a batch is cut does not matter (only samples over an hour late do)
+            times = self._changed[machine]
+            while len(times) > 1 and times[0] < times[-1] - horizon:
+                times.pop(0)  # older than any event still to come could be held off by
         for e in states:
             previous = self._state.get(e.machine)
             self._state[e.machine] = e.state
@@ -54,9 +63,22 @@ class StateChangeFilter:
                 times.append(e.ts_ns)
                 if len(times) > 1 and times[-2] > e.ts_ns:
                     times.sort()
-                newest = times[-1]
-                while len(times) > 1 and times[0] < newest - 2 * self.holdoff_ns - 3_600_000_000_000:
-                    times.pop(0)  # older than any event still to come could be held off by
+
+    def snapshot(self) -> State:
+        """Each machine's last state and recent change times (see :mod:`gateway.checkpoint`)."""
+        # copies of the change lists: the file is written in a thread while batches go on
+        rows = [[k.site, k.area, k.line, k.machine, str(s), list(self._changed.get(k, ()))]
+                for k, s in self._state.items()]
+        return State({"machines": rows, "dropped": self.dropped})
+
+    def restore(self, state: State) -> None:
+        self._state, self._changed = {}, {}
+        for site, area, line, machine, st, times in state.meta["machines"]:
+            key = MachineKey(site, area, line, machine)
+            self._state[key] = MachineState(st)
+            if times:
+                self._changed[key] = [int(t) for t in times]
+        self.dropped = int(state.meta["dropped"])
 
     def keep(self, events: AnomalyEvents, machine_of_series: Sequence[MachineKey]) -> AnomalyEvents:
         """The events that are not within ``holdoff_s`` after their machine's last state change."""

@@ -20,7 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.batch import F64, I64, MachineKey, StateEvent
-from gateway.detect.base import BatchLayout, Detector
+from gateway.checkpoint import State
+from gateway.detect.base import BatchLayout, Detector, fit
 from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfile
 from gateway.detect.cusum import CusumDetector
 from gateway.detect.ewma import EwmaDetector
@@ -181,6 +182,34 @@ class _Profile:
             s *= beat
         self.peak[rows] = peak
 
+    def snapshot(self, n: int) -> State:
+        """State for series ids below ``n`` (capacity beyond is not state)."""
+        st = State({}, {"prev_fused": fit(self.prev_fused, n, 0.0), "peak": fit(self.peak, n, 0.0),
+                        "prev_flag": fit(self.prev_flag.T, n, False).T.copy()})
+        if self.kernel is not None:
+            st.put("kernel", self.kernel.snapshot(n))
+        else:
+            for i, det in enumerate(self.detectors):
+                st.put(f"d{i}", det.snapshot(n))
+            if self.own_baseline:
+                st.put("baseline", self.baseline.snapshot(n))
+        return st
+
+    def restore(self, state: State) -> None:
+        self.prev_fused = np.array(state.array("prev_fused"), np.float64)
+        self.peak = np.array(state.array("peak"), np.float64)
+        self.prev_flag = np.array(state.array("prev_flag"), np.bool_)
+        shape = self.prev_fused.shape
+        if self.prev_flag.shape != (len(DETECTOR_NAMES), *shape) or self.peak.shape != shape:
+            raise ValueError("fusion state arrays do not match")
+        if self.kernel is not None:
+            self.kernel.restore(state.sub("kernel"))
+        else:
+            for i, det in enumerate(self.detectors):
+                det.restore(state.sub(f"d{i}"))
+            if self.own_baseline:
+                self.baseline.restore(state.sub("baseline"))
+
     def fuse(self, scores: list[F64], n: int) -> F64:
         fused = np.zeros(n, np.float64)
         weights = self.weights + self.model_weights
@@ -230,6 +259,7 @@ class AnomalyEngine:
         self._profile_of: I64 = np.zeros(0, np.int64)
         self._profiles: list[_Profile] = []
         self._keys: dict[str, int] = {}
+        self._pid_of_metric: dict[str, int] = {}
         self.last_fused: F64 = np.empty(0, np.float64)
         self.model = MachineModel(config.machine, config.grace_samples)
         self._uses_model: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
@@ -242,14 +272,19 @@ class AnomalyEngine:
         if len(metrics) < needed:
             raise ValueError(f"metrics has {len(metrics)} names but series id {needed - 1} was given")
         new = np.empty(needed - done, np.int64)
+        by_metric = self._pid_of_metric
         for i, sid in enumerate(range(done, needed)):  # once per new series, not per sample
-            prof = self.config.resolve(metrics[sid])
-            key = prof.key
-            pid = self._keys.get(key)
-            if pid is None:
-                pid = len(self._profiles)
-                self._keys[key] = pid
-                self._profiles.append(_Profile(prof, self.config))
+            metric = metrics[sid]
+            pid = by_metric.get(metric)
+            if pid is None:  # once per metric name: the profile depends on the name only
+                prof = self.config.resolve(metric)
+                key = prof.key
+                pid = self._keys.get(key)
+                if pid is None:
+                    pid = len(self._profiles)
+                    self._keys[key] = pid
+                    self._profiles.append(_Profile(prof, self.config))
+                by_metric[metric] = pid
             new[i] = pid
         self._profile_of = np.concatenate((self._profile_of, new))
         uses = np.array([bool(p.enabled and p.model_names) for p in self._profiles], np.bool_)
@@ -313,6 +348,33 @@ class AnomalyEngine:
             elif idx.shape[0]:
                 parts.append(self._run(prof, series[idx], ts_ns[idx], values[idx], idx))
         return AnomalyEvents.concat(parts)
+
+    def snapshot(self) -> State:
+        """Every detector's per-series state, fusion peaks and flags, the machine model (copies)."""
+        st = State({"resolved": int(self._profile_of.shape[0]), "profiles": len(self._profiles)},
+                   {"profile_of": self._profile_of.copy()})
+        for i, prof in enumerate(self._profiles):
+            st.put(f"p{i}", prof.snapshot(int(self._profile_of.shape[0])))
+        st.put("model", self.model.snapshot())
+        return st
+
+    def restore(self, state: State, metrics: Sequence[str]) -> None:
+        """Continue from a :meth:`snapshot`; ``metrics`` is the restored registry's name per series id.
+
+        Profiles are numbered by first use in series-id order, so resolving the same names again gives
+        the same numbering; the saved ``profile_of`` checks it.
+        """
+        self.__init__(self.config)  # type: ignore[misc]
+        n = int(state.meta["resolved"])
+        if n:
+            self._resolve(n, metrics)
+        if len(self._profiles) != int(state.meta["profiles"]) or not np.array_equal(
+            self._profile_of, state.array("profile_of")
+        ):
+            raise ValueError("detector profiles do not match the saved ones")
+        for i, prof in enumerate(self._profiles):
+            prof.restore(state.sub(f"p{i}"))
+        self.model.restore(state.sub("model"))
 
     def score(self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str]) -> F64:
         """Like :meth:`process`, but return the fused score of every sample."""

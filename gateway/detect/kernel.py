@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from gateway.batch import F64, I64
-from gateway.detect.base import Arr, BatchLayout
+from gateway.checkpoint import State
+from gateway.detect.base import Arr, BatchLayout, fit, restore_arrays
 from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfile
 from gateway.detect.spike import UP_RATE
 
@@ -188,6 +189,17 @@ class FusedKernel:
                 new[: old.shape[0]] = old
             self.st[k] = new
         self.n_series = cap
+
+    def snapshot(self, n: int | None = None) -> State:
+        """Every per-series state array (copies; see :mod:`gateway.checkpoint`); ``n``: for series ids < n."""
+        fields = self._fields()
+        size = self.n_series if n is None else n
+        return State({"name": "kernel"}, {k: fit(v, size, fields[k][2]) for k, v in self.st.items()})
+
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot` (of a kernel with the same settings)."""
+        self.st = restore_arrays(state, {k: (tail, dt) for k, (tail, dt, _) in self._fields().items()})
+        self.n_series = int(self.st["n"].shape[0])
 
     # -- one batch -----------------------------------------------------------------------------------
 

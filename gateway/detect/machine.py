@@ -80,9 +80,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.batch import F64, I64, MachineKey, StateEvent
+from gateway.checkpoint import State
 from gateway.detect import kernels as K
 from gateway.detect.base import squash
 from gateway.schema import MachineState
+
+_LONG_AGO = -(2**62)
+_PENDING_PER_MACHINE = 16
 
 __all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult"]
 
@@ -153,6 +157,10 @@ class MachineModel:
         self.s_group = np.full(0, -1, np.int64)
         self.s_mach = np.zeros(0, np.int64)
         self.m_state = np.full(0, -1, np.int64)
+        self.m_last = np.full(0, _LONG_AGO, np.int64)  # per machine: newest sample time scored
+        # state events newer than their machine's newest sample: (machine, ts, regime), applied once a
+        # sample reaches them, so a regime holds from its event time whatever the batch boundaries
+        self.pending = np.zeros((0, 3), np.int64)
         self.g_state = np.zeros((0, K.N_G))
         self.g_members = np.zeros(0, np.float64)
         self._machine_ids: dict[object, int] = {}
@@ -212,6 +220,7 @@ class MachineModel:
         add = len(self._machine_ids) - self.m_state.shape[0]
         if add > 0:
             self.m_state = np.concatenate((self.m_state, np.full(add, -1, np.int64)))
+            self.m_last = np.concatenate((self.m_last, np.full(add, _LONG_AGO, np.int64)))
 
     def run(
         self, series: I64, ts_ns: I64, values: F64, *, machines: Sequence[MachineKey] | None = None,
@@ -227,19 +236,19 @@ class MachineModel:
         n = int(series.shape[0])
         if n:
             self._register(int(series.max()) + 1, machines, metrics)
-        ev_m = np.empty(0, np.int64)
-        ev_t = np.empty(0, np.int64)
-        ev_r = np.empty(0, np.int64)
+        ev = self.pending
         if states:
-            ev_m = np.array([self.machine_id(e.machine) for e in states], np.int64)
-            ev_t = np.array([e.ts_ns for e in states], np.int64)
-            ev_r = np.array([REGIME_OF_STATE.get(e.state, 0) for e in states], np.int64)
-            o = np.lexsort((ev_t, ev_m))
-            ev_m, ev_t, ev_r = ev_m[o], ev_t[o], ev_r[o]
+            new = np.array([(self.machine_id(e.machine), e.ts_ns, REGIME_OF_STATE.get(e.state, 0)) for e in states],
+                           np.int64)
+            ev = np.concatenate((ev, new))
             self._grow_machines()
+        o = np.lexsort((ev[:, 1], ev[:, 0]))  # by machine, then time; stable: arrival order at equal times
+        ev = ev[o]
+        ev_m, ev_t, ev_r = (np.ascontiguousarray(ev[:, c]) for c in range(3))
         raw = np.zeros((n, len(K.CHANNELS)))
         expected = np.zeros(n)
         z = np.zeros(n)
+        before = self.m_state.copy() if ev.shape[0] else self.m_state
         if n:
             mach = self.s_mach[series]
             # by time, then machine (stable: arrival order within both), so what machines share (the peers'
@@ -249,9 +258,22 @@ class MachineModel:
             K.step_batch(order, series, mach, ts_ns, values, ev_m[eo], ev_t[eo], ev_r[eo], self.s_state, self.s_lev,
                          self.s_lag, self.s_sib, self.s_group, self.m_state, self.g_state,
                          self.g_members, self._prm, raw, expected, z)
-        if ev_m.shape[0]:  # every machine ends the batch in its latest state (with or without samples)
-            last = np.flatnonzero(np.r_[ev_m[1:] != ev_m[:-1], True])
-            self.m_state[ev_m[last]] = ev_r[last]
+            np.maximum.at(self.m_last, mach, ts_ns)
+        if ev.shape[0]:  # a machine ends the batch in the regime of its last event a sample has reached
+            self.m_state = before
+            applied = ev_t <= self.m_last[ev_m]
+            keep = ~applied
+            over = np.flatnonzero(keep)
+            if over.shape[0] > _PENDING_PER_MACHINE:  # bounded: a machine without telemetry keeps 16 at most
+                m_over = ev_m[over]
+                from_end = np.searchsorted(m_over, m_over, side="right") - 1 - np.arange(over.shape[0])
+                applied[over[from_end >= _PENDING_PER_MACHINE]] = True
+                keep = ~applied
+            at = np.flatnonzero(applied)
+            if at.shape[0]:
+                last = at[np.r_[ev_m[at][1:] != ev_m[at][:-1], True]]
+                self.m_state[ev_m[last]] = ev_r[last]
+            self.pending = ev[keep]
         p = self.params
         scores = {
             "residual_spike": squash(raw[:, 0], p.z_spike),
@@ -264,3 +286,28 @@ class MachineModel:
     def reset(self) -> None:
         """Forget everything."""
         self.__init__(self.params, self.grace)  # type: ignore[misc]
+
+    _ARRAYS = ("s_state", "s_lev", "s_lag", "s_sib", "s_group", "s_mach", "m_state", "m_last", "pending", "g_state",
+               "g_members")
+
+    def snapshot(self) -> State:
+        """Series, machine and peer-group arrays and their numbering (see :mod:`gateway.checkpoint`)."""
+        machines = [[k.site, k.area, k.line, k.machine] if isinstance(k, MachineKey) else list(k)  # type: ignore[call-overload]
+                    for k in self._machine_ids]
+        return State({"machines": machines, "groups": [list(g) for g in self._group_ids]},
+                     {name: getattr(self, name).copy() for name in self._ARRAYS})
+
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot`."""
+        self.reset()
+        arrays = {name: state.array(name) for name in self._ARRAYS}
+        for name, arr in arrays.items():
+            old = getattr(self, name)
+            if arr.dtype != old.dtype or arr.shape[1:] != old.shape[1:]:
+                raise ValueError(f"machine model: {name} has shape {arr.shape} {arr.dtype}")
+            setattr(self, name, np.array(arr, old.dtype))
+        for k in state.meta["machines"]:
+            self.machine_id(MachineKey(*k) if len(k) == 4 else (str(k[0]), int(k[1])))
+        self._group_ids = {(str(a), str(b), str(c)): i for i, (a, b, c) in enumerate(state.meta["groups"])}
+        for sid, mid in enumerate(self.s_mach.tolist()):
+            self._machine_series[mid].append(sid)

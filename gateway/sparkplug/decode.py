@@ -50,6 +50,7 @@ import orjson
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from gateway.batch import CountEvent, MachineKey, StateEvent, StatusEvent
+from gateway.checkpoint import State
 from gateway.config import GatewayConfig, SparkplugConfig
 from gateway.errors import CardinalityError, DecodeError, RejectReason
 from gateway.lineproto import escape_field_key, escape_string_value, machine_tags
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = ["DataType", "SparkplugDecoder", "host_state_payloads", "rebirth_payload"]
 
 log = logging.getLogger("gateway.sparkplug")
+_RESYNC = -2  # a restored node: the next seq is taken as it comes
 
 NAMESPACE: Final = "spBv1.0"
 REBIRTH_METRIC: Final = "Node Control/Rebirth"
@@ -172,6 +174,37 @@ class SparkplugDecoder:
             for node in self._nodes.values():  # series ids follow the new tags
                 for m in node.names.values():
                     m.sid, m.prefix = -1, b""
+
+    def snapshot(self) -> State:
+        """Births, alias tables, bdSeq and counters per edge node (see :mod:`gateway.checkpoint`)."""
+        nodes = []
+        for n in self._nodes.values():
+            metrics = [[m.device, m.name, m.datatype, alias] for alias, m in n.aliases.items()]
+            aliased = {id(m) for m in n.aliases.values()}
+            metrics += [[m.device, m.name, m.datatype, None] for m in n.names.values() if id(m) not in aliased]
+            nodes.append({"group": n.group, "edge": n.edge, "born": n.born, "bdseq": n.bdseq,
+                          "devices": sorted(n.devices), "metrics": metrics,
+                          "counts": [[d, list(c)] for d, c in n.counts.items()]})  # copies: written later
+        return State({"nodes": nodes})
+
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot`: DATA after a restart decodes without a rebirth.
+
+        Sequence numbers resynchronise on each node's next message (the checkpoint is older than what
+        the node sent since); series ids are resolved again against the restored registry.
+        """
+        self._nodes.clear()
+        self._machines.clear()
+        for d in state.meta["nodes"]:
+            node = _Node(d["group"], d["edge"], born=bool(d["born"]), bdseq=d["bdseq"], seq=_RESYNC)
+            node.devices = set(d["devices"])
+            node.counts = {dev: [int(a), int(b)] for dev, (a, b) in d["counts"]}
+            for device, name, datatype, alias in d["metrics"]:
+                m = _Metric(device, name, int(datatype))
+                node.names[(device, name)] = m
+                if alias is not None:
+                    node.aliases[int(alias)] = m
+            self._nodes[(node.group, node.edge)] = node
 
     def will(self) -> tuple[str, bytes, bytes] | None:
         """The primary host's STATE ``(topic, will, birth)`` when ``[sparkplug] host_id`` is set."""
@@ -310,6 +343,9 @@ class SparkplugDecoder:
         if not msg.HasField("seq"):
             return
         seq = msg.seq & 0xFF
+        if node.seq == _RESYNC:  # restored from a checkpoint: this message sets the baseline
+            node.seq = seq
+            return
         expected = (node.seq + 1) & 0xFF
         if seq == expected:
             node.seq = seq

@@ -127,8 +127,8 @@ def test_vorne_shift_over_mqtt_with_a_gateway_restart_mid_shift(
 ) -> None:
     """The Vorne shift published over MQTT; the gateway is restarted (SIGTERM) in the middle of the shift.
 
-    The open shift window and the counter baselines are saved at shutdown and reloaded, so the shift's
-    OEE is the same as without the restart.
+    The open shift window and the counter baselines are checkpointed at shutdown and restored, so the
+    shift's OEE is the same as without the restart.
     """
     influx, db = influx_db
     data = ROOT / "tests" / "data" / "replay"
@@ -148,7 +148,7 @@ def test_vorne_shift_over_mqtt_with_a_gateway_restart_mid_shift(
             assert wait_until(lambda e=expect: influx.count("production", db) >= e, timeout=30), gw.tail()
             time.sleep(0.5)
             assert gw.stop() == 0
-    assert (tmp_path / "wal" / "oee-state.pickle").exists()
+    assert (tmp_path / "wal" / "checkpoint.npz").exists()
     [row] = influx.query("""SELECT * FROM "oee" WHERE "window" = 'shift'""", db)
     assert abs(row["oee"] - 0.7479) <= 0.0005
     assert (row["total_count"], row["good_count"]) == (19271, 18848)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tests.gwproc import GatewayProcess, publish, wait_until, write_config
-from tests.servers import InfluxDB1, Mosquitto
+from tests.servers import InfluxDB1, Mosquitto, free_port
 
 
 def _config(tmp_path: Path, broker: Mosquitto, influx: InfluxDB1, db: str, client_id: str, extra: str = "") -> Path:
@@ -234,3 +234,34 @@ def test_lines_influxdb_rejects_are_isolated_and_dead_lettered(
     assert rec["kind"] == "rejected_line"
     assert 'temp="hot"' in rec["payload"]
     assert "field type conflict" in rec["reason"]
+
+
+def test_shutdown_while_the_database_is_down_ends_with_one_line(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """SIGTERM with InfluxDB unreachable: exit 0, one line saying what stays in the WAL, no traceback."""
+    cfg = write_config(tmp_path / "gw.toml", f"""
+[gateway]
+shutdown_timeout_s = 2
+[mqtt]
+host = "127.0.0.1"
+port = {mosquitto.port}
+client_id = "gw-db-down"
+[influx]
+url = "http://127.0.0.1:{free_port()}"
+database = "down"
+max_retry_s = 1
+[buffer]
+dir = "{tmp_path / 'wal'}"
+[deadletter]
+path = "{tmp_path / 'deadletter.jsonl'}"
+""")
+    gw = GatewayProcess(cfg).start()
+    publish(mosquitto.port, _messages(200, time.time() - 100, site="dbdown"), client_id="pub-db-down")
+    assert wait_until(lambda: "WAL" in gw.tail(5) or (tmp_path / "wal").exists())
+    time.sleep(1.5)
+    assert gw.stop() == 0
+    log = gw.log.read_text()
+    assert "Traceback" not in log
+    assert "never retrieved" not in log
+    [line] = [ln for ln in log.splitlines() if "stay in the WAL" in ln]
+    assert "records" in line
+    assert "written at the next start" in line

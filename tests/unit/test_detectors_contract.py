@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from gateway.batch import F64, I64
+from gateway.checkpoint import State, read_checkpoint, write_checkpoint
 from gateway.detect import (
     AnomalyEngine,
     CusumDetector,
@@ -26,39 +28,58 @@ from gateway.detect.machine import MachineModel, MachineModelParams
 
 GRACE = 20
 Scorer = Callable[[I64, F64], F64]
+METRICS = [f"m{i}" for i in range(16)]
+
+
+class Run:
+    """A detector under test: scores a batch; saves and restores its state (the checkpoint protocol)."""
+
+    def __init__(self, obj: Any, score: Callable[[Any, I64, F64], F64]) -> None:
+        self.obj = obj
+        self.score = score
+
+    def __call__(self, s: I64, v: F64) -> F64:
+        return self.score(self.obj, s, v)
+
+    def snapshot(self) -> State:
+        st: State = self.obj.snapshot()
+        return st
+
+    def restore(self, st: State) -> None:
+        if isinstance(self.obj, AnomalyEngine):
+            self.obj.restore(st, METRICS)
+        else:
+            self.obj.restore(st)
 
 
 @dataclass
 class Case:
     name: str
-    make: Callable[[], Scorer]
+    make: Callable[[], Run]
     anomaly: Callable[[F64, int], None]  # injects an obvious anomaly at index i (in place)
 
 
-def _det(cls: type, **kw: Any) -> Callable[[], Scorer]:
-    def make() -> Scorer:
-        det = cls(grace_samples=GRACE, **kw)
-        return lambda s, v: det.score_learn(s, v)  # type: ignore[no-any-return]
+def _det(cls: type, **kw: Any) -> Callable[[], Run]:
+    def make() -> Run:
+        return Run(cls(grace_samples=GRACE, **kw), lambda det, s, v: det.score_learn(s, v))
     return make
 
 
-def _model(name: str) -> Callable[[], Scorer]:
-    def make() -> Scorer:
+def _model(name: str) -> Callable[[], Run]:
+    def make() -> Run:
         mm = MachineModel(MachineModelParams(), grace=GRACE)
-        return lambda s, v: mm.run(s, np.zeros(s.shape[0], np.int64), v).scores[name]
+        return Run(mm, lambda mm, s, v: mm.run(s, np.zeros(s.shape[0], np.int64), v).scores[name])
     return make
 
 
-def _classic_engine() -> Scorer:
+def _classic_engine() -> Run:
     eng = AnomalyEngine(DetectionConfig(grace_samples=GRACE, detectors=CLASSIC_DETECTORS))
-    metrics = [f"m{i}" for i in range(16)]
-    return lambda s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, metrics)
+    return Run(eng, lambda eng, s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, METRICS))
 
 
-def _engine() -> Scorer:
+def _engine() -> Run:
     eng = AnomalyEngine(DetectionConfig(grace_samples=GRACE))
-    metrics = [f"m{i}" for i in range(16)]
-    return lambda s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, metrics)
+    return Run(eng, lambda eng, s, v: eng.score(s, np.zeros(s.shape[0], np.int64), v, METRICS))
 
 
 def _spike(x: F64, i: int) -> None:
@@ -171,3 +192,95 @@ def test_obvious_anomaly_scores_high(case: Case) -> None:
     s = case.make()(series, values)
     assert s[200] >= 0.5
     assert s[200] >= np.quantile(s[GRACE:200], 0.99)
+
+
+@pytest.mark.parametrize("cut", [1, 333, 999])
+def test_checkpoint_round_trip_continues_as_if_never_stopped(case: Case, cut: int, tmp_path: Path) -> None:
+    """Save (through a checkpoint file), load into a fresh detector, continue: the same scores and state."""
+    series, values = _data(n_series=4, per=250)
+    never = case.make()
+    whole = never(series, values)
+    first = case.make()
+    head = first(series[:cut], values[:cut])
+    path = tmp_path / "checkpoint.npz"
+    write_checkpoint(path, first.snapshot(), fingerprint="f", wal_id=1)
+    second = case.make()
+    second.restore(read_checkpoint(path, fingerprint="f").state)
+    tail = second(series[cut:], values[cut:])
+    np.testing.assert_array_equal(whole, np.concatenate([head, tail]))
+    a, b = never.snapshot(), second.snapshot()
+    assert a.meta == b.meta
+    assert a.arrays.keys() == b.arrays.keys()
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+
+
+def test_restore_refuses_state_of_another_shape(case: Case) -> None:
+    series, values = _data()
+    run = case.make()
+    run(series, values)
+    st = run.snapshot()
+    key = max((k for k, v in st.arrays.items() if v.ndim >= 1 and v.shape[0] > 1), key=lambda k: st.arrays[k].ndim)
+    st.arrays[key] = st.arrays[key][..., :1] if st.arrays[key].ndim > 1 else st.arrays[key].astype(np.int8)
+    with pytest.raises(ValueError, match=r"shape|match|not"):
+        case.make().restore(st)
+
+
+def test_machine_model_regimes_do_not_depend_on_batch_boundaries() -> None:
+    """A state message holds from its own time: where the batch cuts between it and the samples is moot."""
+    from gateway.batch import MachineKey, StateEvent
+    from gateway.schema import MachineState
+
+    rng = np.random.default_rng(5)
+    m = MachineKey("s", "a", "l", "m1")
+    n = 1200
+    t = np.arange(n, dtype=np.int64) * 10**10
+    running = (np.arange(n) // 150) % 2 == 1
+    power = np.where(running, 8.0, 1.0) + rng.normal(0, 0.05, n)
+    # a state message arrives 30 samples ahead of the samples it is about (a PLC ahead of the sensor)
+    changes = [int(i) for i in np.flatnonzero(np.diff(running.astype(int))) + 1]
+    states = {max(0, i - 30): StateEvent(m, int(t[i]), MachineState.RUNNING if running[i] else MachineState.IDLE)
+              for i in changes}
+
+    def run(cuts: list[int]) -> F64:
+        mm = MachineModel(MachineModelParams(), grace=GRACE)
+        out = []
+        for a, b in itertools.pairwise([0, *cuts, n]):
+            evs = [e for i, e in states.items() if a <= i < b]
+            res = mm.run(np.zeros(b - a, np.int64), t[a:b], power[a:b], machines=[m], metrics=["power_kw"],
+                         states=evs)
+            out.append(res.scores["residual_spike"])
+        return np.concatenate(out)
+
+    whole = run([])
+    np.testing.assert_array_equal(whole, run(list(range(7, n, 7))))
+    np.testing.assert_array_equal(whole, run([5, 130, 131, 600, 1100]))
+
+
+def test_state_change_hold_off_does_not_depend_on_batch_boundaries() -> None:
+    """A batch spanning hours keeps every change its own events need (they were trimmed too early)."""
+    from gateway.batch import MachineKey, StateEvent
+    from gateway.detect.context import StateChangeFilter
+    from gateway.detect.fusion import AnomalyEvents
+    from gateway.schema import MachineState
+
+    m = MachineKey("s", "a", "l", "m1")
+    h = 3600 * 10**9
+    changes = [StateEvent(m, k * h // 2, (MachineState.RUNNING, MachineState.IDLE)[k % 2]) for k in range(12)]
+    ts = np.array([k * h // 2 + 10**9 for k in range(12)] + [k * h // 2 + 120 * 10**9 for k in range(12)])
+    ev = AnomalyEvents(np.zeros(24, np.int64), ts, np.zeros(24, np.int64), *(np.ones(24) for _ in range(4)))
+
+    def kept(cuts: list[int]) -> list[int]:
+        f = StateChangeFilter(holdoff_s=60)
+        out: list[int] = []
+        for a, b in itertools.pairwise([0, *cuts, 12]):
+            f.observe(changes[a:b])
+            sel = (ts >= a * h // 2) & (ts < b * h // 2)
+            part = AnomalyEvents(*(x[sel] for x in (ev.series, ev.ts_ns, ev.code, ev.score, ev.value, ev.expected,
+                                                      ev.zscore)))
+            out += f.keep(part, [m]).ts_ns.tolist()
+        return sorted(out)
+
+    whole = kept([])
+    assert whole == sorted([int(ts[0]), *ts[12:].tolist()])  # 1 s after a change: held off (the first state is none)
+    assert kept([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]) == whole

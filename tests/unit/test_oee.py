@@ -380,11 +380,27 @@ def test_late_events_are_counted_and_dropped_from_closed_windows() -> None:
     assert [r.total_count for r in out] == [0]
     out = eng.update(states((t0 + 30 * S, D)), [CountEvent(PRESS, t0 + 50 * S, 12, 11)], now_wall_ns=0)
     assert out == []
-    assert eng.late_events == 2
+    assert eng.late_events == 1  # the DOWN: newer than the last state, older than the last count
+    assert eng.repeated_events == 1  # the count older than the last count: a repeat, dropped whole
     out = eng.update(states((t0 + 2 * H, R)), [], now_wall_ns=0)
     first_hour = by_window(out, "1h")[0]
-    assert (first_hour.total_count, first_hour.good_count) == (12, 11)  # still open: the late count counts
+    assert (first_hour.total_count, first_hour.good_count) == (10, 10)
     assert first_hour.run_s == 90  # the late DOWN applies from the last accounted time on
+
+
+def test_repeated_messages_count_once() -> None:
+    """A broker redelivery (same messages again, after newer ones) moves neither state nor counters."""
+    t0 = at("2025-11-20T10:00")
+    msgs = (states((t0, R), (t0 + 20 * S, D), (t0 + 40 * S, R)),
+            [CountEvent(PRESS, t0, 0, 0), CountEvent(PRESS, t0 + 30 * S, 30, 29),
+             CountEvent(PRESS, t0 + 50 * S, 50, 48)])
+    once, twice = engine(windows=["1m"]), engine(windows=["1m"])
+    once.update(*msgs, now_wall_ns=0)
+    twice.update(*msgs, now_wall_ns=0)
+    assert twice.update(msgs[0][1:], msgs[1][1:], now_wall_ns=0) == []  # the last two of each, again
+    assert twice.repeated_events == 4
+    end = states((t0 + 61 * S, R))
+    assert once.update(end, [], now_wall_ns=0) == twice.update(end, [], now_wall_ns=0)
 
 
 def _random_stream(seed: int, n_machines: int = 4) -> list[StateEvent | CountEvent]:
@@ -490,8 +506,8 @@ def test_parse_duration(text: str, ns: int) -> None:
     assert parse_duration_ns(text) == ns
 
 
-def test_saved_state_continues_windows_across_a_restart(tmp_path: Path) -> None:
-    """A gateway restart in the middle of a shift: the reloaded engine closes the same windows."""
+def test_saved_state_continues_windows_across_a_restart() -> None:
+    """A gateway restart in the middle of a shift: the restored engine closes the same windows."""
     from gateway.batch import CountEvent, MachineKey, StateEvent
     from gateway.oee import OeeConfig, OeeEngine
     from gateway.schema import MachineState
@@ -508,16 +524,11 @@ def test_saved_state_continues_windows_across_a_restart(tmp_path: Path) -> None:
 
     before = OeeEngine(cfg, {})
     before.update(*first, now_wall_ns=t0)
-    before.save(tmp_path / "oee.pickle")
-    after = OeeEngine.load(tmp_path / "oee.pickle", cfg, {})
-    assert after is not None
+    after = OeeEngine(cfg, {})
+    after.restore(before.snapshot())
     assert after.update(*second, now_wall_ns=t0) == expected
     shift = [r for r in expected if r.window == "shift"]
     assert shift
     assert shift[0].total_count == 8000
-
-    other = OeeConfig(windows=["1m"])
-    assert OeeEngine.load(tmp_path / "oee.pickle", other, {}) is None  # settings changed: fresh start
-    (tmp_path / "bad.pickle").write_bytes(b"not a pickle")
-    assert OeeEngine.load(tmp_path / "bad.pickle", cfg, {}) is None
-    assert OeeEngine.load(tmp_path / "missing.pickle", cfg, {}) is None
+    with pytest.raises(ValueError, match="do not fit"):  # other windows: the arrays do not fit
+        OeeEngine(OeeConfig(windows=["1m", "1h"], shifts=cfg.shifts), {}).restore(before.snapshot())

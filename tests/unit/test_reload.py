@@ -112,17 +112,16 @@ async def test_pipeline_reconfigure_applies_at_once_without_waiting_for_the_data
 async def test_pipeline_reconfigure_writes_the_windows_it_closes_and_forgets_a_disabled_oee(tmp_path: Path) -> None:
     sink = FakeSink()
     p = Pipeline(_cfg(oee={"windows": ["1h"]}), sink, emit_stats=False)
-    p.load_oee(tmp_path / "oee.pickle")
-    t = time.time() - 600
+    now = time.time()
+    t = max(now // 3600 * 3600, now - 600)  # inside the current hour: one 1h window, whatever the time
+    later = t + min(300.0, (now - t) / 2)
     p.submit("factory/s/a/l/press1/state", orjson.dumps({"ts": t, "state": "RUNNING"}), None)
     p.submit("factory/s/a/l/press1/count", orjson.dumps({"ts": t, "total": 0, "good": 0}), None)
-    p.submit("factory/s/a/l/press1/count", orjson.dumps({"ts": t + 300, "total": 300, "good": 290}), None)
+    p.submit("factory/s/a/l/press1/count", orjson.dumps({"ts": later, "total": 300, "good": 290}), None)
     await p.flush()
-    p.save_oee()
-    assert (tmp_path / "oee.pickle").exists()
     assert p.reconfigure(_cfg(oee={"enabled": False})) == ["oee"]
     assert p.oee is None
-    assert not (tmp_path / "oee.pickle").exists()  # a later start must not resume stale windows
+    assert p._checkpoint_soon  # a later start must find a checkpoint made with the new settings
     await p.flush()
     oee_lines = [ln for b in sink.bodies for ln in b.split(b"\n") if ln.startswith(b"oee,")]
     assert len(oee_lines) == 1

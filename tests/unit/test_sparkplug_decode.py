@@ -126,3 +126,40 @@ def test_host_state_will_matches_the_birth_timestamp() -> None:
 
 def test_module_examples() -> None:
     assert doctest.testmod(spdecode).failed == 0
+
+
+def test_alias_tables_survive_a_restart_through_a_checkpoint(tmp_path: Path) -> None:
+    """Births restored from a checkpoint: DATA decodes without a rebirth; seq resynchronises."""
+    from gateway.checkpoint import read_checkpoint, write_checkpoint
+
+    cfg = GatewayConfig.model_validate({"mqtt": {"topics": [{"topic": "spBv1.0/#", "format": "sparkplug"}]}})
+    published: list[str] = []
+
+    def router() -> DecoderRouter:
+        def publish(topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+            published.append(topic)
+            return True
+        return DecoderRouter(DecoderContext(cfg, SeriesRegistry(), check_time_window=False, publish=publish))
+
+    before = router()
+    birth = pb.Payload(seq=0, metrics=[pb.Payload.Metric(name="bdSeq", datatype=4, long_value=3),
+                                       pb.Payload.Metric(name="T", alias=5, datatype=10, is_null=True)])
+    dbirth = pb.Payload(seq=1, metrics=[pb.Payload.Metric(name="P", alias=6, datatype=10, is_null=True)])
+    out = BatchBuilder()
+    before.decode("spBv1.0/G/NBIRTH/E", birth.SerializeToString(), 0, out)
+    before.decode("spBv1.0/G/DBIRTH/E/D1", dbirth.SerializeToString(), 0, out)
+    path = tmp_path / "checkpoint.npz"
+    write_checkpoint(path, before.snapshot(), fingerprint="f", wal_id=0)
+
+    after = router()
+    after.restore(read_checkpoint(path, fingerprint="f").state)
+    out = BatchBuilder()
+    for seq, topic, alias, value in ((40, "NDATA/E", 5, 1.0), (41, "DDATA/E/D1", 6, 2.0)):
+        data = pb.Payload(seq=seq, metrics=[pb.Payload.Metric(alias=alias, double_value=value, timestamp=1)])
+        assert after.decode(f"spBv1.0/G/{topic}", data.SerializeToString(), 0, out) == 1
+    b = out.take()
+    assert b.telemetry.value.tolist() == [1.0, 2.0]
+    reg = after.ctx.registry
+    assert [reg.metric(int(s)) for s in b.telemetry.series] == ["T", "P"]
+    assert published == []  # no rebirth requested
+

@@ -440,3 +440,32 @@ def test_record_corrupted_while_open_is_skipped_on_read(tmp_path: Path, caplog: 
             assert [r.payload for r in wal.pending()] == [b"one", b"three"]
             assert wal.read(1, max_records=1) == [WalRecord(3, b"three")]  # skips past, never stalls
         assert "record 2" in caplog.text
+
+
+def test_retained_records_stay_until_a_checkpoint_covers_them(tmp_path: Path) -> None:
+    """With ``retain``, a segment goes only when both confirmed and covered; a reopen deletes nothing early."""
+    with WriteAheadLog(tmp_path, segment_bytes=256, retain=True) as wal:
+        ids = [wal.append(b"x" * 100) for _ in range(10)]
+        wal.sync()
+        wal.confirm(ids[-1])
+        assert wal.records_pending == 0
+        assert wal.segments > 3  # confirmed, but no checkpoint covers them
+        assert wal.retained_bytes > 0
+        assert [r.id for r in wal.retained(ids[4])] == ids[5:]
+        assert list(wal.pending()) == []
+    with WriteAheadLog(tmp_path, segment_bytes=256, retain=True) as wal:
+        assert [r.id for r in wal.retained(0)] == ids  # the reopen kept them
+        wal.cover(ids[5])
+        kept = [r.id for r in wal.retained(0)]
+        assert kept[0] > 1
+        assert kept[-1] == ids[-1]
+        assert set(ids[6:]) <= set(kept)  # everything after the checkpoint stays
+        wal.cover(ids[-1])
+        assert wal.segments == 1  # only the active one
+    with WriteAheadLog(tmp_path, segment_bytes=256) as wal:  # without retain: confirmed is enough
+        wal.append(b"y" * 200)
+        wal.append(b"y" * 200)
+        wal.sync()
+        wal.confirm(wal.last_id)
+        wal.append(b"z")
+        assert wal.segments == 1

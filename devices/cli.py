@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a fault SECONDS after start (repeatable)",
     )
     sim.add_argument("--fault-duration", type=_positive(float), help="seconds for random drift/stuck/bearing_wear")
+    sim.add_argument("--sparkplug", action="store_true",
+                     help="publish as a Sparkplug B edge node (machines are its devices) instead of the JSON contract")
+    sim.add_argument("--sparkplug-node", help="edge node id with --sparkplug (default sim<seed>)")
     sim.add_argument("--fault-log", type=Path, help="write injected-fault ground truth as JSON lines")
     sim.add_argument("--waveform-hz", type=_positive(float), help="also send 1 s accel_g blocks at this rate")
     sim.add_argument("--waveform-every", type=_positive(float), default=10.0, help="seconds between blocks")
@@ -304,6 +307,14 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         faults=plans,
         count_every_s=args.count_every,
     )
+    from devices.sparkplug import SparkplugEdge
+
+    edge: SparkplugEdge | None = None
+    if args.sparkplug:
+        if args.waveform_hz:
+            parser.error("--waveform-hz: fixed-rate blocks have no Sparkplug form here; leave it out with --sparkplug")
+        node = args.sparkplug_node or f"sim{args.seed}"
+        edge = SparkplugEdge(specs[0].site, node, lambda t, p: publisher.publish(t, p, "sparkplug"))
     publisher = MqttPublisher(
         args.broker,
         args.client_id or f"factory-sim-{args.seed}",
@@ -312,6 +323,8 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         password=password_from_env(args.password),
         tls_ca=args.tls_ca,
         drain_timeout=args.drain_timeout,
+        will=edge.death() if edge is not None else None,  # Sparkplug: NDEATH with this session's bdSeq
+        commands=(edge.topic("NCMD"), edge.command) if edge is not None else None,
     )
     fault_log: IO[bytes] | None = None
     try:
@@ -321,7 +334,10 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         fleet.progress = progress
 
         def publish(topic: str, payload: bytes, channel: str) -> None:
-            publisher.publish(topic, payload, channel)
+            if edge is not None:
+                edge.handle(topic, payload)
+            else:
+                publisher.publish(topic, payload, channel)
             progress.sent += 1
 
         with _stop_on_signals() as stop, publisher, progress:
@@ -336,6 +352,8 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 waveform_every_s=args.waveform_every,
                 fault_log=fault_log,
             )
+            if edge is not None:  # a clean exit says so itself (the Will is for a crash)
+                publisher.publish(*edge.death(), "sparkplug")
             summary.unacked = publisher.close()
             summary.dropped = publisher.dropped
     except PublishError as exc:

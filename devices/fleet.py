@@ -127,6 +127,7 @@ class MqttPublisher:
         password: str | None = None,
         tls_ca: Path | None = None,
         will: tuple[str, bytes] | None = None,
+        commands: tuple[str, Callable[[str, bytes], None]] | None = None,
         max_inflight: int = 1000,
         max_queued: int = 100_000,
         connect_timeout: float = 10.0,
@@ -160,6 +161,9 @@ class MqttPublisher:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        self._commands = commands  # (filter, handler): subscribed on every connect (e.g. Sparkplug NCMD)
+        if commands is not None:
+            client.on_message = lambda _c, _u, msg: commands[1](msg.topic, bytes(msg.payload))
         self._client = client
 
     # -- paho callbacks (network thread) ----------------------------------------------------------
@@ -171,6 +175,8 @@ class MqttPublisher:
         else:
             self._connect_error = None
             log.info("connected to %s", self.broker)
+            if self._commands is not None:
+                client.subscribe(self._commands[0], qos=1)
         self._connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:

@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=None, help="stop after S seconds (default: Ctrl-C)")
     ap.add_argument("--state-dir", type=Path, default=ROOT / ".state")
     ap.add_argument("--every", type=float, default=5.0, help="summary period in seconds")
+    ap.add_argument("--sparkplug-machines", type=int, default=4,
+                    help="machines of a second simulator that speaks Sparkplug B (0: none)")
     args = ap.parse_args()
 
     state = args.state_dir
@@ -104,8 +106,19 @@ def main() -> int:
              "--faults", "drift,spike,stuck,bearing_wear", "--fault-log", str(state / "faults.jsonl"),
              "--waveform-hz", "1000", "--waveform-every", "10"],
             env=env, stdout=sim_log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent))
+        spb_log = open(state / "simulator-sparkplug.log", "ab")  # noqa: SIM115
+        if args.sparkplug_machines > 0:
+            procs.append(subprocess.Popen(
+                [str(bindir / "factory-devices"), "simulate", "--broker", f"127.0.0.1:{broker.port}",
+                 "--machines", str(args.sparkplug_machines), "--rate", str(args.rate), "--time-scale",
+                 str(args.time_scale), "--seed", "7", "--client-id", "factory-sim-sparkplug", "--sparkplug",
+                 "--sparkplug-node", "cell7", "--faults", "drift,spike,stuck"],
+                env=env, stdout=spb_log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent))
         print(f"gateway pid {procs[0].pid} (log {state / 'gateway.log'}), "
-              f"simulator pid {procs[1].pid}: {args.machines} machines at {args.rate} Hz. Ctrl-C stops.")
+              f"simulator pid {procs[1].pid}: {args.machines} machines at {args.rate} Hz"
+              + (f", Sparkplug B edge node cell7 (pid {procs[2].pid}): {args.sparkplug_machines} devices"
+                 if args.sparkplug_machines > 0 else "") + ". Ctrl-C stops.")
         print(f"query: influx -port {influx.port} -database factory -execute 'SELECT * FROM telemetry LIMIT 5'")
         print(f"page: http://{http}/  health and metrics: curl http://{http}/readyz  http://{http}/metrics")
         started = time.monotonic()
@@ -127,8 +140,9 @@ def main() -> int:
         print(_summary(influx, "factory", started))
         gw_log.close()
         sim_log.close()
+        spb_log.close()
         codes = [p.returncode for p in procs]
-    print(f"stopped (gateway exit {codes[0]}, simulator exit {codes[1]})")
+    print(f"stopped (gateway exit {codes[0]}, simulator exit {', '.join(map(str, codes[1:]))})")
     return 0 if codes[0] == 0 else 1
 
 

@@ -41,7 +41,7 @@ def test_children_never_outlive_the_runner(tmp_path: Path, sig: int) -> None:
             pids += [int(p) for p in re.findall(r"pid (\d+)", line)]
             if "simulator pid" in line or time.monotonic() > deadline:
                 break
-        assert len(pids) == 4, pids  # mosquitto, InfluxDB, gateway, simulator
+        assert len(pids) == 5, pids  # mosquitto, InfluxDB, gateway, simulator, Sparkplug simulator
         assert all(_alive(p) for p in pids)
         os.kill(runner.pid, sig)
         runner.wait(timeout=60)

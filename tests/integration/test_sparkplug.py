@@ -231,3 +231,58 @@ def test_raw_protobuf_seq_gap_rebirth_ndeath_and_primary_host_state(
         pub.loop_stop()
         pub.disconnect()
         watch.close()
+
+
+def test_fleet_simulator_as_a_sparkplug_edge_node_feeds_telemetry_oee_and_answers_rebirth(
+    tmp_path: Path, mosquitto: Mosquitto, influx_db: tuple[InfluxDB1, str]
+) -> None:
+    """`factory-devices simulate --sparkplug`: births, alias-only DDATA, OEE from state and counters, an
+    NCMD rebirth answered with the next bdSeq, and the NDEATH of a clean exit."""
+    import sys
+
+    influx, db = influx_db
+    node = f"sim-{uuid.uuid4().hex[:6]}"
+    cfg = _config(tmp_path, mosquitto, influx, db, "gw-sim").read_text() + (
+        'state_metric = "Machine/State"\ntotal_metric = "Counts/Total"\ngood_metric = "Counts/Good"\n'
+        '[oee]\nwindows = ["10s"]\nidle_close_s = 2\n')
+    conf = write_config(tmp_path / "gw-sim.toml", cfg)
+    watch = Watcher(mosquitto.port, [f"spBv1.0/+/NBIRTH/{node}", f"spBv1.0/+/NDEATH/{node}"])
+    with GatewayProcess(conf) as gw:
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "devices.cli", "simulate", "--broker", f"127.0.0.1:{mosquitto.port}",
+             "--machines", "3", "--rate", "5", "--duration", "12", "--count-every", "1", "--time-scale", "20",
+             "--sparkplug", "--sparkplug-node", node, "--progress", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert wait_until(lambda: len(watch.on(f"spBv1.0/plant1/NBIRTH/{node}")) == 1, timeout=20), gw.tail()
+            landed = wait_until(lambda: influx.count("telemetry", db, "spindle_temp_c") >= 30, timeout=30)
+            assert landed, gw.tail()
+            machines = {r["machine"] for r in influx.query(
+                f"SELECT spindle_temp_c, machine FROM telemetry WHERE line = '{node}'", db)}
+            assert machines == {"m001", "m002", "m003"}  # the devices, under the names of their births
+            cmd = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"host-{uuid.uuid4().hex[:6]}")
+            cmd.connect("127.0.0.1", mosquitto.port)
+            cmd.loop_start()
+            rebirth = pb.Payload(timestamp=int(time.time() * 1000), metrics=[pb.Payload.Metric(
+                name="Node Control/Rebirth", datatype=11, boolean_value=True)])
+            cmd.publish(f"spBv1.0/plant1/NCMD/{node}", rebirth.SerializeToString(), qos=1).wait_for_publish(5)
+            cmd.loop_stop()
+            cmd.disconnect()
+            assert wait_until(lambda: len(watch.on(f"spBv1.0/plant1/NBIRTH/{node}")) == 2, timeout=10)
+            bdseqs = [next(m.long_value for m in pb.Payload.FromString(p).metrics if m.name == "bdSeq")
+                      for p, _ in watch.on(f"spBv1.0/plant1/NBIRTH/{node}")]
+            assert bdseqs == [0, 1]
+            assert wait_until(lambda: influx.count("oee", db, "availability") >= 1, timeout=90), gw.tail()
+            out, _ = sim.communicate(timeout=60)
+            assert sim.returncode == 0, out
+            assert wait_until(lambda: len(watch.on(f"spBv1.0/plant1/NDEATH/{node}")) == 1, timeout=10)
+            offline = influx.query(f"SELECT * FROM device_status WHERE line = '{node}' AND online = false", db)
+            assert wait_until(lambda: len(influx.query(
+                f"SELECT * FROM device_status WHERE line = '{node}' AND online = false", db)) == 4, timeout=20), offline
+            dead = (tmp_path / "deadletter.jsonl")
+            assert not dead.exists() or not dead.read_text().strip(), dead.read_text()
+        finally:
+            if sim.poll() is None:
+                sim.kill()
+                sim.communicate()
+            watch.close()

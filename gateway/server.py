@@ -77,6 +77,7 @@ class Server:
             cfg.buffer.dir.mkdir(parents=True, exist_ok=True)
         # Set even with OEE off: a reload may turn it on, and its snapshots go there too.
         self.pipeline.load_oee(cfg.buffer.dir / "oee-state.pickle")
+        self.pipeline.warm_up()  # before connecting: a session backlog follows the CONNACK at once
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.pipeline.publish = self.source.publish

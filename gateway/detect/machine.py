@@ -75,7 +75,7 @@ from gateway.detect import kernels as K
 from gateway.detect.base import squash
 from gateway.schema import MachineState
 
-__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult"]
+__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult", "warm_up"]
 
 MODEL_DETECTORS: tuple[str, ...] = ("residual_spike", "residual_cusum", "residual_variance", "stuck")
 
@@ -252,3 +252,14 @@ class MachineModel:
     def reset(self) -> None:
         """Forget everything."""
         self.__init__(self.params, self.grace)  # type: ignore[misc]
+
+
+def warm_up() -> None:
+    """Load the compiled step now (numba's on-disk cache, or a compile), not inside the first batch.
+
+    The load takes ~0.4 s; done on the event loop in a fresh gateway's first flush it held the first
+    second of messages (p99 arrival -> visible at 5,000 msg/s over 20 s: ~770 ms instead of ~285 ms).
+
+    >>> warm_up()  # a throwaway model: no detector's state is touched
+    """
+    MachineModel(MachineModelParams(), grace=1).run(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1))

@@ -141,39 +141,123 @@ def run(messages: int = 100_000, rounds: int = 3) -> dict[str, Any]:
     return {"messages": messages, "rounds": rates, "median": med}
 
 
-def run_gateway(messages: int = 100_000, rounds: int = 2) -> None:
-    """The whole gateway (default config, detect on, WAL, InfluxDB 1.x) draining a queued backlog.
+def gateway_session(srv: Any, name: str, **cfg: Any) -> tuple[Path, float]:
+    """Write a gateway config and create its persistent session (start to "subscribed", stop).
 
-    Timed from the process start to InfluxDB holding every point, minus the start-up time to
-    "subscribed" measured on the empty session (Python imports, connect), both printed.
+    Returns the config and the start-up time (process start to "subscribed" on the empty session:
+    Python imports, connect), which :func:`drain_gateway` subtracts.
     """
-    from e2e import _count, gateway_config, servers, wait_for
-    from publisher import publish_parallel, telemetry_messages
+    from e2e import gateway_config
 
     from tests.gwproc import GatewayProcess
+
+    conf = gateway_config(srv, name, db=f"bench_{name}", **cfg)
+    gw = GatewayProcess(conf)
+    t0 = time.perf_counter()
+    gw.start("subscribed", timeout=60)
+    startup = time.perf_counter() - t0
+    gw.stop()
+    return conf, startup
+
+
+def _logged_at(log: Path, text: str, after: int) -> float | None:
+    """Wall-clock time of the last log line past byte ``after`` that contains ``text`` (asctime, local)."""
+    with open(log, "rb") as fh:
+        fh.seek(after)
+        lines = [ln for ln in fh.read().decode(errors="replace").splitlines() if text in ln]
+    if not lines:
+        return None
+    stamp, _, ms = lines[-1][:23].partition(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+
+
+def drain_gateway(srv: Any, name: str, conf: Path, startup: float, messages: int) -> dict[str, Any]:
+    """The whole gateway drains its session's queued backlog into InfluxDB; points are counted there.
+
+    Timed from the gateway's "fast receive on" log line (written at the CONNACK, before the first queued
+    message is read) to InfluxDB holding every point; without fast receive, from the process start
+    minus ``startup`` (the start-up on the empty session, a noisier estimate).
+    """
+    from e2e import _count, wait_for
+
+    from tests.gwproc import GatewayProcess
+
+    db = f"bench_{name}"
+    gw = GatewayProcess(conf)
+    offset = gw.log.stat().st_size if gw.log.exists() else 0
+    t0 = time.perf_counter()
+    gw.start("subscribed", timeout=60)
+    got, seen = wait_for(lambda: _count(srv.influx, db, "telemetry", "temp_c"), messages, 300, every=0.05)
+    total = time.perf_counter() - t0
+    code = gw.stop()
+    minus_startup = max(total - startup, 1e-3)
+    connack = _logged_at(gw.log, "fast receive on", offset)
+    seconds = max(seen - connack, 1e-3) if connack is not None else minus_startup
+    return {"messages": messages, "points": got, "loss": messages - got, "seconds": seconds, "startup_s": startup,
+            "seconds_minus_startup": minus_startup,
+            "timed_from": "CONNACK log line" if connack is not None else "process start - start-up",
+            "msgs_per_s": got / seconds, "gateway_exit": code}
+
+
+def row_backlog(messages: int = 100_000, machines: int = 50, rounds: int = 1,
+                gateways: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """bench/run.py row 1, backlog: bare paho, ``mosquitto_sub`` and whole gateways drain the same backlog.
+
+    ``gateways`` maps a name to ``gateway_config`` overrides (``{}`` = the default config). Each round
+    publishes ``messages`` once (they queue in every session at once) and drains the sessions one after
+    another, the order reversed every other round; rates are per round, the medians are compared.
+    """
+    from e2e import servers
+    from publisher import publish_parallel, telemetry_messages
+
+    gateways = gateways if gateways is not None else {"default": {}}
+    base = time.time() - 600
+    kinds = ["paho", "mosquitto_sub", *(f"gateway_{g}" for g in gateways)]
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    runs: dict[str, list[dict[str, Any]]] = {f"gateway_{g}": [] for g in gateways}
+    with servers() as srv:
+        drain_paho(srv.broker.port, 0, True)
+        drain_mosquitto_sub(srv.broker.port, 0, True)
+        sessions = {g: gateway_session(srv, f"backlog_{g}", **cfg) for g, cfg in gateways.items()}
+        for r in range(rounds):  # new timestamps each round: the gateways' databases keep every round's points
+            publish_parallel(srv.broker.port, telemetry_messages(messages, machines, base + 10 * r), procs=2)
+            for k in kinds if r % 2 == 0 else reversed(kinds):
+                if k.startswith("gateway_"):
+                    g = k.removeprefix("gateway_")
+                    res = drain_gateway(srv, f"backlog_{g}", *sessions[g], (r + 1) * messages)
+                    res["messages"] = messages  # the database holds every round's points
+                    res["points"] -= r * messages
+                    res["loss"] = messages - res["points"]
+                    res["msgs_per_s"] = res["points"] / res["seconds"]
+                    runs[k].append(res)
+                    rate = res["msgs_per_s"]
+                else:
+                    rate = messages / DRAIN[k](srv.broker.port, messages)
+                rates[k].append(rate)
+                print(f"        backlog round {r + 1} {k:18s} {rate:10,.0f} msg/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"messages": messages, "machines": machines, "rounds": rates, "median": med, "gateway_runs": runs,
+            "loss": {k: sum(x["loss"] for x in v) for k, v in runs.items()}}
+
+
+def run_gateway(messages: int = 100_000, rounds: int = 2) -> None:
+    """The whole gateway (default config, detect on, WAL, InfluxDB 1.x) draining a queued backlog,
+    with fast receive on and off (``BENCH_FAST_RECEIVE``), alternating rounds."""
+    from e2e import servers
+    from publisher import publish_parallel, telemetry_messages
 
     msgs = telemetry_messages(messages, 50, time.time() - 600)
     with servers() as srv:
         for r in range(rounds):
             for fast in ((True, False) if r % 2 == 0 else (False, True)):
                 name = f"drain_{fast}_{r}"
-                db = f"bench_{name}"
                 os.environ["BENCH_FAST_RECEIVE"] = "true" if fast else "false"
-                conf = gateway_config(srv, name, db=db)
-                gw = GatewayProcess(conf)
-                t0 = time.perf_counter()
-                gw.start("subscribed", timeout=30)  # creates the session
-                startup = time.perf_counter() - t0
-                gw.stop()
+                conf, startup = gateway_session(srv, name)
                 publish_parallel(srv.broker.port, msgs, procs=2)
-                gw = GatewayProcess(conf)
-                t0 = time.perf_counter()
-                gw.start("subscribed", timeout=60)
-                got, _seen = wait_for(lambda db=db: _count(srv.influx, db, "telemetry", "temp_c"), messages, 300)
-                total = time.perf_counter() - t0
-                gw.stop()
-                print(f"round {r + 1} gateway fast_receive={fast!s:5s} {got:,} points, {total:.2f} s "
-                      f"(start-up {startup:.2f} s): {got / (total - startup):10,.0f} msg/s", flush=True)
+                res = drain_gateway(srv, name, conf, startup, messages)
+                print(f"round {r + 1} gateway fast_receive={fast!s:5s} {res['points']:,} points in "
+                      f"{res['seconds']:.2f} s (timed from the {res['timed_from']}; process start - start-up: "
+                      f"{res['seconds_minus_startup']:.2f} s): {res['msgs_per_s']:10,.0f} msg/s", flush=True)
 
 
 def main() -> int:

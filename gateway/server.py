@@ -78,6 +78,7 @@ class Server:
             log.info("%s is superseded by checkpoint.npz and no longer read; removing it", old)
             old.unlink(missing_ok=True)
         self.pipeline.recover(cfg.buffer.dir / "checkpoint.npz")
+        self.pipeline.warm_up()  # before connecting: a session backlog follows the CONNACK at once
         self.source = MqttSource(cfg.mqtt, self.pipeline.submit)
         self.pipeline.ack = self.source.ack
         self.pipeline.publish = self.source.publish

@@ -88,7 +88,7 @@ from gateway.schema import MachineState
 _LONG_AGO = -(2**62)
 _PENDING_PER_MACHINE = 16
 
-__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult"]
+__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult", "warm_up"]
 
 MODEL_DETECTORS: tuple[str, ...] = ("residual_spike", "residual_cusum", "residual_variance", "stuck")
 
@@ -311,3 +311,14 @@ class MachineModel:
         self._group_ids = {(str(a), str(b), str(c)): i for i, (a, b, c) in enumerate(state.meta["groups"])}
         for sid, mid in enumerate(self.s_mach.tolist()):
             self._machine_series[mid].append(sid)
+
+
+def warm_up() -> None:
+    """Load the compiled step now (numba's on-disk cache, or a compile), not inside the first batch.
+
+    The load takes ~0.4 s; done on the event loop in a fresh gateway's first flush it held the first
+    second of messages (p99 arrival -> visible at 5,000 msg/s over 20 s: ~770 ms instead of ~285 ms).
+
+    >>> warm_up()  # a throwaway model: no detector's state is touched
+    """
+    MachineModel(MachineModelParams(), grace=1).run(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1))

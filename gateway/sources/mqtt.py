@@ -54,7 +54,7 @@ PAHO_PRIVATE = (
     ("paho.Client", "_in_packet"),  # fast receive: paho's partial-packet state, taken over at the switch
     ("paho.Client", "_packet_handle"),  # fast receive: non-PUBLISH packets handed back to paho
     ("paho.Client", "_loop_rc_handle"),  # fast receive: connection lost / protocol error, as paho does it
-    ("paho.Client", "_last_bytes_received"),  # fast receive: keepalive bookkeeping
+    ("paho.Client", "_last_bytes_received"),  # keepalive time: fast receive sets it, the stall watchdog reads it
 )
 
 _READ = 256 * 1024  # bytes per socket read on the fast path
@@ -80,10 +80,10 @@ def _paho_queue_pubacks(paho: PahoClient, blob: bytes) -> None:
     paho._packet_queue(PUBACK, blob, 0, 0)
 
 
-def _paho_last_packet_in(paho: PahoClient) -> float:
-    # paho 1.x kept the time of the last packet in; paho 2.x has no such attribute (so this is 0 and the
-    # stall check below never fires; paho's own keepalive still drops a broker that stops answering pings).
-    return max(float(getattr(paho, "_last_msg_in", 0.0)), 0.0)
+def _paho_last_bytes_in(paho: PahoClient) -> float:
+    # paho 2.x's time (its time_func, time.monotonic) of the last bytes read, also set when it sends a
+    # PINGREQ; the fast path keeps it current (_paho_bytes_received)
+    return float(paho._last_bytes_received)
 
 
 def _paho_raw_topic(msg: MQTTMessage) -> bytes:
@@ -390,8 +390,8 @@ class MqttSource:
                 if disconnected in done:
                     exc = disconnected.exception()
                     raise aiomqtt.MqttError(f"disconnected: {exc}")
-                # paho records the last packet of any kind (PINGRESP too): silence means a stall.
-                last = _paho_last_packet_in(_paho_of(client))
+                # paho records the last bytes of any packet (PINGRESP too): silence means a stall.
+                last = _paho_last_bytes_in(_paho_of(client))
                 if last and time.monotonic() - last > max(self.cfg.stall_timeout_s, 2.5 * self.cfg.keepalive_s):
                     raise aiomqtt.MqttError("connection stalled (no packets from the broker); reconnecting")
         finally:

@@ -55,3 +55,19 @@ def test_adapter_reaches_paho_privates_only_in_its_helpers() -> None:
                         and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
                     outside.append(f"{fn.name}:{node.lineno} .{node.attr}")
     assert not outside, outside
+
+
+def test_every_private_attribute_the_adapter_touches_is_pinned() -> None:
+    # getattr/setattr/hasattr with a literal name count too: a getattr default once hid paho 2.x's
+    # missing _last_msg_in, so the stall watchdog never fired
+    tree = ast.parse(ADAPTER.read_text(encoding="utf-8"))
+    touched = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+            touched.add(node.attr)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            touched.add(node.args[1].value)
+    private = {a for a in touched if a.startswith("_") and not a.startswith("__")}
+    assert private - {attr for _, attr in PAHO_PRIVATE} == set()

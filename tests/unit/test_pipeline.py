@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,3 +180,28 @@ async def test_state_and_count_messages_cannot_grow_machines_past_the_cap() -> N
     assert p.rejected["cardinality"] == 7
     assert p.oee is not None
     assert p.oee.machine_count == 3
+
+
+_WARM = """
+import sys
+from gateway.config import GatewayConfig
+from gateway.detect import kernels
+from gateway.pipeline import Pipeline
+from tests.unit.test_pipeline import FakeSink
+pipe = Pipeline(GatewayConfig.model_validate({"buffer": {"enabled": False}}), FakeSink())
+before = len(kernels.step_batch.signatures)
+if sys.argv[1] == "warm":
+    pipe.warm_up()
+assert pipe.anomaly is not None and pipe.anomaly.model.n_series == 0  # no detector state was made
+print(before, len(kernels.step_batch.signatures))
+"""
+
+
+@pytest.mark.parametrize(("mode", "loaded"), [("warm", "0 1"), ("cold", "0 0")])
+def test_warm_up_loads_the_model_step_before_the_first_batch(mode: str, loaded: str) -> None:
+    # A fresh process: in this one an earlier test may have loaded the kernel already.
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _WARM, mode], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == loaded.split()

@@ -16,6 +16,8 @@ Rows (``--only`` takes names or numbers, comma-separated):
 6. ``peer``     HARDWARIO ``mqtt2influxdb`` 1.5.2 on workload 1 (throwaway venv under /tmp)
 7. ``crash``    checkpoint size / copy / write for 10,000 machines × 8 metrics, restore, restart-to-ready with
    a WAL backlog to re-compute (extrapolated to 1 GiB)
+8. ``sparkplug`` Sparkplug B DDATA, 20 aliased metrics per message, drained from a queued backlog: the gateway
+   (host application) into InfluxDB vs a counting paho subscriber (``bench/sparkplug.py``)
 
 Usage: ``python bench/run.py [--only ingest,encode] [--quick] [--profile DIR] [--out FILE]``
 """
@@ -40,14 +42,14 @@ for p in (str(REPO), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-ROWS = ("ingest", "columnar", "encode", "latency", "memory", "peer", "crash")
+ROWS = ("ingest", "columnar", "encode", "latency", "memory", "peer", "crash", "sparkplug")
 
 FULL = {"ingest": 200_000, "backlog": 100_000, "backlog_rounds": 3, "blocks_false": 10_000, "blocks_true": 600,
         "latency_s": 20.0, "mem_rounds": 5, "mem_per": 10, "peer": 5_000, "encode_rows": 200_000,
-        "ckpt_machines": 10_000, "ckpt_rounds": 3, "ckpt_backlog_rounds": 3}
+        "ckpt_machines": 10_000, "ckpt_rounds": 3, "ckpt_backlog_rounds": 3, "spb": 50_000, "spb_rounds": 3}
 QUICK = {"ingest": 40_000, "backlog": 40_000, "backlog_rounds": 1, "blocks_false": 2_000, "blocks_true": 150,
          "latency_s": 6.0, "mem_rounds": 2, "mem_per": 25, "peer": 1_000, "encode_rows": 50_000,
-         "ckpt_machines": 10_000, "ckpt_rounds": 1, "ckpt_backlog_rounds": 1}
+         "ckpt_machines": 10_000, "ckpt_rounds": 1, "ckpt_backlog_rounds": 1, "spb": 20_000, "spb_rounds": 1}
 
 
 def machine() -> dict[str, Any]:
@@ -257,6 +259,17 @@ def run_crash(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def run_sparkplug(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    from sparkplug import run
+
+    m = run(sz["spb"], sz["spb_rounds"])
+    raw["sparkplug"] = m
+    gw, paho = m["median"]["gateway"], m["median"]["paho"]
+    return [row("8 sparkplug", f"DDATA x {m['metrics_per_message']} aliased metrics, backlog, msg/s", gw, "msg/s",
+                paho, "bare paho msg/s", gw / paho, ">= 0.7x", gw / paho >= 0.7,
+                f"{gw * m['metrics_per_message']:,.0f} metrics/s; loss {m['loss']}")]
+
+
 def run_peer(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
     import e2e
     import peer
@@ -339,6 +352,7 @@ def main() -> int:
         "memory": lambda: run_memory(sz, raw),
         "peer": lambda: run_peer(sz, raw),
         "crash": lambda: run_crash(sz, raw),
+        "sparkplug": lambda: run_sparkplug(sz, raw),
     }
     t0 = time.monotonic()
     for name in ROWS:

@@ -97,3 +97,12 @@ def test_shipped_acl_in_a_real_broker(tmp_path: Path) -> None:
             for c in (gw, m001, m002, e1):
                 c.disconnect()
                 c.loop_stop()
+
+
+def test_add_device_script_adds_a_user(tmp_path: Path) -> None:
+    script = ACL.parent / "add-device.sh"
+    env = {"PATH": "/usr/bin:/bin", "DEVICE_PASSWORD": "pw"}
+    subprocess.run(["sh", str(script), "m001", str(tmp_path / "passwd")], env=env, check=True, capture_output=True)
+    assert (tmp_path / "passwd").read_text().startswith("m001:")
+    bad = subprocess.run(["sh", str(script), "a/b", str(tmp_path / "passwd")], env=env, capture_output=True)
+    assert bad.returncode == 2

@@ -37,7 +37,8 @@ TOPIC = "factory/#"
 KINDS = ("paho", "mosquitto_sub", "source", "source-paho")
 
 
-def drain_paho(port: int, n: int, create: bool = False) -> float:
+def drain_paho(port: int, n: int, create: bool = False, *, topic: str = TOPIC, client_id: str = "bench-paho") -> float:
+    """A bare paho subscriber's persistent session: create it (``create``), or drain ``n`` messages; seconds."""
     import paho.mqtt.client as mqtt
 
     done = threading.Event()
@@ -48,14 +49,14 @@ def drain_paho(port: int, n: int, create: bool = False) -> float:
         if got[0] >= n:
             done.set()
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-paho", clean_session=False,
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
                     protocol=mqtt.MQTTv311)
     c.on_message = on_message
     t0 = time.perf_counter()
     c.connect("127.0.0.1", port)
     c.loop_start()
     if create:
-        c.subscribe(TOPIC, qos=1)
+        c.subscribe(topic, qos=1)
         time.sleep(0.5)
     else:
         done.wait(600)

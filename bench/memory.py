@@ -36,19 +36,6 @@ def rss_mb() -> float:
     return 0.0
 
 
-class NullSink:
-    name = "null"
-
-    async def connect(self) -> None:
-        return None
-
-    async def write(self, body: bytes) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
 def _malloc_trim() -> float | None:
     """RSS after glibc returns freed heap pages: separates live state from allocator slack."""
     try:
@@ -66,6 +53,7 @@ async def _feed(machines: int, metrics: int, rounds: int, per: int, batch_size: 
 
     from gateway.config import GatewayConfig
     from gateway.pipeline import Pipeline
+    from tests.fakes import NullSink
 
     cfg = GatewayConfig.model_validate({
         "gateway": {"max_series": max(100_000, machines * metrics + 10)},

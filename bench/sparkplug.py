@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,32 +69,9 @@ def messages(n: int, nodes: int = 5, devices: int = 4, t0_ms: int | None = None)
 
 
 def _paho(port: int, n: int, create: bool = False) -> float:
-    """A bare paho subscriber's persistent session: create it, or drain ``n`` messages; seconds."""
-    import paho.mqtt.client as mqtt
+    from ingest import drain_paho
 
-    done = threading.Event()
-    got = [0]
-
-    def on_message(_c: Any, _u: Any, _m: Any) -> None:
-        got[0] += 1
-        if got[0] >= n:
-            done.set()
-
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-spb-paho", clean_session=False,
-                    protocol=mqtt.MQTTv311)
-    c.on_message = on_message
-    t0 = time.perf_counter()
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    if create:
-        c.subscribe("spBv1.0/#", qos=1)
-        time.sleep(0.5)
-    elif not done.wait(300):
-        raise TimeoutError(f"paho drained {got[0]} of {n}")
-    seconds = time.perf_counter() - t0
-    c.loop_stop()
-    c.disconnect()
-    return seconds
+    return drain_paho(port, n, create, topic="spBv1.0/#", client_id="bench-spb-paho")
 
 
 def _gateway_config(srv: Any, name: str) -> Path:

@@ -45,6 +45,7 @@ import numpy.typing as npt
 import orjson
 
 from gateway.errors import GatewayError
+from gateway.wal import fsync_dir
 
 __all__ = [
     "FORMAT",
@@ -135,14 +136,6 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(body).hexdigest()[:16]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(path: Path, state: State, *, fingerprint: str, wal_id: int) -> int:
     """Write ``state`` atomically to ``path`` (temp file, fsync, rename, fsync dir); return its size."""
     header = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "wal_id": int(wal_id),
@@ -161,7 +154,7 @@ def write_checkpoint(path: Path, state: State, *, fingerprint: str, wal_id: int)
         os.fsync(fh.fileno())
         size = fh.tell()
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return size
 
 

@@ -138,7 +138,8 @@ def _record_crc(length: int, record_id: int, payload: bytes | memoryview) -> int
     return zlib.crc32(payload, zlib.crc32(_CRC_PREFIX.pack(length, record_id)))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (fsync of the directory)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -621,7 +622,7 @@ class WriteAheadLog:
         finally:
             os.close(fd)
         os.replace(tmp, self._dir / _WATERMARK_NAME)
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
 
     def _write_buffer(self) -> None:
         if self._buf:
@@ -631,7 +632,7 @@ class WriteAheadLog:
     def _create_segment(self) -> _Segment:
         seg = _Segment(self._dir / _segment_name(self._next_id), self._next_id)
         self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         self._segments.append(seg)
         return seg
 
@@ -660,7 +661,7 @@ class WriteAheadLog:
             for seg in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     seg.path.unlink()
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError as exc:
             # Harmless: the watermark is durable, so leftover segments are filtered on the next start.
             _log.warning("cannot delete confirmed segments in %s: %s", self._dir, exc)

@@ -19,3 +19,18 @@ class RecordingSink:
 
     async def close(self) -> None:
         return None
+
+
+class NullSink:
+    """A sink that accepts and drops everything (what is measured is before it)."""
+
+    name = "null"
+
+    async def connect(self) -> None:
+        return None
+
+    async def write(self, body: bytes) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -19,22 +19,10 @@ from gateway.config import GatewayConfig
 from gateway.journal import line_protocol
 from gateway.pipeline import Pipeline
 from gateway.wal import WriteAheadLog
+from tests.fakes import NullSink
 
 T0 = 1_763_618_400.0  # 2025-11-20T06:00Z: a shift 06:00-14:00
 NOW = 1_763_700_000 * 10**9  # the injected wall clock
-
-
-class NullSink:
-    name = "null"
-
-    async def connect(self) -> None:
-        return None
-
-    async def write(self, body: bytes) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
 
 def _cfg(**detect: object) -> GatewayConfig:

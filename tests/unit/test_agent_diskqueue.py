@@ -185,9 +185,14 @@ def test_window_limits_messages_in_flight(queue: DiskQueue) -> None:
         wait_until(lambda: len(t.wire) == 3)
         time.sleep(0.05)
         assert len(t.wire) == 3
-        for _ in range(4):
+        sent = 3
+        while sent < 10:  # each ack frees the window; the next batch is awaited, never slept for
             t.ack()
-            time.sleep(0.02)
+            want = min(sent + 3, 10)
+            wait_until(lambda want=want: len(t.wire) == want)
+            sent = len(t.wire)
+            assert len(t.unacked) <= 3, "more than the window in flight"
+        t.ack()
         wait_until(lambda: len(queue) == 0)
         assert t.wire == [b"%d" % n for n in range(10)]
 

@@ -25,6 +25,7 @@ from gateway.output import RunningOutput
 from gateway.server import Server
 from gateway.wal import WriteAheadLog
 from gateway.webauth import is_loopback
+from tests.lp_parser import parse_body
 from tests.servers import free_port
 
 NOW = time.time()
@@ -432,8 +433,10 @@ async def test_metrics_read_the_gateways_counters(
     await p.run_writer(stop)  # drains the WAL, then returns
     m = _samples((await _get(client, server, "/metrics"))[1])
     written = sink.lines()
-    assert _value(m, "factory_gateway_points_written_total") == len(written) > sent["points"]
-    assert sum(1 for line in written if line.startswith(b"telemetry,")) == sent["points"]
+    assert _value(m, "factory_gateway_points_written_total") == len(written)  # lines: InfluxDB points
+    telemetry = parse_body(b"\n".join(line for line in written if line.startswith(b"telemetry,")))
+    assert sum(len(p.fields) for p in telemetry) == sent["points"]  # a line holds a machine's values at one ts
+    assert len(written) > len(telemetry)  # anomalies, OEE, stats lines too
     by_detector = Counter(
         line.split(b"detector=")[1].split(b" ")[0].decode() for line in written if line.startswith(b"anomaly,")
     )

@@ -56,6 +56,7 @@ from gateway.errors import CardinalityError, DecodeError, RejectReason
 from gateway.lineproto import escape_field_key, escape_string_value, machine_tags
 from gateway.schema import MachineState
 from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.sparkplug.layout import DataLayout
 
 if TYPE_CHECKING:
     from gateway.decode import BatchBuilder, DecoderContext
@@ -142,6 +143,8 @@ class _Node:
     devices: set[str] = field(default_factory=set)  # devices born (online)
     last_rebirth_ns: int = -(1 << 62)
     counts: dict[str | None, list[int]] = field(default_factory=dict)  # device -> [total, good] last seen
+    # (device, payload size) -> the DATA layout (gateway.sparkplug.layout), or messages since a failed learn
+    layouts: dict[tuple[str | None, int], DataLayout | int] = field(default_factory=dict)
 
 
 class SparkplugDecoder:
@@ -154,6 +157,7 @@ class SparkplugDecoder:
         self._machines: dict[tuple[str, str, str | None], MachineKey] = {}
         self.rebirths_requested = 0
         self.stale_deaths = 0
+        self.fast_data = 0  # DATA messages read by their layout (gateway.sparkplug.layout)
         self._host_ts_ms = time.time_ns() // 1_000_000  # the Will's timestamp; the STATE birth repeats it
         self.reconfigure(ctx.cfg)
 
@@ -172,6 +176,7 @@ class SparkplugDecoder:
                 self.cfg.site, self.cfg.area, self.cfg.line, self.cfg.machine):
             self._machines.clear()
             for node in self._nodes.values():  # series ids follow the new tags
+                node.layouts.clear()
                 for m in node.names.values():
                     m.sid, m.prefix = -1, b""
 
@@ -228,13 +233,21 @@ class SparkplugDecoder:
         if mtype in ("NCMD", "DCMD"):  # commands to edge nodes (ours included): nothing to store
             out.messages += 1
             return 0
+        node = self._nodes.get((group, edge))
+        if node is None:
+            node = self._nodes[(group, edge)] = _Node(group, edge)
+        elif mtype[1:] == "DATA" and node.born:
+            layout = node.layouts.get((device, len(payload)))
+            if type(layout) is DataLayout and (device is None or device in node.devices):
+                n = self._fast_data(node, layout, payload, mtype, arrival_ns, out)
+                if n >= 0:
+                    out.points += n
+                    out.messages += 1
+                    return n
         try:
             msg = pb.Payload.FromString(payload)
         except (ProtobufDecodeError, RuntimeWarning) as exc:
             raise DecodeError(f"payload is not a Sparkplug B protobuf Payload: {exc}", reason="protobuf") from exc
-        node = self._nodes.get((group, edge))
-        if node is None:
-            node = self._nodes[(group, edge)] = _Node(group, edge)
         if mtype == "NBIRTH":
             n = self._node_birth(node, msg, arrival_ns, out)
         elif mtype == "NDEATH":
@@ -244,9 +257,10 @@ class SparkplugDecoder:
                 self._rebirth(node, f"{mtype} before NBIRTH", arrival_ns)
                 raise DecodeError(f"{mtype} from edge node {group}/{edge} before its NBIRTH; rebirth requested",
                                   reason="no_birth")
-            self._check_seq(node, msg, mtype, arrival_ns)
+            self._check_seq(node, msg.seq if msg.HasField("seq") else None, mtype, arrival_ns)
             if mtype == "NDATA":
                 n = self._metrics(node, None, msg, arrival_ns, out, birth=False)
+                self._maybe_learn(node, None, payload, msg, n, out)
             else:
                 assert device is not None
                 if mtype == "DBIRTH":
@@ -257,6 +271,7 @@ class SparkplugDecoder:
                                       "rebirth requested", reason="no_birth")
                 elif mtype == "DDATA":
                     n = self._metrics(node, device, msg, arrival_ns, out, birth=False)
+                    self._maybe_learn(node, device, payload, msg, n, out)
                 else:  # DDEATH
                     node.devices.discard(device)
                     ts = msg.timestamp * 1_000_000 if msg.HasField("timestamp") else arrival_ns
@@ -305,6 +320,7 @@ class SparkplugDecoder:
         node.aliases.clear()
         node.names.clear()
         node.devices.clear()
+        node.layouts.clear()
         n = self._metrics(node, None, msg, arrival_ns, out, birth=True)
         ts = msg.timestamp * 1_000_000 if msg.HasField("timestamp") else arrival_ns
         out.statuses.append(StatusEvent(self._machine(node.group, node.edge, None), ts, True, bdseq))
@@ -315,6 +331,8 @@ class SparkplugDecoder:
             old = node.names.pop(key)
             node.aliases = {a: m for a, m in node.aliases.items() if m is not old}
         node.devices.add(device)
+        for size_key in [k for k in node.layouts if k[0] == device]:
+            del node.layouts[size_key]
         n = self._metrics(node, device, msg, arrival_ns, out, birth=True)
         ts = msg.timestamp * 1_000_000 if msg.HasField("timestamp") else arrival_ns
         out.statuses.append(StatusEvent(self._machine(node.group, node.edge, device), ts, True, node.bdseq))
@@ -337,12 +355,12 @@ class SparkplugDecoder:
         node.devices.clear()
         return n
 
-    def _check_seq(self, node: _Node, msg: pb.Payload, mtype: str, arrival_ns: int) -> None:
+    def _check_seq(self, node: _Node, seq: int | None, mtype: str, arrival_ns: int) -> None:
         if node.missing and arrival_ns >= node.gap_deadline_ns:
             self._gap_unfilled(node, arrival_ns)
-        if not msg.HasField("seq"):
+        if seq is None:
             return
-        seq = msg.seq & 0xFF
+        seq &= 0xFF
         if node.seq == _RESYNC:  # restored from a checkpoint: this message sets the baseline
             node.seq = seq
             return
@@ -391,6 +409,72 @@ class SparkplugDecoder:
             log.warning("requested a rebirth of %s/%s: %s", node.group, node.edge, why)
         else:
             log.warning("could not request a rebirth of %s/%s (%s): not connected", node.group, node.edge, why)
+
+    # -- DATA fast path (gateway.sparkplug.layout) -----------------------------------------------------
+    def _fast_data(self, node: _Node, layout: DataLayout, payload: bytes, mtype: str, arrival_ns: int,
+                   out: BatchBuilder) -> int:
+        """Append a DATA message that has a known layout; -1: it does not, or needs the protobuf path."""
+        got = layout.extract(payload)
+        if got is None:
+            return -1
+        seq, ts_ms, values = got
+        ts = ts_ms * 1_000_000
+        if layout.ts_slot < 0 and (ts_ms < 0).any():  # no timestamp at all: the arrival time
+            ts = np.where(ts_ms < 0, arrival_ns, ts)
+        if self.ctx.check_time_window and (ts.min() < arrival_ns - self._past_ns
+                                           or ts.max() > arrival_ns + self._future_ns):
+            return -1  # the protobuf path says which metric
+        if not np.isfinite(values).all():
+            return -1  # NaN/Inf are skipped one by one there
+        self._check_seq(node, seq if layout.seq_slot >= 0 else None, mtype, arrival_ns)
+        out.series.frombytes(layout.series.tobytes())
+        out.ts_ns.frombytes(ts.tobytes())
+        out.values.frombytes(values.tobytes())
+        self.fast_data += 1
+        return len(values)
+
+    def _maybe_learn(self, node: _Node, device: str | None, payload: bytes, msg: pb.Payload, n: int,
+                     out: BatchBuilder) -> None:
+        """After the protobuf path stored a DATA message: learn its layout when every metric was plain."""
+        key = (device, len(payload))
+        have = node.layouts.get(key)
+        if type(have) is DataLayout:
+            if have.misses < 8:  # a few odd messages do not replace a layout
+                return
+        elif isinstance(have, int) and have < 1000:  # not learnable lately: try again after a while
+            node.layouts[key] = have + 1
+            return
+        if out.rejects or n != len(msg.metrics) or len(node.layouts) >= 256:
+            return
+        c = self.cfg
+        oee_names = (c.state_metric, c.total_metric, c.good_metric)
+        types: list[tuple[int, int, bool]] = []
+        sids: list[int] = []
+        for m in msg.metrics:
+            meta = node.aliases.get(m.alias) if m.HasField("alias") else node.names.get((device, m.name))
+            if meta is None or meta.device != device or meta.sid < 0 or meta.name in oee_names \
+                    or m.is_historical or m.is_null or m.is_transient:
+                node.layouts[key] = 0
+                return
+            kind = m.WhichOneof("value")
+            dt = meta.datatype
+            if dt in _INTEGERS and kind in ("int_value", "long_value"):
+                bits, signed = _INTEGERS[dt]
+                types.append((10 if kind == "int_value" else 11, bits, signed))
+            elif dt in _FLOATS and kind in ("float_value", "double_value"):
+                types.append((12 if kind == "float_value" else 13, 0, False))
+            elif dt == DataType.Boolean and kind == "boolean_value":
+                types.append((14, 0, False))
+            else:
+                node.layouts[key] = 0
+                return
+            sids.append(meta.sid)
+        layout = DataLayout.learn(payload, msg, types)
+        if layout is None:
+            node.layouts[key] = 0
+            return
+        layout.series = np.array(sids, np.int64)
+        node.layouts[key] = layout
 
     # -- metrics ----------------------------------------------------------------------------------------
     def _machine(self, group: str, edge: str, device: str | None) -> MachineKey:

@@ -84,9 +84,12 @@ def _gateway_config(srv: Any, name: str) -> Path:
     return conf
 
 
-def run(n: int = 50_000, rounds: int = 1) -> dict[str, Any]:
-    """Publish ``n`` DDATA (plus births) per round into both sessions, drain each; rates per round."""
-    from e2e import _count, servers, wait_for
+def run(n: int = 50_000, rounds: int = 1, profile: Path | None = None) -> dict[str, Any]:
+    """Publish ``n`` DDATA (plus births) per round into both sessions, drain each; rates per round.
+
+    ``profile``: record the gateway's first drain with py-spy into that file (perturbs that round).
+    """
+    from e2e import Profiler, _count, servers, wait_for
     from ingest import _logged_at
     from publisher import publish_parallel
 
@@ -114,8 +117,11 @@ def run(n: int = 50_000, rounds: int = 1) -> dict[str, Any]:
                     gw = GatewayProcess(conf)
                     t0 = time.time()
                     gw.start("subscribed", timeout=60)
+                    prof = Profiler(gw.proc.pid, profile, 60) if profile and r == 0 and gw.proc else None
                     want = (r + 1) * (n + births)  # each DBIRTH stores its values too
                     got, seen = wait_for(lambda: _count(srv.influx, db, "telemetry", FIELD), want, 300, every=0.05)
+                    if prof is not None:
+                        print(f"  profile: {prof.finish()}", flush=True)
                     gw.stop()
                     connack = _logged_at(gw.log, "fast receive on", offset) or t0
                     rate = (got - r * (n + births)) / max(seen - connack, 1e-3)
@@ -135,8 +141,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--profile", type=Path, default=None, help="py-spy raw stacks of the first gateway drain")
     args = ap.parse_args()
-    run(args.messages, args.rounds)
+    run(args.messages, args.rounds, args.profile)
     return 0
 
 

@@ -96,6 +96,7 @@ class LineProtocolEncoder:
         self._heads: list[str] = []  # per series: "telemetry,<tags> "
         self._keys: list[str] = []  # per series: "<field key>="
         self._series_machine = np.zeros(0, np.int64)  # machine id per series, grown with the registry
+        self._templates: dict[bytes, str] = {}  # series ids of a line (int64 bytes) -> its %-template
         self._machine_tags: dict[MachineKey, str] = {}
 
     def tags(self, machine: MachineKey) -> str:
@@ -162,14 +163,26 @@ class LineProtocolEncoder:
                 for s, v, t in zip(series.tolist(), batch.value.tolist(), ts.tolist(), strict=True)
             ]
             return "\n".join(lines).encode()
-        keys, heads = self._keys, self._heads
-        fields = [f"{keys[s]}{v!r}" for s, v in zip(series.tolist(), batch.value.tolist(), strict=True)]
+        # A machine sends the same metrics line after line: one %-template per run of series ids formats
+        # a whole line in C ("%r" is the float's repr, as above).
+        templates = self._templates
+        if len(templates) > 10_000:
+            templates.clear()
+        sb = series.tobytes()
+        values = batch.value.tolist()
         bounds = [*starts.tolist(), n]
-        lines = [
-            f"{heads[s]}{','.join(fields[a:b])} {t}"
-            for s, t, a, b in zip(series[starts].tolist(), ts[starts].tolist(), bounds, bounds[1:], strict=False)
-        ]
+        lines = []
+        for a, b, t in zip(bounds, bounds[1:], ts[starts].tolist(), strict=False):
+            key = sb[8 * a : 8 * b]
+            fmt = templates.get(key)
+            if fmt is None:
+                fmt = templates[key] = self._template(series[a:b].tolist())
+            lines.append(fmt % (*values[a:b], t))
         return "\n".join(lines).encode()
+
+    def _template(self, sids: list[int]) -> str:
+        keys = ",".join(self._keys[s].replace("%", "%%") + "%r" for s in sids)
+        return f"{self._heads[sids[0]].replace('%', '%%')}{keys} %d"
 
     def states(self, events: Sequence[StateEvent]) -> bytes:
         return "\n".join(

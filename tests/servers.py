@@ -45,6 +45,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 __all__ = [
+    "AclMosquitto",
     "InfluxDB1",
     "Mosquitto",
     "ServerError",
@@ -58,6 +59,8 @@ __all__ = [
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
+# The mosquitto acl_file shipped in the deploy kit (AclMosquitto appends it to the test broker's config).
+SHIPPED_ACL = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "acl"
 
 # Set by a runner (deploy/dev/run_local.py) so the servers never outlive it, even when it is SIGKILLed.
 DIE_WITH_PARENT = False
@@ -518,6 +521,15 @@ class Mosquitto(ServerProcess):
         with self.log_path.open("a") as log:
             log.write(f"{_MOSQUITTO_START_MARK} port {self.port}\n")
         super()._spawn_and_wait()
+
+
+class AclMosquitto(Mosquitto):
+    """The test broker with the shipped acl_file (:data:`SHIPPED_ACL`); pair it with a ``password_file``."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with self.config_path.open("a") as f:
+            f.write(f"\nacl_file {SHIPPED_ACL}\n")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.servers import (
+    SHIPPED_ACL,
     InfluxDB1,
     Mosquitto,
     ServerError,
@@ -367,6 +368,7 @@ class ShippedConfigBroker(Mosquitto):
             "listener 1883 127.0.0.1": f"listener {self.port} 127.0.0.1",
             "password_file /etc/mosquitto/passwd": f"password_file {self.password_file}",
             "persistence_location /var/lib/mosquitto/": f"persistence_location {self.data_dir}/",
+            "acl_file /etc/mosquitto/acl": f"acl_file {SHIPPED_ACL}",
             "#listener 8883": f"listener {self.tls_port} 127.0.0.1",
             "#cafile /etc/mosquitto/certs/ca.crt": f"cafile {self.tls.ca_cert}",
             "#certfile /etc/mosquitto/certs/server.crt": f"certfile {self.tls.server_cert}",

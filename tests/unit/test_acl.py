@@ -11,9 +11,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.servers import Mosquitto, make_password_file
-
-ACL = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl"
+from tests.servers import SHIPPED_ACL as ACL
+from tests.servers import AclMosquitto, make_password_file
 
 
 def test_shipped_acl_has_only_known_directives() -> None:
@@ -30,15 +29,6 @@ def test_shipped_acl_has_only_known_directives() -> None:
             assert len(words) == 3, line
             assert words[1] in ("read", "write", "readwrite"), line
     assert users == 1, "only the gateway has its own section: devices are covered by patterns"
-
-
-class AclMosquitto(Mosquitto):
-    """The test broker with the shipped acl_file."""
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        with self.config_path.open("a") as f:
-            f.write(f"\nacl_file {ACL}\n")
 
 
 def _client(port: int, user: str, got: list[str] | None = None) -> mqtt.Client:

@@ -30,7 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.cli import build_parser
 from gateway.config import load_config
-from tests.servers import Mosquitto, make_password_file
+from tests.servers import SHIPPED_ACL, Mosquitto, make_password_file
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -384,18 +384,27 @@ def _sed_expressions() -> list[str]:
     return re.findall(r"-e '([^']*)'", START_SCRIPT.read_text())
 
 
-def test_compose_start_script_changes_only_listener_and_paths() -> None:
-    """Each sed expression of compose-start.sh (run by the real sed) changes exactly one shipped line."""
+def test_compose_start_script_changes_only_listener_and_paths_and_drops_the_acl() -> None:
+    """Each sed expression of compose-start.sh (run by the real sed) changes exactly one shipped line, or
+    deletes the acl_file line."""
     shipped = MOSQUITTO_CONF.read_text()
+    lines = shipped.splitlines()
     expressions = _sed_expressions()
-    assert len(expressions) == 3
+    assert len(expressions) == 4
     for expr in expressions:
         out = subprocess.run(["sed", "-e", expr], input=shipped, capture_output=True, text=True, check=True).stdout
-        changed = [a for a, b in zip(shipped.splitlines(), out.splitlines(), strict=True) if a != b]
+        if expr.endswith("/d"):
+            kept = out.splitlines()
+            assert len(kept) == len(lines) - 1, f"sed {expr!r} deleted {len(lines) - len(kept)} lines"
+            assert [line for line in lines if line not in kept] == ["acl_file /etc/mosquitto/acl"]
+            continue
+        changed = [a for a, b in zip(lines, out.splitlines(), strict=True) if a != b]
         assert len(changed) == 1, f"sed {expr!r} changed {changed}"
     args = [a for e in expressions for a in ("-e", e)]
     conf = subprocess.run(["sed", *args], input=shipped, capture_output=True, text=True, check=True).stdout
     assert re.search(r"^listener 1883$", conf, re.M), "the plain listener faces the compose network"
+    assert re.search(r"^acl_file ", shipped, re.M)
+    assert not re.search(r"^acl_file ", conf, re.M), "the simulator's one devices user would be refused"
     mosquitto = _compose()["services"]["mosquitto"]
     mounts = _mounts(mosquitto)
     assert (DEPLOY / mounts["/etc/mosquitto/mosquitto.conf"]).resolve() == MOSQUITTO_CONF.resolve()
@@ -408,7 +417,7 @@ def test_compose_start_script_changes_only_listener_and_paths() -> None:
 
 
 class ShippedMosquitto(Mosquitto):
-    """deploy/mosquitto/mosquitto.conf with only the listener port and the file paths swapped."""
+    """deploy/mosquitto/mosquitto.conf with only the listener port and the file paths swapped (acl: the repo's)."""
 
     def _write_config(self) -> None:
         assert self.password_file is not None
@@ -418,6 +427,7 @@ class ShippedMosquitto(Mosquitto):
             "listener 1883 127.0.0.1": f"listener {self.port} 127.0.0.1",
             "password_file /etc/mosquitto/passwd": f"password_file {self.password_file}",
             "persistence_location /var/lib/mosquitto/": f"persistence_location {self.data_dir}/",
+            "acl_file /etc/mosquitto/acl": f"acl_file {SHIPPED_ACL}",
         }.items():
             assert text.count(old) == 1, f"shipped config no longer has {old!r}"
             text = text.replace(old, new)
@@ -476,12 +486,13 @@ def test_shipped_mosquitto_conf_in_a_real_broker(tmp_path: Path) -> None:
             assert (r.returncode == 0) is expected_ok, f"healthcheck with {password!r}: {r.returncode} {r.stderr}"
 
         sub, rc = _connect(broker.port, "deploy-sub", username="gateway", password="s3cret", clean=False)
-        sub.subscribe("deploy/test/#", qos=1)
+        # A topic the shipped acl lets the gateway user write (NCMD) and read.
+        sub.subscribe("spBv1.0/deploy/NCMD/#", qos=1)
         time.sleep(0.3)
         _close(sub)
         n = 1500
         pub, rc = _connect(broker.port, "deploy-pub", username="gateway", password="s3cret")
-        infos = [pub.publish("deploy/test/x", str(i).encode(), qos=1) for i in range(n)]
+        infos = [pub.publish("spBv1.0/deploy/NCMD/x", str(i).encode(), qos=1) for i in range(n)]
         for info in infos:
             info.wait_for_publish(timeout=30)
         _close(pub)

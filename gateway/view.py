@@ -151,7 +151,7 @@ class PlantView:
         self.rings = SeriesRings(ring_size, ring_interval_s)
         self.events = events
         self.machines: dict[MachineKey, MachineView] = {}
-        self._series_last_ns = np.full(1024, _NONE, np.int64)
+        self._series_machine = np.zeros(0, np.int64)
 
     def machine(self, key: MachineKey) -> MachineView:
         m = self.machines.get(key)
@@ -173,14 +173,17 @@ class PlantView:
         if n:
             series, ts = tel.series[:n], tel.ts_ns[:n]
             self.rings.update(series, ts, tel.value[:n])
-            if self._series_last_ns.shape[0] < len(reg):
-                grown = np.full(max(len(reg), 2 * self._series_last_ns.shape[0]), _NONE, np.int64)
-                grown[: self._series_last_ns.shape[0]] = self._series_last_ns
-                self._series_last_ns = grown
-            np.maximum.at(self._series_last_ns, series, ts)
-            machines = reg.machines
-            for sid in np.unique(series).tolist():
-                self._seen(machines[sid], int(self._series_last_ns[sid]))
+            known = self._series_machine.shape[0]
+            if known < len(reg):  # machine id per series, grown with the registry
+                self._series_machine = np.concatenate(
+                    [self._series_machine, np.asarray(reg.series_machine[known:], np.int64)])
+            # the newest sample per machine (not per series: a machine has many, the loop is in Python)
+            mids, inverse = np.unique(self._series_machine[series], return_inverse=True)
+            newest = np.full(len(mids), _NONE, np.int64)
+            np.maximum.at(newest, inverse, ts)
+            machines = reg.machine_list
+            for mid, newest_ns in zip(mids.tolist(), newest.tolist(), strict=True):
+                self._seen(machines[mid], newest_ns)
         for st in sorted(batch.states, key=lambda e: e.ts_ns):
             m = self.machine(st.machine)
             self._seen(st.machine, st.ts_ns)

@@ -174,11 +174,12 @@ class SparkplugDecoder:
         self.limits = cfg.gateway
         self._past_ns = int(cfg.gateway.max_past_s * 1e9)
         self._future_ns = int(cfg.gateway.max_future_s * 1e9)
+        for node in self._nodes.values():  # learnt under the old settings (OEE metrics, series ids): relearn
+            node.layouts.clear()
         if old is not None and (old.site, old.area, old.line, old.machine) != (
                 self.cfg.site, self.cfg.area, self.cfg.line, self.cfg.machine):
             self._machines.clear()
             for node in self._nodes.values():  # series ids follow the new tags
-                node.layouts.clear()
                 for m in node.names.values():
                     m.sid, m.prefix = -1, b""
 

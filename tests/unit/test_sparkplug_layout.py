@@ -182,3 +182,19 @@ def test_extract_refuses_a_changed_byte() -> None:
     assert got is not None
     assert got[2].tolist() == [7.0]
     assert np.array_equal(got[1], [NOW_MS])
+
+
+def test_a_reload_that_names_an_oee_metric_stops_the_fast_path_for_it() -> None:
+    run = _Run(True)
+    for topic, payload in _births([T.Int64]):
+        run.feed(topic, payload)
+    for seq in (2, 3):
+        data = pb.Payload(seq=seq, metrics=[pb.Payload.Metric(alias=1, timestamp=NOW_MS + seq, long_value=10 * seq)])
+        run.feed("spBv1.0/G/DDATA/E/D", data.SerializeToString())
+    assert run.dec.fast_data == 1
+    cfg = GatewayConfig.model_validate({"sparkplug": {"total_metric": "m0"}})
+    run.dec.reconfigure(cfg)  # m0 is now the part counter: each value must reach the OEE engine
+    data = pb.Payload(seq=4, metrics=[pb.Payload.Metric(alias=1, timestamp=NOW_MS + 4, long_value=40)])
+    run.feed("spBv1.0/G/DDATA/E/D", data.SerializeToString())
+    assert run.dec.fast_data == 1
+    assert [(c.total, c.good) for c in run.out.counts] == [(40, 40)]

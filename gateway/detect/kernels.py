@@ -94,7 +94,14 @@ J_BETA = J_LP + N_LAG  # the last solved slopes (re-solved every RESOLVE_EVERY s
 J_E2 = J_BETA + N_LAG
 J_ABS = J_E2 + 1
 J_N = J_ABS + 1
-N_J = J_N + 1
+# the fit's error variance as v0 + v1·r², r the response still to come (see _lag_sd): forgotten sums of
+# the weight, r², r⁴, e² and e²·r²
+J_H1 = J_N + 1
+J_HR = J_H1 + 1
+J_HRR = J_HR + 1
+J_HE = J_HRR + 1
+J_HER = J_HE + 1
+N_J = J_HER + 1
 
 # per-group (site × area × metric) common mode
 G_C = 0
@@ -171,6 +178,31 @@ def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
         lag[J_BETA + q] = beta[q]
         pred += beta[q] * (lag[J_LP + q] - lag[J_SX + q] / wsum)
     return float(pred)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lag_var(lag: Any, r2: float) -> float:
+    """Error variance of the lag fit at a transient of size ``r`` (``r2`` = r²): ``max(E2, v0 + v1·r²)``.
+
+    A fixed basis of lags fits a thermal response to a fraction of its size, and the size of what is
+    still to come after a load change is known: ``r = Σ β_q (input_q − lag_q)``, zero in steady state,
+    the whole step right after one. So the misfit's variance is modelled as ``v0 + v1·r²`` by a least-
+    squares fit of e² on r² (forgotten like the fit, a day; ``v1`` ≥ 0), and z's σ is the larger of that
+    and the plain error variance ``E2``: the transient term only widens σ while the response to a load
+    change is still to come (a recurring start heats the machine as it always does and scores low),
+    never below what the fit's errors are overall. Until transients have been seen it is ``E2``.
+    """
+    h1 = lag[J_H1]
+    if h1 <= 0.0:
+        return float(lag[J_E2])
+    mr = lag[J_HR] / h1
+    me = lag[J_HE] / h1
+    vrr = lag[J_HRR] / h1 - mr * mr
+    v1 = (lag[J_HER] / h1 - me * mr) / vrr if vrr > 1e-12 * (lag[J_HRR] / h1 + 1e-300) else 0.0
+    if v1 < 0.0:
+        v1 = 0.0
+    v = me - v1 * mr + v1 * r2
+    return float(v if v > lag[J_E2] else lag[J_E2])  # never below the plain error variance
 
 
 @numba.njit(cache=True, nogil=True)
@@ -350,7 +382,12 @@ def step_batch(
                         lag[J_LP + q] += a * ((u if q < N_ON_U else low) - lag[J_LP + q])
                 pred = _lag_predict(lag, cmat, beta)
                 ej = xv - cg - pred
-                sdj = math.sqrt(lag[J_E2] + 1e-18)
+                rj = 0.0  # the response still to come: where the current input would settle the prediction
+                for q in range(N_LAG):
+                    rj += lag[J_BETA + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
+                r2 = rj * rj
+                young = lag[J_N] <= grace
+                sdj = math.sqrt((lag[J_E2] if young else _lag_var(lag, r2)) + 1e-18)
                 if lag[J_N] > grace and lag[J_ABS] < best_abs:
                     best_abs = lag[J_ABS]
                     best_j = j
@@ -379,6 +416,14 @@ def step_batch(
                     else (ej * ej - lag[J_E2]) / lag[J_N]
                 ab = abs(ej)
                 lag[J_ABS] = ab if lag[J_ABS] > 1e299 else lag[J_ABS] + aj * (ab - lag[J_ABS])
+                if not young:  # the misfit's variance against the transient (clipped like the fit's)
+                    e2c = min(ej * ej, (clip * sdj) ** 2)
+                    lh = math.exp(-dt / t_level) if dt > 0.0 else 1.0
+                    lag[J_H1] = lag[J_H1] * lh + 1.0
+                    lag[J_HR] = lag[J_HR] * lh + r2
+                    lag[J_HRR] = lag[J_HRR] * lh + r2 * r2
+                    lag[J_HE] = lag[J_HE] * lh + e2c
+                    lag[J_HER] = lag[J_HER] * lh + e2c * r2
             st[S_USE] = best_j + 1.0
             z = e_sel / sd_sel
             expected[i] = pred_sel

@@ -20,7 +20,10 @@ lower is used (chosen per series, online):
   45 min within 1 %), minus the peers' common mode: the robust mean error of the same metric on the
   other machines of the same site and area (the hall's ambient daily cycle and wander), used when the
   group has ``min_peers`` machines. The sibling's *level mean* is the input, not its raw reading, so a
-  fault of the sibling sensor does not leak into this metric.
+  fault of the sibling sensor does not leak into this metric. The fit's error σ widens while the
+  response to a load change is still to come: σ² = max(E2, v0 + v1·r²), ``r`` the part of the response
+  still ahead (a fixed lag basis misfits a transient by a fraction of its size), ``E2`` the day-long
+  error variance.
 
 The standardised error ``z`` of the model in use feeds four statistics, each a detector by name:
 

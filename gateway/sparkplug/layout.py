@@ -63,7 +63,11 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]] | None:
+class _NoLayout(Exception):
+    """The payload has no layout the fast path reads (the protobuf runtime handles it)."""
+
+
+def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
     """``(field number, wire type, value start, value end)`` of each field in ``buf[start:end]``."""
     out = []
     i = start
@@ -80,12 +84,83 @@ def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]
         elif wire == 5:
             j = i + 4
         else:  # groups: not in Sparkplug
-            return None
+            raise _NoLayout
         if j > end:
-            return None
+            raise _NoLayout
         out.append((number, wire, i, j))
         i = j
     return out
+
+
+class _Walk:
+    """One walk of a DATA payload's wire bytes: where its variable bytes are (raises _NoLayout for
+    anything the fast path does not read; ``types`` as in :meth:`DataLayout.learn`)."""
+
+    def __init__(self, payload: bytes, types: list[tuple[int, int, bool]]) -> None:
+        self.slots: list[list[int]] = []  # byte offsets of each varint slot
+        self.var_bytes: list[int] = []  # offsets of varint bytes: their high bit is fixed, the rest free
+        self.free: list[int] = []  # offsets of fixed-width value bytes: free
+        self.seq_slot = self.ts_slot = -1
+        self.metric_ts: list[int] = []
+        self.f4_at: list[int] = []
+        self.f8_at: list[int] = []
+        self.f4_idx: list[int] = []
+        self.f8_idx: list[int] = []
+        self.int_at: list[int] = []
+        self.int_slot: list[int] = []
+        self.int_types: list[tuple[int, int, bool]] = []
+        k = 0
+        for number, wire, a, b in _fields(payload, 0, len(payload)):
+            if number == 1 and wire == 0:
+                self.ts_slot = self._slot(a, b)
+            elif number == 3 and wire == 0:
+                self.seq_slot = self._slot(a, b)
+            elif number == 2 and wire == 2:
+                if k >= len(types):
+                    raise _NoLayout
+                self._metric(k, types[k], _fields(payload, a, b))
+                k += 1
+        if k != len(types):
+            raise _NoLayout
+
+    def _slot(self, a: int, b: int) -> int:
+        if b - a > _MAX_VARINT:
+            raise _NoLayout
+        self.slots.append(list(range(a, b)))
+        self.var_bytes.extend(range(a, b))
+        return len(self.slots) - 1
+
+    def _metric(self, k: int, typ: tuple[int, int, bool], inner: list[tuple[int, int, int, int]]) -> None:
+        want, bits, signed = typ
+        ts = -1
+        seen_value = False
+        for n2, w2, a2, b2 in inner:
+            if n2 == 3 and w2 == 0:
+                ts = self._slot(a2, b2)
+            elif n2 == want and n2 in _VALUE_FIELDS:
+                kind = _VALUE_FIELDS[n2]
+                if seen_value:
+                    raise _NoLayout
+                seen_value = True
+                if kind == _FIXED32 and w2 == 5:
+                    self.f4_at.append(k)
+                    self.f4_idx.extend(range(a2, b2))
+                    self.free.extend(range(a2, b2))
+                elif kind == _FIXED64 and w2 == 1:
+                    self.f8_at.append(k)
+                    self.f8_idx.extend(range(a2, b2))
+                    self.free.extend(range(a2, b2))
+                elif kind == _VARINT and w2 == 0:
+                    self.int_at.append(k)
+                    self.int_slot.append(self._slot(a2, b2))
+                    self.int_types.append((n2, bits, signed))
+                else:
+                    raise _NoLayout
+            elif n2 in _VALUE_FIELDS or n2 in _OTHER_VALUES:
+                raise _NoLayout  # a value the caller did not expect: the protobuf runtime decides
+        if not seen_value:
+            raise _NoLayout
+        self.metric_ts.append(ts)
 
 
 @dataclass(slots=True)
@@ -123,91 +198,10 @@ class DataLayout:
         if not types or len(types) != len(msg.metrics):
             return None
         try:
-            top = _fields(payload, 0, size)
-        except IndexError:  # a varint running past the end (the protobuf runtime would have refused it)
+            w = _Walk(payload, types)
+        except (_NoLayout, IndexError):  # IndexError: a varint past the end (protobuf would have refused it)
             return None
-        if top is None:
-            return None
-        slots: list[list[int]] = []
-        var_bytes: list[int] = []  # offsets of varint value bytes: their high bit is fixed, the rest free
-        free: list[int] = []  # offsets of fixed-width value bytes: free
-        seq_slot = ts_slot = -1
-
-        def slot(a: int, b: int) -> int | None:
-            if b - a > _MAX_VARINT:
-                return None
-            slots.append(list(range(a, b)))
-            var_bytes.extend(range(a, b))
-            return len(slots) - 1
-
-        metric_ts: list[int] = []
-        f4_at: list[int] = []
-        f8_at: list[int] = []
-        f4_idx: list[int] = []
-        f8_idx: list[int] = []
-        int_at: list[int] = []
-        int_slot: list[int] = []
-        int_types: list[tuple[int, int, bool]] = []
-        k = 0
-        for number, wire, a, b in top:
-            if number == 1 and wire == 0:
-                s = slot(a, b)
-                if s is None:
-                    return None
-                ts_slot = s
-            elif number == 3 and wire == 0:
-                s = slot(a, b)
-                if s is None:
-                    return None
-                seq_slot = s
-            elif number == 2 and wire == 2:
-                if k >= len(types):
-                    return None
-                want, bits, signed = types[k]
-                try:
-                    inner = _fields(payload, a, b)
-                except IndexError:
-                    return None
-                if inner is None:
-                    return None
-                ts = -1
-                seen_value = False
-                for n2, w2, a2, b2 in inner:
-                    if n2 == 3 and w2 == 0:
-                        s = slot(a2, b2)
-                        if s is None:
-                            return None
-                        ts = s
-                    elif n2 == want and n2 in _VALUE_FIELDS:
-                        kind = _VALUE_FIELDS[n2]
-                        if seen_value or (kind == _VARINT) != (w2 == 0):
-                            return None
-                        seen_value = True
-                        if kind == _FIXED32 and w2 == 5:
-                            f4_at.append(k)
-                            f4_idx.extend(range(a2, b2))
-                            free.extend(range(a2, b2))
-                        elif kind == _FIXED64 and w2 == 1:
-                            f8_at.append(k)
-                            f8_idx.extend(range(a2, b2))
-                            free.extend(range(a2, b2))
-                        elif kind == _VARINT:
-                            s = slot(a2, b2)
-                            if s is None:
-                                return None
-                            int_at.append(k)
-                            int_slot.append(s)
-                            int_types.append((n2, bits, signed))
-                        else:
-                            return None
-                    elif n2 in _VALUE_FIELDS or n2 in _OTHER_VALUES:
-                        return None  # a value the caller did not expect: the protobuf runtime decides
-                if not seen_value:
-                    return None
-                metric_ts.append(ts)
-                k += 1
-        if k != len(types):
-            return None
+        slots, metric_ts, f4_at, int_types = w.slots, w.metric_ts, w.f4_at, w.int_types
         pad = size  # index of the zero byte appended when extracting
         var_idx = np.full((max(len(slots), 1), _MAX_VARINT), pad, np.intp)
         var_bias = np.zeros(len(var_idx), np.int64)
@@ -216,9 +210,9 @@ class DataLayout:
             var_bias[i] = sum(1 << (7 * (j + 1)) for j in range(len(offsets) - 1))
         # The mask: all bits of fixed bytes; the continuation bit of each varint byte; nothing of a float.
         mask_bytes = bytearray(b"\xff" * size)
-        for i in var_bytes:
+        for i in w.var_bytes:
             mask_bytes[i] = 0x80
-        for i in free:
+        for i in w.free:
             mask_bytes[i] = 0
         mask = int.from_bytes(mask_bytes, "little")
         ints = _IntRules.of(int_types)
@@ -228,17 +222,17 @@ class DataLayout:
             mask=mask,
             var_idx=var_idx,
             var_bias=var_bias,
-            f4_idx=np.array(f4_idx, np.intp),
-            f8_idx=np.array(f8_idx, np.intp),
-            seq_slot=seq_slot,
-            ts_slot=ts_slot,
+            f4_idx=np.array(w.f4_idx, np.intp),
+            f8_idx=np.array(w.f8_idx, np.intp),
+            seq_slot=w.seq_slot,
+            ts_slot=w.ts_slot,
             metric_ts=np.array(metric_ts, np.intp),
             f4_at=np.array(f4_at, np.intp),
-            f8_at=np.array(f8_at, np.intp),
-            int_at=np.array(int_at, np.intp),
-            int_slot=np.array(int_slot, np.intp),
+            f8_at=np.array(w.f8_at, np.intp),
+            int_at=np.array(w.int_at, np.intp),
+            int_slot=np.array(w.int_slot, np.intp),
             ints=ints,
-            all_f4=f4_at == list(range(k)),
+            all_f4=f4_at == list(range(len(types))),
             all_ts=all(t >= 0 for t in metric_ts),
         )
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from memory import NullSink  # noqa: E402
+from tests.fakes import NullSink  # noqa: E402
 
 
 def _wal_bytes(d: Path) -> int:

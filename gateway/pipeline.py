@@ -169,7 +169,10 @@ class Pipeline:
             self.decoder.decode(topic, payload, now, b)
         except Exception as exc:  # one bad message must never jam the session: reject it, keep going
             if not isinstance(exc, DecodeError):
-                log.exception("internal error decoding a message on %r; it is dead-lettered", topic)
+                n = self.rejected["internal"] + 1
+                if n <= 3 or n % 1000 == 0:  # the traceback of the first few (a bug repeats on every message)
+                    log.exception("internal error decoding a message on %r; it is dead-lettered (%d so far)",
+                                  topic, n)
                 exc = DecodeError(f"internal error while decoding: {exc!r}", reason="internal")
             b.messages += 1
             self._reject(topic, payload, exc, now)

@@ -299,6 +299,24 @@ async def test_internal_errors_have_their_own_reason(tmp_path: Path, monkeypatch
     _close(server)
 
 
+async def test_an_internal_error_on_every_message_logs_a_few_tracebacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Server(_cfg(tmp_path), sink=FakeSink())
+
+    def boom(*_: object) -> int:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(server.pipeline.decoder, "decode", boom)
+    with caplog.at_level("WARNING"):
+        for _ in range(50):
+            _deliver(server, TELEMETRY, b'{"values": {"t": 1}}')
+    assert server.pipeline.rejected == Counter({"internal": 50})  # every one dead-lettered
+    assert sum(1 for r in caplog.records if r.exc_info) == 3
+    await server.pipeline.flush()
+    _close(server)
+
+
 # -- the endpoints, on a real socket -----------------------------------------------------------------------
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Server, FakeSink]]:

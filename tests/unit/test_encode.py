@@ -216,3 +216,37 @@ class TestEncoder:
     def test_join_skips_empty(self) -> None:
         assert LineProtocolEncoder.join([b"a 1", b"", b"b 2", b""]) == b"a 1\nb 2"
         assert LineProtocolEncoder.join([]) == b""
+
+
+class TestSharedLines:
+    """A machine's samples with one timestamp share a line; every path stores exactly the same values."""
+
+    @staticmethod
+    def _values(body: bytes) -> list[tuple[object, ...]]:
+        return sorted((tuple(sorted(p.tags.items())), k, v, p.timestamp)
+                      for p in parse_body(body) for k, v in p.fields.items())
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_batch_format_per_line_format_and_one_line_per_sample_agree(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        reg = SeriesRegistry()
+        sids = [reg.series_id(MachineKey("s", "a", "l", f"m%{m}"), f"v {k}%d") for m in range(3) for k in range(4)]
+        n = int(rng.integers(1, 300))
+        series = rng.choice(sids, n)
+        ts = np.sort(rng.integers(0, 20, n)) * 1000  # repeated timestamps: lines of several samples
+        batch = TelemetryBatch(series.astype(np.int64), ts.astype(np.int64), np.round(rng.normal(0, 100, n), 3))
+        enc = LineProtocolEncoder(reg)
+        body = enc.telemetry(batch)
+        ones = b"\n".join(enc.telemetry(TelemetryBatch(batch.series[i:i + 1], batch.ts_ns[i:i + 1],
+                                                       batch.value[i:i + 1])) for i in range(n))
+        enc._telemetry_templated = lambda *_: None  # type: ignore[method-assign]
+        per_line = enc.telemetry(batch)
+        assert self._values(body) == self._values(per_line) == self._values(ones)
+        assert body.count(b"\n") <= ones.count(b"\n")
+
+    def test_one_key_two_shapes_falls_back_to_per_line(self) -> None:
+        reg = SeriesRegistry()
+        a, b, c = (reg.series_id(M1, name) for name in ("a", "b", "c"))
+        batch = _batch([a, b, a, c], [1, 1, 2, 2], [1.0, 2.0, 3.0, 4.0])  # (a, 2 samples) twice: [a, b], [a, c]
+        assert LineProtocolEncoder(reg).telemetry(batch).decode().splitlines() == [
+            f"telemetry,{TAGS1} a=1.0,b=2.0 1", f"telemetry,{TAGS1} a=3.0,c=4.0 2"]

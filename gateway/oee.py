@@ -507,14 +507,23 @@ class OeeEngine:
                 self._deadline[i] = self._next_deadline(m)
         return out
 
-    def flush(self) -> list[OeeRecord]:
-        """Emit every open window as a partial record ending at its last accounted time; forget all."""
+    def open_records(self, machine: MachineKey) -> list[OeeRecord]:
+        """The machine's open windows so far, as partial records (``end_ns`` = last accounted time).
+
+        Nothing is closed or forgotten: what the operator's page shows as "this shift so far".
+        """
+        m = self._machines.get(machine)
         out: list[OeeRecord] = []
-        for m in self._by_index:
+        if m is not None:
             for cal, tr in zip(self._calendars, m.tracks, strict=True):
                 acc = tr.acc
                 if acc is not None:
                     self._emit(m, cal, acc, min(tr.cursor, acc.end), out)
+        return out
+
+    def flush(self) -> list[OeeRecord]:
+        """Emit every open window as a partial record ending at its last accounted time; forget all."""
+        out = [r for m in self._by_index for r in self.open_records(m.key)]
         self._machines.clear()
         self._by_index.clear()
         self._deadline.fill(_NEVER)

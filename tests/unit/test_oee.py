@@ -532,3 +532,19 @@ def test_saved_state_continues_windows_across_a_restart() -> None:
     assert shift[0].total_count == 8000
     with pytest.raises(ValueError, match="do not fit"):  # other windows: the arrays do not fit
         OeeEngine(OeeConfig(windows=["1m", "1h"], shifts=cfg.shifts), {}).restore(before.snapshot())
+
+
+def test_open_records_are_the_shift_so_far_and_change_nothing() -> None:
+    st, ct = parse_replay(vorne_messages())
+    noon = at(f"{DAY}T12:00")
+    eng = engine(shifts=[("early", "06:00", "14:00")])
+    assert eng.update([e for e in st if e.ts_ns <= noon], [c for c in ct if c.ts_ns <= noon], now_wall_ns=0) == []
+    (so_far,) = eng.open_records(PRESS)
+    assert (so_far.shift, so_far.start_ns) == ("early", at(f"{DAY}T06:00"))
+    assert at(f"{DAY}T06:00") < so_far.end_ns <= noon  # partial: up to the last accounted event
+    assert 0 < so_far.total_count < 19_271
+    assert eng.open_records(PRESS) == [so_far]  # asking again changes nothing
+    assert eng.open_records(MachineKey("x", "y", "z", "unknown")) == []
+    (rec,) = eng.update([e for e in st if e.ts_ns > noon], [c for c in ct if c.ts_ns > noon], now_wall_ns=0)
+    assert (rec.total_count, rec.good_count) == (19_271, 19_271 - 423)  # the same shift as without asking
+    assert eng.open_records(PRESS) == []

@@ -32,16 +32,20 @@ def machine_path(key: MachineKey) -> str:
     return f"{key.site}/{key.area}/{key.line}/{key.machine}"
 
 
-def _oee(r: OeeRecord) -> dict[str, Any]:
+def _oee(r: OeeRecord, *, open_window: bool = False) -> dict[str, Any]:
     return {
-        "window": r.window, "shift": r.shift, "start": r.start_ns / 1e9, "end": r.end_ns / 1e9,
+        "window": r.window, "shift": r.shift, "open": open_window, "start": r.start_ns / 1e9, "end": r.end_ns / 1e9,
         "availability": r.availability, "performance": r.performance, "quality": r.quality, "oee": r.oee,
         "total_count": r.total_count, "good_count": r.good_count, "run_s": r.run_s, "down_s": r.down_s,
     }
 
 
 def _current_oee(m: MachineView) -> dict[str, Any] | None:
-    """The record a tile shows: the current shift's when shifts are configured, else the longest window."""
+    """The record a tile shows: this shift so far (its open window) when shifts are configured, else the
+    last closed shift, else the longest closed window."""
+    running = [r for r in m.oee_open if r.shift is not None]
+    if running:
+        return _oee(max(running, key=lambda r: r.start_ns), open_window=True)
     if not m.oee:
         return None
     shifts = [r for r in m.oee.values() if r.shift is not None]

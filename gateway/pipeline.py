@@ -615,6 +615,11 @@ class Pipeline:
             self.stats.oee_windows += len(records)
             if self.view is not None:
                 self.view.observe(batch, kept_all, records)
+                if self.oee is not None:  # the open windows move only with events and closes: refresh those
+                    moved = {e.machine for e in batch.states} | {c.machine for c in batch.counts} \
+                        | {r.machine for r in records}
+                    for machine in moved:
+                        self.view.observe_open(machine, self.oee.open_records(machine))
         for r in records:
             if r.oee is not None:
                 self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)

@@ -128,6 +128,7 @@ class MachineView:
     online: bool | None = None  # Sparkplug birth/death; None when the source never says
     last_message: float | None = None
     oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
+    oee_open: list[OeeRecord] = field(default_factory=list)  # the open windows so far (partial records)
     oee_history: deque[OeeRecord] = field(init=False)
     states: deque[StateChange] = field(init=False)
     anomalies: deque[AnomalyMark] = field(init=False)
@@ -208,6 +209,10 @@ class PlantView:
             m = self.machine(r.machine)
             m.oee[r.window] = r
             m.oee_history.append(r)
+
+    def observe_open(self, machine: MachineKey, records: list[OeeRecord]) -> None:
+        """A machine's open OEE windows so far (after events moved them, or a window closed)."""
+        self.machine(machine).oee_open = records
 
     def series_of(self, key: MachineKey) -> dict[str, tuple[list[float], list[float | None]]]:
         """Every metric ring of one machine: metric -> (times, values with None for empty slots)."""

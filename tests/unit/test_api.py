@@ -71,6 +71,37 @@ async def test_plant_and_machine_documents(running: Server) -> None:
     assert "s1/a1/l1/nope" in missing["error"]
 
 
+async def test_tile_shows_this_shift_so_far(tmp_path: Path) -> None:
+    now = time.time()
+    start = time.strftime("%H:%M", time.gmtime(now - 3600))  # a shift that began an hour ago and is still on
+    end = time.strftime("%H:%M", time.gmtime(now + 3600))
+    cfg = _cfg(tmp_path, oee={"enabled": True, "windows": [], "shifts": [{"name": "day", "start": start,
+                                                                          "end": end}]})
+    server = Server(cfg, sink=FakeSink())
+    assert server.http is not None
+    await server.http.start()
+    try:
+        t0 = float(int(now) - 1800)
+        _deliver(server, "factory/s1/a1/l1/press1/state", orjson.dumps({"ts": t0, "state": "RUNNING"}))
+        _deliver(server, "factory/s1/a1/l1/press1/count", orjson.dumps({"ts": t0 + 1, "total": 100, "good": 100}))
+        _deliver(server, "factory/s1/a1/l1/press1/state", orjson.dumps({"ts": t0 + 600, "state": "DOWN"}))
+        _deliver(server, "factory/s1/a1/l1/press1/count", orjson.dumps({"ts": t0 + 601, "total": 160, "good": 150}))
+        await server.pipeline.flush()
+        _, plant = await _get(server, "/api/v1/plant")
+        (press,) = plant["machines"]
+        o = press["oee"]
+        pipe = server.pipeline
+        assert pipe.oee is not None
+        assert pipe.view is not None
+        (so_far,) = pipe.oee.open_records(next(iter(pipe.view.machines)))
+        assert (o["shift"], o["open"], o["end"]) == ("day", True, so_far.end_ns / 1e9)
+        assert (o["total_count"], o["good_count"]) == (60, 50)  # parts since the shift's first count
+        assert o["availability"] == so_far.availability == pytest.approx(600 / 601)  # the DOWN second counts too
+    finally:
+        await server.http.stop()
+        _close(server)
+
+
 async def test_gateway_deadletters_config_and_read_only(running: Server) -> None:
     server = running
     _deliver(server, "factory/s1/a1/l1/m1/telemetry", b"{broken")

@@ -49,7 +49,9 @@ class SeriesRings:
             raise ValueError("ring_size must be >= 1 and ring_interval_s > 0")
         self.ring_size = ring_size
         self.interval_ns = round(ring_interval_s * 1e9)
-        self.values = np.full((capacity, ring_size), np.nan, np.float32)
+        # rows are NaN-filled when their series first appears (spare capacity is never written: its
+        # pages are not mapped), so memory follows the series seen, not the capacity
+        self.values = np.empty((capacity, ring_size), np.float32)
         self.last_slot = np.full(capacity, _NONE, np.int64)  # newest slot number written, per series
 
     @property
@@ -61,7 +63,7 @@ class SeriesRings:
         if n <= cap:
             return
         new = max(n, 2 * cap)
-        values = np.full((new, self.ring_size), np.nan, np.float32)
+        values = np.empty((new, self.ring_size), np.float32)
         values[:cap] = self.values
         last = np.full(new, _NONE, np.int64)
         last[:cap] = self.last_slot
@@ -80,7 +82,9 @@ class SeriesRings:
         uniq, first = np.unique(series, return_index=True)
         newest = np.maximum.reduceat(slot, first)
         old = self.last_slot[uniq]
-        fresh = old == _NONE  # a new row is all NaN already
+        fresh = old == _NONE
+        if fresh.any():  # a new row starts all NaN
+            self.values[uniq[fresh]] = np.nan
         old = np.where(fresh, newest, old)
         last = np.maximum(old, newest)
         advance = np.minimum(last - old, r)

@@ -22,9 +22,8 @@ Memory: 4 bytes per slot plus 16 bytes per series. At the defaults (120 slots of
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["AnomalyMark", "MachineView", "PlantView", "SeriesRings", "StateChange"]
 
 _NONE = np.iinfo(np.int64).min
+_T = TypeVar("_T")
 
 
 class SeriesRings:
@@ -123,6 +123,14 @@ class AnomalyMark:
     score: float
 
 
+def _push(ring: list[_T], item: _T, bound: int) -> None:
+    """Append to a bounded ring held in a list: the oldest goes once it holds ``bound`` (a deque with
+    ``maxlen`` costs ~630 bytes per machine even empty, a list 56, and 10,000 machines hold three each)."""
+    ring.append(item)
+    if len(ring) > bound:
+        del ring[0]
+
+
 @dataclass(slots=True)
 class MachineView:
     key: MachineKey
@@ -132,14 +140,10 @@ class MachineView:
     online: bool | None = None  # Sparkplug birth/death; None when the source never says
     last_message: float | None = None
     oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
-    oee_history: deque[OeeRecord] = field(init=False)
-    states: deque[StateChange] = field(init=False)
-    anomalies: deque[AnomalyMark] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.oee_history = deque(maxlen=self.events)
-        self.states = deque(maxlen=self.events)
-        self.anomalies = deque(maxlen=self.events)
+    # bounded rings of the last ``events`` entries, oldest first (lists: see _push)
+    oee_history: list[OeeRecord] = field(default_factory=list)
+    states: list[StateChange] = field(default_factory=list)
+    anomalies: list[AnomalyMark] = field(default_factory=list)
 
     @property
     def last_anomaly(self) -> AnomalyMark | None:
@@ -196,7 +200,7 @@ class PlantView:
                 continue  # late: the current state is newer
             if m.state != st.state.value:
                 m.state, m.state_since = st.state.value, t
-                m.states.append(StateChange(t, st.state.value, st.reason))
+                _push(m.states, StateChange(t, st.state.value, st.reason), self.events)
         for c in batch.counts:
             self._seen(c.machine, c.ts_ns)
         for s in batch.statuses:
@@ -207,11 +211,11 @@ class PlantView:
             for sid, ts, det, val, score in zip(ev.series.tolist(), ev.ts_ns.tolist(), ev.detector,
                                                 ev.value.tolist(), ev.score.tolist(), strict=True):
                 m = self.machine(reg.machines[sid])
-                m.anomalies.append(AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score))
+                _push(m.anomalies, AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score), self.events)
         for r in oee:
             m = self.machine(r.machine)
             m.oee[r.window] = r
-            m.oee_history.append(r)
+            _push(m.oee_history, r, self.events)
 
     def series_of(self, key: MachineKey) -> dict[str, tuple[list[float], list[float | None]]]:
         """Every metric ring of one machine: metric -> (times, values with None for empty slots)."""

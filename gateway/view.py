@@ -159,7 +159,6 @@ class PlantView:
         self.rings = SeriesRings(ring_size, ring_interval_s)
         self.events = events
         self.machines: dict[MachineKey, MachineView] = {}
-        self._series_machine = np.zeros(0, np.int64)
 
     def machine(self, key: MachineKey) -> MachineView:
         m = self.machines.get(key)
@@ -181,12 +180,7 @@ class PlantView:
         if n:
             series, ts = tel.series[:n], tel.ts_ns[:n]
             self.rings.update(series, ts, tel.value[:n])
-            known = self._series_machine.shape[0]
-            if known < len(reg):  # machine id per series, grown with the registry
-                self._series_machine = np.concatenate(
-                    [self._series_machine, np.asarray(reg.series_machine[known:], np.int64)])
-            # the newest sample per machine (not per series: a machine has many, the loop is in Python)
-            mids, inverse = np.unique(self._series_machine[series], return_inverse=True)
+            mids, inverse = np.unique(reg.series_machine_ids()[series], return_inverse=True)
             newest = np.full(len(mids), _NONE, np.int64)
             np.maximum.at(newest, inverse, ts)
             machines = reg.machine_list

@@ -5,7 +5,8 @@ columnar telemetry messages through ``submit``/``flush`` exactly as the MQTT sou
 messages per machine of ``--per`` samples for each of the 8 metrics (50 samples per series by default),
 flushing whenever ``batch_size`` points are pending (as ``replay`` does), so detector state carries
 across batches. RSS is read from
-``/proc/self/status`` (VmRSS; baseline = after imports and pipeline construction, before data).
+``/proc/self/status`` (VmRSS; baseline = after imports and pipeline construction, before data). The
+process sets glibc's mmap threshold as the gateway's ``run`` and ``replay`` do (:mod:`gateway.malloc`).
 
 OEE: every round also sends one ``state`` and one ``count`` message per machine through ``submit``, so
 the pipeline's OEE engine holds open 1m/1h windows for every machine, as in production.
@@ -52,8 +53,11 @@ async def _feed(machines: int, metrics: int, rounds: int, per: int, batch_size: 
     import orjson
 
     from gateway.config import GatewayConfig
+    from gateway.malloc import fix_mmap_threshold
     from gateway.pipeline import Pipeline
     from tests.fakes import NullSink
+
+    fix_mmap_threshold()  # as `gateway run` and `replay` do at start (gateway/malloc.py)
 
     cfg = GatewayConfig.model_validate({
         "gateway": {"max_series": max(100_000, machines * metrics + 10)},

@@ -70,6 +70,19 @@ class SeriesRegistry:
         self._machine_ids: dict[MachineKey, int] = {}
         self._machine_list: list[MachineKey] = []
         self._series_machine: list[int] = []
+        # the same, as int64 with room to grow (capacity doubles): what the encoder and the plant view
+        # gather from, one shared copy instead of one each grown by np.concatenate per batch
+        self._series_machine_arr: I64 = np.zeros(0, np.int64)
+
+    def _append_series_machine(self, mid: int) -> None:
+        n = len(self._series_machine)
+        self._series_machine.append(mid)
+        arr = self._series_machine_arr
+        if n >= arr.shape[0]:
+            grown = np.zeros(max(64, 2 * arr.shape[0]), np.int64)
+            grown[:n] = arr[:n]
+            self._series_machine_arr = arr = grown
+        arr[n] = mid
 
     def __len__(self) -> int:
         return len(self._metrics)
@@ -88,7 +101,7 @@ class SeriesRegistry:
         self._ids[key] = sid
         self._machines.append(machine)
         self._metrics.append(metric)
-        self._series_machine.append(self.machine_id(machine))
+        self._append_series_machine(self.machine_id(machine))
         return sid
 
     def lookup(self, machine: MachineKey, metric: str) -> int | None:
@@ -131,8 +144,10 @@ class SeriesRegistry:
         return self._machines
 
     def series_machine_ids(self) -> I64:
-        """Machine id per series id, as an array."""
-        return np.asarray(self._series_machine, dtype=np.int64)
+        """Machine id per series id, as an array (a read-only view: valid until more series are added)."""
+        view = self._series_machine_arr[: len(self._series_machine)]
+        view.flags.writeable = False
+        return view
 
     @property
     def series_machine(self) -> list[int]:
@@ -160,7 +175,7 @@ class SeriesRegistry:
             self._ids[(machine, metric)] = len(self._metrics)
             self._machines.append(machine)
             self._metrics.append(metric)
-            self._series_machine.append(mid)
+            self._append_series_machine(mid)
 
     def snapshot(self) -> State:
         """Series and machine numbering (see :mod:`gateway.checkpoint`)."""

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.redacted(), indent=2, default=str))
         print("ok")
         return 0
+    if args.command in ("run", "replay"):
+        from gateway.malloc import fix_mmap_threshold
+
+        fix_mmap_threshold()  # a long-running process: freed batch temporaries go back to the system
     if args.command == "run":
         return asyncio.run(_run(cfg, args.config, args.status_interval))
     if args.command == "replay":

@@ -95,9 +95,10 @@ class LineProtocolEncoder:
         self._prefixes: list[str] = []
         self._heads: list[str] = []  # per series: "telemetry,<tags> "
         self._keys: list[str] = []  # per series: "<field key>="
-        self._series_machine = np.zeros(0, np.int64)  # machine id per series, grown with the registry
         self._templates: dict[bytes, str] = {}  # series ids of a line (int64 bytes) -> its %-template
         self._machine_tags: dict[MachineKey, str] = {}
+        self._head_of: dict[MachineKey, str] = {}
+        self._key_of: dict[str, str] = {}
 
     def tags(self, machine: MachineKey) -> str:
         t = self._machine_tags.get(machine)
@@ -111,13 +112,18 @@ class LineProtocolEncoder:
         known = len(self._prefixes)
         if known == len(reg):
             return self._prefixes
+        heads, keys = self._head_of, self._key_of  # one string per machine and per metric name, shared
         for sid in range(known, len(reg)):
-            head, key = f"telemetry,{self.tags(reg.machines[sid])} ", f"{escape_field_key(reg.metrics[sid])}="
+            machine, metric = reg.machines[sid], reg.metrics[sid]
+            head = heads.get(machine)
+            if head is None:
+                head = heads[machine] = f"telemetry,{self.tags(machine)} "
+            key = keys.get(metric)
+            if key is None:
+                key = keys[metric] = f"{escape_field_key(metric)}="
             self._heads.append(head)
             self._keys.append(key)
             self._prefixes.append(head + key)
-        self._series_machine = np.concatenate(
-            [self._series_machine, np.asarray(reg.series_machine[known:], dtype=np.int64)])
         return self._prefixes
 
     def telemetry(self, batch: TelemetryBatch) -> bytes:
@@ -150,7 +156,7 @@ class LineProtocolEncoder:
         series, ts = batch.series, batch.ts_ns
         starts = None
         if n > 1:
-            mach = self._series_machine[series]
+            mach = self.registry.series_machine_ids()[series]
             new_line = np.empty(n, np.bool_)
             new_line[0] = True
             np.not_equal(mach[1:], mach[:-1], out=new_line[1:])

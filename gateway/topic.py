@@ -52,6 +52,8 @@ class TopicParser:
                 self._literals.append((i, part))
         self._cache: dict[str, tuple[MachineKey, str]] = {}
         self._cache_size = cache_size
+        # one MachineKey per machine, whichever of its topics (telemetry, state, count...) came first
+        self._machines: dict[MachineKey, MachineKey] = {}
 
     def parse(self, topic: str) -> tuple[MachineKey, str]:
         """Return ``(machine, channel)``; raise DecodeError naming the bad segment."""
@@ -81,7 +83,8 @@ class TopicParser:
         if channel not in CHANNELS:
             raise DecodeError(f"topic {topic!r}: unknown channel {channel!r}; expected one of {list(CHANNELS)}",
                               reason="topic")
-        result = (MachineKey(values["site"], values["area"], values["line"], values["machine"]), channel)
+        key = MachineKey(values["site"], values["area"], values["line"], values["machine"])
+        result = (self._machines.setdefault(key, key) if len(self._machines) < self._cache_size else key, channel)
         if len(self._cache) < self._cache_size:
             self._cache[topic] = result
         return result

@@ -22,9 +22,8 @@ Memory: 4 bytes per slot plus 16 bytes per series. At the defaults (120 slots of
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["AnomalyMark", "MachineView", "PlantView", "SeriesRings", "StateChange"]
 
 _NONE = np.iinfo(np.int64).min
+_T = TypeVar("_T")
 
 
 class SeriesRings:
@@ -49,7 +49,9 @@ class SeriesRings:
             raise ValueError("ring_size must be >= 1 and ring_interval_s > 0")
         self.ring_size = ring_size
         self.interval_ns = round(ring_interval_s * 1e9)
-        self.values = np.full((capacity, ring_size), np.nan, np.float32)
+        # rows are NaN-filled when their series first appears (spare capacity is never written: its
+        # pages are not mapped), so memory follows the series seen, not the capacity
+        self.values = np.empty((capacity, ring_size), np.float32)
         self.last_slot = np.full(capacity, _NONE, np.int64)  # newest slot number written, per series
 
     @property
@@ -61,7 +63,7 @@ class SeriesRings:
         if n <= cap:
             return
         new = max(n, 2 * cap)
-        values = np.full((new, self.ring_size), np.nan, np.float32)
+        values = np.empty((new, self.ring_size), np.float32)
         values[:cap] = self.values
         last = np.full(new, _NONE, np.int64)
         last[:cap] = self.last_slot
@@ -80,7 +82,9 @@ class SeriesRings:
         uniq, first = np.unique(series, return_index=True)
         newest = np.maximum.reduceat(slot, first)
         old = self.last_slot[uniq]
-        fresh = old == _NONE  # a new row is all NaN already
+        fresh = old == _NONE
+        if fresh.any():  # a new row starts all NaN
+            self.values[uniq[fresh]] = np.nan
         old = np.where(fresh, newest, old)
         last = np.maximum(old, newest)
         advance = np.minimum(last - old, r)
@@ -119,6 +123,14 @@ class AnomalyMark:
     score: float
 
 
+def _push(ring: list[_T], item: _T, bound: int) -> None:
+    """Append to a bounded ring held in a list: the oldest goes once it holds ``bound`` (a deque with
+    ``maxlen`` costs ~630 bytes per machine even empty, a list 56, and 10,000 machines hold three each)."""
+    ring.append(item)
+    if len(ring) > bound:
+        del ring[0]
+
+
 @dataclass(slots=True)
 class MachineView:
     key: MachineKey
@@ -129,14 +141,10 @@ class MachineView:
     last_message: float | None = None
     oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
     oee_open: list[OeeRecord] = field(default_factory=list)  # the open windows so far (partial records)
-    oee_history: deque[OeeRecord] = field(init=False)
-    states: deque[StateChange] = field(init=False)
-    anomalies: deque[AnomalyMark] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.oee_history = deque(maxlen=self.events)
-        self.states = deque(maxlen=self.events)
-        self.anomalies = deque(maxlen=self.events)
+    # bounded rings of the last ``events`` entries, oldest first (lists: see _push)
+    oee_history: list[OeeRecord] = field(default_factory=list)
+    states: list[StateChange] = field(default_factory=list)
+    anomalies: list[AnomalyMark] = field(default_factory=list)
 
     @property
     def last_anomaly(self) -> AnomalyMark | None:
@@ -152,7 +160,6 @@ class PlantView:
         self.rings = SeriesRings(ring_size, ring_interval_s)
         self.events = events
         self.machines: dict[MachineKey, MachineView] = {}
-        self._series_machine = np.zeros(0, np.int64)
 
     def machine(self, key: MachineKey) -> MachineView:
         m = self.machines.get(key)
@@ -174,12 +181,7 @@ class PlantView:
         if n:
             series, ts = tel.series[:n], tel.ts_ns[:n]
             self.rings.update(series, ts, tel.value[:n])
-            known = self._series_machine.shape[0]
-            if known < len(reg):  # machine id per series, grown with the registry
-                self._series_machine = np.concatenate(
-                    [self._series_machine, np.asarray(reg.series_machine[known:], np.int64)])
-            # the newest sample per machine (not per series: a machine has many, the loop is in Python)
-            mids, inverse = np.unique(self._series_machine[series], return_inverse=True)
+            mids, inverse = np.unique(reg.series_machine_ids()[series], return_inverse=True)
             newest = np.full(len(mids), _NONE, np.int64)
             np.maximum.at(newest, inverse, ts)
             machines = reg.machine_list
@@ -193,7 +195,7 @@ class PlantView:
                 continue  # late: the current state is newer
             if m.state != st.state.value:
                 m.state, m.state_since = st.state.value, t
-                m.states.append(StateChange(t, st.state.value, st.reason))
+                _push(m.states, StateChange(t, st.state.value, st.reason), self.events)
         for c in batch.counts:
             self._seen(c.machine, c.ts_ns)
         for s in batch.statuses:
@@ -204,11 +206,11 @@ class PlantView:
             for sid, ts, det, val, score in zip(ev.series.tolist(), ev.ts_ns.tolist(), ev.detector,
                                                 ev.value.tolist(), ev.score.tolist(), strict=True):
                 m = self.machine(reg.machines[sid])
-                m.anomalies.append(AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score))
+                _push(m.anomalies, AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score), self.events)
         for r in oee:
             m = self.machine(r.machine)
             m.oee[r.window] = r
-            m.oee_history.append(r)
+            _push(m.oee_history, r, self.events)
 
     def observe_open(self, machine: MachineKey, records: list[OeeRecord]) -> None:
         """A machine's open OEE windows so far (after events moved them, or a window closed)."""

@@ -263,6 +263,8 @@ class AnomalyEngine:
         self.last_fused: F64 = np.empty(0, np.float64)
         self.model = MachineModel(config.machine, config.grace_samples)
         self._uses_model: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
+        self._profile_buf: I64 = self._profile_of  # what _profile_of and _uses_model are prefixes of
+        self._uses_buf: npt.NDArray[np.bool_] = self._uses_model
         self._model: ModelResult | None = None  # this batch's machine-model scores (input order)
 
     def _resolve(self, needed: int, metrics: Sequence[str]) -> None:
@@ -286,9 +288,18 @@ class AnomalyEngine:
                     self._profiles.append(_Profile(prof, self.config))
                 by_metric[metric] = pid
             new[i] = pid
-        self._profile_of = np.concatenate((self._profile_of, new))
+        # views of buffers whose capacity doubles: a batch of new series does not copy the old entries
+        # (a profile's use of the model never changes, so only the new series' entries are computed)
+        buf, ubuf = self._profile_buf, self._uses_buf
+        if buf.shape[0] < needed:
+            cap = max(needed, 2 * buf.shape[0], 64)
+            buf, ubuf = np.zeros(cap, np.int64), np.zeros(cap, np.bool_)
+            buf[:done], ubuf[:done] = self._profile_of, self._uses_model
+            self._profile_buf, self._uses_buf = buf, ubuf
         uses = np.array([bool(p.enabled and p.model_names) for p in self._profiles], np.bool_)
-        self._uses_model = uses[self._profile_of]
+        buf[done:needed] = new
+        ubuf[done:needed] = uses[new]
+        self._profile_of, self._uses_model = buf[:needed], ubuf[:needed]
 
     def process(
         self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str],

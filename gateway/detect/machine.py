@@ -78,8 +78,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.batch import F64, I64, MachineKey, StateEvent
@@ -169,10 +171,32 @@ class MachineModel:
         self._machine_ids: dict[object, int] = {}
         self._machine_series: list[list[int]] = []
         self._group_ids: dict[tuple[str, str, str], int] = {}
+        self._buffers: dict[str, npt.NDArray[Any]] = {}  # name -> the buffer a per-series array is a view of
 
     @property
     def n_series(self) -> int:
         return int(self.s_state.shape[0])
+
+    # per-series arrays: views of the used rows of a buffer with room to grow (capacity doubles), so a
+    # batch of new series neither copies every array (np.concatenate per batch did: heap slack of the
+    # old copies) nor touches the spare rows (np.zeros: pages are mapped when first written)
+    _SERIES_FILL: tuple[tuple[str, float], ...] = (
+        ("s_state", 0.0), ("s_lev", 0.0), ("s_lag", 0.0), ("s_sib", -1), ("s_group", -1), ("s_mach", 0))
+
+    def _grow_series(self, needed: int) -> None:
+        have = self.n_series
+        for name, fill in self._SERIES_FILL:
+            cur: npt.NDArray[Any] = getattr(self, name)
+            buf = self._buffers.get(name)
+            if buf is None or cur.base is not buf or buf.shape[0] < needed:
+                cap = max(needed, 2 * (buf.shape[0] if buf is not None else have), 64)
+                shape = (cap, *cur.shape[1:])
+                buf = np.zeros(shape, cur.dtype) if fill == 0 else np.full(shape, fill, cur.dtype)
+                buf[:have] = cur
+                self._buffers[name] = buf
+            else:
+                buf[have:needed] = fill
+            setattr(self, name, buf[:needed])
 
     def machine_id(self, key: object) -> int:
         mid = self._machine_ids.get(key)
@@ -187,14 +211,7 @@ class MachineModel:
         have = self.n_series
         if needed <= have:
             return
-        add = needed - have
-        self.s_state = np.concatenate((self.s_state, np.zeros((add, K.N_S))))
-        self.s_state[have:, K.S_LEVEL] = 0.0
-        self.s_lev = np.concatenate((self.s_lev, np.zeros((add, K.K_LEVELS, K.N_L))))
-        self.s_lag = np.concatenate((self.s_lag, np.zeros((add, K.N_SIB, K.N_J))))
-        self.s_sib = np.concatenate((self.s_sib, np.full((add, K.N_SIB), -1, np.int64)))
-        self.s_group = np.concatenate((self.s_group, np.full(add, -1, np.int64)))
-        self.s_mach = np.concatenate((self.s_mach, np.zeros(add, np.int64)))
+        self._grow_series(needed)
         groups_before = len(self._group_ids)
         for sid in range(have, needed):
             key: object = machines[sid] if machines is not None and sid < len(machines) else ("series", sid)
@@ -215,7 +232,11 @@ class MachineModel:
         ng = len(self._group_ids)
         if ng > groups_before:
             self.g_state = np.concatenate((self.g_state, np.zeros((ng - groups_before, K.N_G))))
-        self.g_members = np.bincount(self.s_group[self.s_group >= 0], minlength=ng).astype(np.float64)
+        counts = np.zeros(ng, np.float64)  # exact in float64: the new series' groups added to the old counts
+        counts[: self.g_members.shape[0]] = self.g_members
+        new_groups = self.s_group[have:needed]
+        counts += np.bincount(new_groups[new_groups >= 0], minlength=ng)
+        self.g_members = counts
         self._grow_machines()
 
     def _grow_machines(self) -> None:

@@ -148,6 +148,21 @@ ring_interval_s = 10
         if readme_png:
             shutil.copyfile(shots / "detail.png", readme_png)
 
+        # the gateway panel: connections and dead letters as the gateway counts them
+        publish(mosquitto.port, [("factory/s1/a1/l1/press1/telemetry", b"{not json")], client_id="pub-web-bad")
+        dead = tmp_path / "deadletter.jsonl"
+        assert wait_until(lambda: dead.exists() and dead.read_bytes().count(b"\n") == 1, timeout=10)
+        browser.find_element(By.ID, "gwbtn").click()
+        panel = lambda: browser.find_element(By.ID, "detail").text  # noqa: E731
+        assert wait_until(lambda: "json 1" in panel(), timeout=10), panel()
+        text = panel()
+        assert f"MQTT connected 127.0.0.1:{mosquitto.port}" in text, text
+        assert "InfluxDB writing" in text, text
+        assert "factory/s1/a1/l1/press1/telemetry" in text  # the last dead letters: topic and why
+        assert "gateway web-it" in text
+        browser.save_screenshot(str(shots / "gateway.png"))
+        browser.find_element(By.ID, "close").click()
+
         # press2 and lathe1 keep sending, press1 stops: it turns stale on the page, without a reload
         marker = browser.execute_script("window.__noReload = 1; return window.__noReload")
         deadline = time.monotonic() + 12

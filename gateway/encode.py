@@ -176,19 +176,11 @@ class LineProtocolEncoder:
             return fast
         # A machine sends the same metrics line after line: one %-template per run of series ids formats
         # a whole line in C ("%r" is the float's repr, as above).
-        templates = self._templates
-        if len(templates) > 10_000:
-            templates.clear()
-        sb = series.tobytes()
         values = batch.value.tolist()
         bounds = [*starts.tolist(), n]
-        lines = []
-        for a, b, t in zip(bounds, bounds[1:], ts[starts].tolist(), strict=False):
-            key = sb[8 * a : 8 * b]
-            fmt = templates.get(key)
-            if fmt is None:
-                fmt = templates[key] = self._template(series[a:b].tolist())
-            lines.append(fmt % (*values[a:b], t))
+        template = self._template
+        lines = [template(series[a:b]) % (*values[a:b], t)
+                 for a, b, t in zip(bounds, bounds[1:], ts[starts].tolist(), strict=False)]
         return "\n".join(lines).encode()
 
     def _telemetry_templated(self, series: I64, ts: I64, values: F64, starts: I64) -> bytes | None:
@@ -207,25 +199,25 @@ class LineProtocolEncoder:
         ref = starts[first[inverse]]  # start of the first line with the same key
         if not np.array_equal(series, series[ref[line_of] + pos]):
             return None  # two lines with one key and different series (rare): per line
-        templates = self._templates
-        if len(templates) > 10_000:
-            templates.clear()
-        fmts = []
-        for a, b in zip(starts[first].tolist(), bounds[first + 1].tolist(), strict=True):
-            sids = series[a:b]
-            fmt = templates.get(sids.tobytes())
-            if fmt is None:
-                fmt = templates[sids.tobytes()] = self._template(sids.tolist())
-            fmts.append(fmt)
+        fmts = [self._template(series[a:b])
+                for a, b in zip(starts[first].tolist(), bounds[first + 1].tolist(), strict=True)]
         args = np.empty(n + lines, dtype=object)  # each line's values, then its timestamp
         args[np.arange(n) + line_of] = values
         args[bounds[1:] + np.arange(lines)] = ts[starts]
         body = "\n".join([fmts[j] for j in inverse.tolist()]) % tuple(args)
         return body.encode()
 
-    def _template(self, sids: list[int]) -> str:
-        keys = ",".join(self._keys[s].replace("%", "%%") + "%r" for s in sids)
-        return f"{self._heads[sids[0]].replace('%', '%%')}{keys} %d"
+    def _template(self, sids: I64) -> str:
+        """The %-template of a line holding these series (cached by their ids: a machine repeats them)."""
+        key = sids.tobytes()
+        fmt = self._templates.get(key)
+        if fmt is None:
+            if len(self._templates) >= 10_000:
+                self._templates.clear()
+            ids = sids.tolist()
+            fields = ",".join(self._keys[s].replace("%", "%%") + "%r" for s in ids)
+            fmt = self._templates[key] = f"{self._heads[ids[0]].replace('%', '%%')}{fields} %d"
+        return fmt
 
     def states(self, events: Sequence[StateEvent]) -> bytes:
         return "\n".join(

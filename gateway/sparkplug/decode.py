@@ -436,7 +436,7 @@ class SparkplugDecoder:
         if not math.isfinite(values.sum()):  # (a sum can overflow where no value is Inf: then just slower)
             return -1  # NaN/Inf are skipped one by one there
         self._check_seq(node, seq if layout.seq_slot >= 0 else None, mtype, arrival_ns)
-        out.series.frombytes(layout.series.tobytes())
+        out.series.frombytes(layout.series)
         out.ts_ns.frombytes(ts.tobytes())
         out.values.frombytes(values.tobytes())
         self.fast_data += 1
@@ -478,11 +478,11 @@ class SparkplugDecoder:
                 node.layouts[key] = 0
                 return
             sids.append(meta.sid)
-        layout = DataLayout.learn(payload, msg, types)
+        layout = DataLayout.learn(payload, types)
         if layout is None:
             node.layouts[key] = 0
             return
-        layout.series = np.array(sids, np.int64)
+        layout.series = np.array(sids, np.int64).tobytes()
         node.layouts[key] = layout
 
     # -- metrics ----------------------------------------------------------------------------------------

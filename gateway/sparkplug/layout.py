@@ -23,7 +23,7 @@ datatypes and field order, differing only in those values.
 ...         pb.Payload.Metric(alias=1, timestamp=ts, float_value=v),
 ...         pb.Payload.Metric(alias=2, timestamp=ts, long_value=7)]).SerializeToString()
 >>> first = ddata(5, 1_700_000_000_000, 20.5)
->>> lay = DataLayout.learn(first, pb.Payload.FromString(first), [(12, 0, False), (11, 64, True)])
+>>> lay = DataLayout.learn(first, [(12, 0, False), (11, 64, True)])
 >>> seq, ts, values = lay.extract(ddata(6, 1_700_000_000_010, 21.25))
 >>> seq, ts.tolist(), values.tolist()
 (6, [1700000000010, 1700000000010], [21.25, 7.0])
@@ -33,17 +33,13 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from gateway.sparkplug import sparkplug_b_pb2 as pb
-
 __all__ = ["DataLayout"]
 
-_NO_SERIES = np.zeros(0, np.int64)
 _MAX_VARINT = 9  # bytes; a wider varint (a uint64 above 2^63) is left to the protobuf runtime
 # Metric fields: value kinds the fast path reads (field number -> kind); others keep their bytes fixed.
 _FIXED32, _FIXED64, _VARINT = "f4", "f8", "varint"
@@ -184,18 +180,18 @@ class DataLayout:
     ints: _IntRules
     all_f4: bool  # every value a Float, in metric order
     all_ts: bool  # every metric has its own timestamp
-    series: np.ndarray[Any, Any] = field(default_factory=lambda: _NO_SERIES)  # the caller's series id per metric
+    series: bytes = b""  # the caller's series id per metric (int64 bytes, appended as they are)
     misses: int = 0  # payloads of this size that did not match (the caller re-learns after a few)
 
     @classmethod
-    def learn(cls, payload: bytes, msg: pb.Payload, types: list[tuple[int, int, bool]]) -> DataLayout | None:
-        """The layout of ``payload`` (already decoded as ``msg``) or None if it has none the fast path reads.
+    def learn(cls, payload: bytes, types: list[tuple[int, int, bool]]) -> DataLayout | None:
+        """The layout of ``payload`` (which protobuf decoded) or None if it has none the fast path reads.
 
-        ``types``: per metric, as the caller decided from the births: ``(value field number, bits,
-        signed)`` with bits 0 for a boolean; floats ignore bits.
+        ``types``: per metric in payload order, as the caller decided from the births: ``(value field
+        number, bits, signed)`` with bits 0 for a boolean; floats ignore bits.
         """
         size = len(payload)
-        if not types or len(types) != len(msg.metrics):
+        if not types:
             return None
         try:
             w = _Walk(payload, types)

@@ -41,7 +41,7 @@ KINDS: dict[int, tuple[str, Any]] = {
 class _Run:
     """A decoder fed message by message; ``fast`` False: every message through the protobuf runtime."""
 
-    def __init__(self, fast: bool, monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    def __init__(self, fast: bool) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.reg = SeriesRegistry()
 
@@ -166,14 +166,13 @@ def test_a_rebirth_forgets_the_layouts() -> None:
 
 @pytest.mark.parametrize("payload", [b"", b"\x0b", b"\x12\xff", b"\x12\x02\x10", b"\x12\x80", bytes(range(40))])
 def test_learn_refuses_what_it_cannot_walk(payload: bytes) -> None:
-    one = pb.Payload(metrics=[pb.Payload.Metric(alias=1, float_value=1.0)])
-    assert DataLayout.learn(payload, one, [(12, 0, False)]) is None
+    assert DataLayout.learn(payload, [(12, 0, False)]) is None
 
 
 def test_extract_refuses_a_changed_byte() -> None:
     p = pb.Payload(seq=1, metrics=[pb.Payload.Metric(alias=1, timestamp=NOW_MS, float_value=1.0)])
     raw = p.SerializeToString()
-    layout = DataLayout.learn(raw, p, [(12, 0, False)])
+    layout = DataLayout.learn(raw, [(12, 0, False)])
     assert layout is not None
     p.metrics[0].alias = 2
     assert layout.extract(p.SerializeToString()) is None

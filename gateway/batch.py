@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,10 +35,30 @@ __all__ = [
     "StatusEvent",
     "TelemetryBatch",
     "WaveformBlock",
+    "room_for",
 ]
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
+_A = TypeVar("_A", bound=npt.NDArray[Any])
+
+
+def room_for(buf: _A, used: int, needed: int, fill: float = 0) -> _A:
+    """``buf`` (its first ``used`` rows in use) with room for ``needed`` rows: itself if it has it, else a
+    buffer of double the capacity holding the used rows, its other rows ``fill``. Per-series state grows
+    this way, not by ``np.concatenate`` per batch of new series (a copy each time, and heap slack); zero
+    rows are never written, so their pages stay unmapped until used.
+
+    >>> b = room_for(np.zeros(0, np.int64), 0, 3, fill=-1)
+    >>> b.shape, b[:3].tolist(), room_for(b, 3, 10) is b
+    ((64,), [-1, -1, -1], True)
+    """
+    if buf.shape[0] >= needed:
+        return buf
+    shape = (max(needed, 2 * buf.shape[0], 64), *buf.shape[1:])
+    grown = np.zeros(shape, buf.dtype) if fill == 0 else np.full(shape, fill, buf.dtype)
+    grown[:used] = buf[:used]
+    return grown  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -77,12 +98,8 @@ class SeriesRegistry:
     def _append_series_machine(self, mid: int) -> None:
         n = len(self._series_machine)
         self._series_machine.append(mid)
-        arr = self._series_machine_arr
-        if n >= arr.shape[0]:
-            grown = np.zeros(max(64, 2 * arr.shape[0]), np.int64)
-            grown[:n] = arr[:n]
-            self._series_machine_arr = arr = grown
-        arr[n] = mid
+        self._series_machine_arr = room_for(self._series_machine_arr, n, n + 1)
+        self._series_machine_arr[n] = mid
 
     def __len__(self) -> int:
         return len(self._metrics)

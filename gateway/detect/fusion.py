@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.batch import F64, I64, MachineKey, StateEvent
+from gateway.batch import F64, I64, MachineKey, StateEvent, room_for
 from gateway.checkpoint import State
 from gateway.detect.base import BatchLayout, Detector, fit
 from gateway.detect.config import DETECTOR_NAMES, DetectionConfig, ResolvedProfile
@@ -290,12 +290,8 @@ class AnomalyEngine:
             new[i] = pid
         # views of buffers whose capacity doubles: a batch of new series does not copy the old entries
         # (a profile's use of the model never changes, so only the new series' entries are computed)
-        buf, ubuf = self._profile_buf, self._uses_buf
-        if buf.shape[0] < needed:
-            cap = max(needed, 2 * buf.shape[0], 64)
-            buf, ubuf = np.zeros(cap, np.int64), np.zeros(cap, np.bool_)
-            buf[:done], ubuf[:done] = self._profile_of, self._uses_model
-            self._profile_buf, self._uses_buf = buf, ubuf
+        buf = self._profile_buf = room_for(self._profile_buf, done, needed)
+        ubuf = self._uses_buf = room_for(self._uses_buf, done, needed)
         uses = np.array([bool(p.enabled and p.model_names) for p in self._profiles], np.bool_)
         buf[done:needed] = new
         ubuf[done:needed] = uses[new]

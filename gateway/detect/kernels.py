@@ -94,7 +94,7 @@ J_BETA = J_LP + N_LAG  # the last solved slopes (re-solved every RESOLVE_EVERY s
 J_E2 = J_BETA + N_LAG
 J_ABS = J_E2 + 1
 J_N = J_ABS + 1
-# the fit's error variance as v0 + v1·r², r the response still to come (see _lag_sd): forgotten sums of
+# the fit's error variance as v0 + v1·r², r the response still to come (see _lag_var): forgotten sums of
 # the weight, r², r⁴, e² and e²·r²
 J_H1 = J_N + 1
 J_HR = J_H1 + 1

@@ -84,7 +84,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.batch import F64, I64, MachineKey, StateEvent
+from gateway.batch import F64, I64, MachineKey, StateEvent, room_for
 from gateway.checkpoint import State
 from gateway.detect import kernels as K
 from gateway.detect.base import squash
@@ -188,15 +188,13 @@ class MachineModel:
         for name, fill in self._SERIES_FILL:
             cur: npt.NDArray[Any] = getattr(self, name)
             buf = self._buffers.get(name)
-            if buf is None or cur.base is not buf or buf.shape[0] < needed:
-                cap = max(needed, 2 * (buf.shape[0] if buf is not None else have), 64)
-                shape = (cap, *cur.shape[1:])
-                buf = np.zeros(shape, cur.dtype) if fill == 0 else np.full(shape, fill, cur.dtype)
-                buf[:have] = cur
-                self._buffers[name] = buf
-            else:
-                buf[have:needed] = fill
-            setattr(self, name, buf[:needed])
+            if buf is None or cur.base is not buf:  # first, or restored: grow from the array itself
+                buf = cur
+            grown = room_for(buf, have, needed, fill)
+            if grown is buf:  # spare rows of a buffer may hold what a smaller restore left
+                grown[have:needed] = fill
+            self._buffers[name] = grown
+            setattr(self, name, grown[:needed])
 
     def machine_id(self, key: object) -> int:
         mid = self._machine_ids.get(key)

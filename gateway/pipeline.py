@@ -395,6 +395,9 @@ class Pipeline:
         self.anomaly = anomaly
         self.state_filter.holdoff_ns = int(cfg.detect.state_change_holdoff_s * 1e9)
         self.features, self.severity, self.oee = features, severity, oee
+        if self.view is not None:  # shifts added, removed or moved: what each tile shows as this shift so far
+            for key in self.view.machines:
+                self.view.observe_open(key, self._open_shifts(key))
         self._batch_size = cfg.influx.batch_size
         self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
         self._checkpoint_soon = True  # a restart soon after must find a checkpoint made with these settings
@@ -615,11 +618,12 @@ class Pipeline:
             self.stats.oee_windows += len(records)
             if self.view is not None:
                 self.view.observe(batch, kept_all, records)
-                if self.oee is not None:  # the open windows move only with events and closes: refresh those
+                if self.oee is not None and self.cfg.oee.shifts:  # a tile shows this shift so far
+                    # open windows move only with events and closes: refresh those machines' shifts
                     moved = {e.machine for e in batch.states} | {c.machine for c in batch.counts} \
                         | {r.machine for r in records}
                     for machine in moved:
-                        self.view.observe_open(machine, self.oee.open_records(machine))
+                        self.view.observe_open(machine, self._open_shifts(machine))
         for r in records:
             if r.oee is not None:
                 self.latest_oee.setdefault(r.window, {})[r.machine] = (r.oee, r.end_ns)
@@ -632,6 +636,12 @@ class Pipeline:
                 [reg.machines[b.series] for b in batch.waveforms],
             )
         return kept_all, records, features
+
+    def _open_shifts(self, machine: MachineKey) -> list[OeeRecord]:
+        """The machine's open shift windows so far (none without OEE or shifts)."""
+        if self.oee is None or not self.cfg.oee.shifts:
+            return []
+        return [r for r in self.oee.open_records(machine) if r.shift is not None]
 
     async def finish(self) -> None:
         """End of a recorded stream (replay): flush, then close every open OEE window as a partial one."""

@@ -140,7 +140,7 @@ class MachineView:
     online: bool | None = None  # Sparkplug birth/death; None when the source never says
     last_message: float | None = None
     oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
-    oee_open: list[OeeRecord] = field(default_factory=list)  # the open windows so far (partial records)
+    oee_open: list[OeeRecord] = field(default_factory=list)  # the open shift windows so far (partial)
     # bounded rings of the last ``events`` entries, oldest first (lists: see _push)
     oee_history: list[OeeRecord] = field(default_factory=list)
     states: list[StateChange] = field(default_factory=list)
@@ -213,7 +213,7 @@ class PlantView:
             _push(m.oee_history, r, self.events)
 
     def observe_open(self, machine: MachineKey, records: list[OeeRecord]) -> None:
-        """A machine's open OEE windows so far (after events moved them, or a window closed)."""
+        """A machine's open shift windows so far (after events moved them, or a window closed)."""
         self.machine(machine).oee_open = records
 
     def series_of(self, key: MachineKey) -> dict[str, tuple[list[float], list[float | None]]]:

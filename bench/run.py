@@ -18,6 +18,8 @@ Rows (``--only`` takes names or numbers, comma-separated):
    a WAL backlog to re-compute (extrapolated to 1 GiB)
 8. ``sparkplug`` Sparkplug B DDATA, 20 aliased metrics per message, drained from a queued backlog: the gateway
    (host application) into InfluxDB vs a counting paho subscriber (``bench/sparkplug.py``)
+9. ``page``     the operator's page in headless chromium: first render with 2,000 machines vs the 1-machine
+   page (``bench/page.py``)
 
 Usage: ``python bench/run.py [--only ingest,encode] [--quick] [--profile DIR] [--out FILE]``
 """
@@ -42,14 +44,16 @@ for p in (str(REPO), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-ROWS = ("ingest", "columnar", "encode", "latency", "memory", "peer", "crash", "sparkplug")
+ROWS = ("ingest", "columnar", "encode", "latency", "memory", "peer", "crash", "sparkplug", "page")
 
 FULL = {"ingest": 200_000, "backlog": 100_000, "backlog_rounds": 3, "blocks_false": 10_000, "blocks_true": 600,
         "latency_s": 20.0, "mem_rounds": 5, "mem_per": 10, "peer": 5_000, "encode_rows": 200_000,
-        "ckpt_machines": 10_000, "ckpt_rounds": 3, "ckpt_backlog_rounds": 3, "spb": 50_000, "spb_rounds": 3}
+        "ckpt_machines": 10_000, "ckpt_rounds": 3, "ckpt_backlog_rounds": 3, "spb": 50_000, "spb_rounds": 3,
+        "page_rounds": 5}
 QUICK = {"ingest": 40_000, "backlog": 40_000, "backlog_rounds": 1, "blocks_false": 2_000, "blocks_true": 150,
          "latency_s": 6.0, "mem_rounds": 2, "mem_per": 25, "peer": 1_000, "encode_rows": 50_000,
-         "ckpt_machines": 10_000, "ckpt_rounds": 1, "ckpt_backlog_rounds": 1, "spb": 20_000, "spb_rounds": 1}
+         "ckpt_machines": 10_000, "ckpt_rounds": 1, "ckpt_backlog_rounds": 1, "spb": 20_000, "spb_rounds": 1,
+         "page_rounds": 2}
 
 
 def machine() -> dict[str, Any]:
@@ -270,6 +274,17 @@ def run_sparkplug(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any
                 f"{gw * m['metrics_per_message']:,.0f} metrics/s; loss {m['loss']}")]
 
 
+def run_page(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    from page import run
+
+    m = run([2000], sz["page_rounds"])
+    raw["page"] = m
+    ms, base = m["2000"]["median_ms"], m["baseline_ms"]
+    return [row("9 page", "operator's page, 2,000 machines: navigation to all tiles drawn (median)", ms, "ms",
+                base, "same page, 1 machine", ms / base, "< 1000 ms", ms < 1000,
+                f"rounds {', '.join(f'{v:.0f}' for v in m['2000']['all_ms'])} ms")]
+
+
 def run_peer(sz: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
     import e2e
     import peer
@@ -353,6 +368,7 @@ def main() -> int:
         "peer": lambda: run_peer(sz, raw),
         "crash": lambda: run_crash(sz, raw),
         "sparkplug": lambda: run_sparkplug(sz, raw),
+        "page": lambda: run_page(sz, raw),
     }
     t0 = time.monotonic()
     for name in ROWS:

@@ -1,0 +1,160 @@
+"""Row 9: the operator's page with many machines, in Debian's chromium (headless, through chromium-driver).
+
+An in-process gateway (no broker, no database: a sink that keeps nothing) is fed ``n`` machines (a state,
+a count and one telemetry sample each) through the MQTT source's own delivery callback, flushed, and its
+``[http]`` server started; the browser then opens ``/`` and the page reports ``window.firstRenderMs``
+(navigation start to every tile drawn; the first of each browser's loads is not counted). The baseline is
+the same page with one machine, in the same run: what the browser, the server and the page cost before
+any tile. Target: 2,000 machines < 1 s.
+
+Usage: ``python bench/page.py [--machines 100,2000] [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from paho.mqtt.client import MQTTMessage
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for p in (str(REPO), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.server import Server  # noqa: E402
+from tests.servers import free_port  # noqa: E402
+
+
+class _NullSink:
+    """Accepts every write and keeps nothing (the page reads the gateway's memory, not the database)."""
+
+    name = "null"
+
+    async def connect(self) -> None:
+        return None
+
+    async def write(self, body: bytes) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@contextmanager
+def _browser(tmp: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                f"--user-data-dir={tmp / 'chrome'}"):
+        opts.add_argument(arg)
+    chromium = shutil.which("chromium")
+    if chromium:
+        opts.binary_location = chromium
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _deliver(server: Server, topic: str, payload: bytes) -> None:
+    msg = MQTTMessage(mid=0, topic=topic.encode())
+    msg.payload = payload
+    server.source._deliver(msg)
+
+
+def first_render_ms(n: int, rounds: int, tmp: Path) -> list[float]:
+    """``rounds`` page loads of a gateway holding ``n`` machines: navigation start to all tiles, in ms."""
+    cfg = GatewayConfig.model_validate({
+        "mqtt": {"port": free_port()},
+        "buffer": {"enabled": False},
+        "deadletter": {"path": str(tmp / f"dead-{n}.jsonl")},
+        "oee": {"enabled": True, "windows": ["1m"]},
+        "features": {"enabled": False},
+        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "gateway": {"stats_interval_s": 3600, "max_series": max(50, 10 * n)},
+    })
+    server = Server(cfg, sink=_NullSink())  # type: ignore[arg-type]
+    now = time.time()
+    for i in range(n):
+        base = f"factory/s1/a{i // 500}/l{i // 50}/m{i}"
+        _deliver(server, f"{base}/state", orjson.dumps({"ts": now - 200, "state": "RUNNING"}))
+        _deliver(server, f"{base}/count", orjson.dumps({"ts": now - 130, "total": 100, "good": 90 + i % 10}))
+        _deliver(server, f"{base}/telemetry", orjson.dumps({"ts": now - 1, "values": {"temp_c": 50.0 + i % 7}}))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    out: list[float] = []
+    try:
+        asyncio.run_coroutine_threadsafe(server.pipeline.flush(), loop).result(120)
+        assert server.http is not None
+        asyncio.run_coroutine_threadsafe(server.http.start(), loop).result(10)
+        with _browser(tmp) as browser:
+            for k in range(rounds + 1):  # the first load warms the browser's caches: not counted
+                browser.get(f"http://{cfg.http.listen}/")
+                deadline = time.monotonic() + 30
+                ms = None
+                while ms is None and time.monotonic() < deadline:
+                    ms = browser.execute_script("return window.firstRenderMs")
+                    time.sleep(0.02)
+                tiles = browser.execute_script("return document.querySelectorAll('.tile').length")
+                if ms is None or tiles != n:
+                    raise RuntimeError(f"{n} machines: the page drew {tiles} tiles (first render {ms})")
+                if k:
+                    out.append(float(ms))
+    finally:
+        if server.http is not None:
+            asyncio.run_coroutine_threadsafe(server.http.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        server.deadletter.close()
+    return out
+
+
+def run(machines: list[int], rounds: int) -> dict[str, Any]:
+    """Median first render per machine count, with the 1-machine page as the same run's baseline."""
+    with tempfile.TemporaryDirectory(prefix="fgw-page-") as d:
+        tmp = Path(d)
+        base = first_render_ms(1, rounds, tmp)
+        result: dict[str, Any] = {"rounds": rounds, "baseline_ms": statistics.median(base), "baseline_all": base}
+        for n in machines:
+            ms = first_render_ms(n, rounds, tmp)
+            result[str(n)] = {"median_ms": statistics.median(ms), "all_ms": ms}
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--machines", default="100,2000", help="machine counts, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    r = run([int(s) for s in a.machines.split(",")], a.rounds)
+    base = ", ".join(f"{v:.0f}" for v in r["baseline_all"])
+    print(f"1 machine (baseline): {r['baseline_ms']:.0f} ms (rounds {base})")
+    for key, v in r.items():
+        if isinstance(v, dict):
+            print(f"{int(key):,} machines: first render {v['median_ms']:.0f} ms "
+                  f"({v['median_ms'] / r['baseline_ms']:.1f}x the 1-machine page; rounds "
+                  f"{', '.join(f'{x:.0f}' for x in v['all_ms'])}); target < 1000 ms at 2,000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,6 +42,19 @@ RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
 VISIT_MEMORY = 30.0  # visits remembered by a level's spread of visit offsets
 LOCAL_ALPHA = 0.2  # weight of the local error mean: 5 samples, shorter than any thermal change of misfit
+# The lag model's error has a slow misfit (a fixed lag basis fits a thermal response to a fraction of
+# its size, the peers' common mode the hall's ambient to a fraction of a degree) on top of the sensor
+# noise, as large as the faults sought and as slow; a sensor fault is abrupt. So a lag-modelled series'
+# CUSUM is a jump CUSUM: its error minus the one-step forecast of a local linear trend (Brown's double
+# exponential smoothing over HP_N samples, which follows a misfit's level and slope), in that forecast
+# error's own long-run σ. HP_N = 16: over 16 samples a 2.5 σ step (the middle of the 2-3 σ steps to
+# find) sums to 4.9 ≈ h = 5 with allowance 1 σ before the trend absorbs it (3 σ: 7.3; 2 σ: 2.7).
+HP_N = 16.0
+HP_A = 1.0 / HP_N
+_B = 1.0 - HP_A
+# its forecast is Σ w_j x_{t-1-j}, w_j = α β^(j-1) ((1 + β) - α (j + 1)): an iid error's forecast error
+# has variance σ² (1 + Σ w_j²)
+HP_GAIN = 1.0 + sum((HP_A * _B ** (j - 1) * ((1.0 + _B) - HP_A * (j + 1))) ** 2 for j in range(4000))
 RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
@@ -71,7 +84,16 @@ S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
 S_ZV = 21  # EWMA of z² (clipped)
 S_EP = 22  # last error of the model in use (its units; for the noise of consecutive differences)
 S_EL = 23  # short EWMA of that error (LOCAL_ALPHA): what it is locally, its slow misfit included
-N_S = 24
+S_H1 = 24  # the lag model's error, smoothed once and twice over HP_N samples (its local level and trend)
+S_H2 = 25
+S_R1 = 26  # the same for its response still to come, r
+S_R2 = 27
+S_HHI = 28  # jump CUSUM high side
+S_HLO = 29  # jump CUSUM low side
+S_HN = 30  # samples the local trend has learned since it (re)started
+S_HV = 31  # long-run variance of the trend's one-step forecast error (steady state, clipped)
+S_HVN = 32  # samples S_HV has learned from
+N_S = 33
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -181,6 +203,22 @@ def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
+def _lag_v01(lag: Any) -> tuple[float, float]:
+    """``(v0, v1)`` of the lag fit's misfit variance ``v0 + v1·r²`` (see :func:`_lag_var`); (E2, 0) until
+    transients have been seen."""
+    h1 = lag[J_H1]
+    if h1 <= 0.0:
+        return float(lag[J_E2]), 0.0
+    mr = lag[J_HR] / h1
+    me = lag[J_HE] / h1
+    vrr = lag[J_HRR] / h1 - mr * mr
+    v1 = (lag[J_HER] / h1 - me * mr) / vrr if vrr > 1e-12 * (lag[J_HRR] / h1 + 1e-300) else 0.0
+    if v1 < 0.0:
+        v1 = 0.0
+    return float(me - v1 * mr), float(v1)
+
+
+@numba.njit(cache=True, nogil=True)
 def _lag_var(lag: Any, r2: float) -> float:
     """Error variance of the lag fit at a transient of size ``r`` (``r2`` = r²): ``max(E2, v0 + v1·r²)``.
 
@@ -192,16 +230,8 @@ def _lag_var(lag: Any, r2: float) -> float:
     change is still to come (a recurring start heats the machine as it always does and scores low),
     never below what the fit's errors are overall. Until transients have been seen it is ``E2``.
     """
-    h1 = lag[J_H1]
-    if h1 <= 0.0:
-        return float(lag[J_E2])
-    mr = lag[J_HR] / h1
-    me = lag[J_HE] / h1
-    vrr = lag[J_HRR] / h1 - mr * mr
-    v1 = (lag[J_HER] / h1 - me * mr) / vrr if vrr > 1e-12 * (lag[J_HRR] / h1 + 1e-300) else 0.0
-    if v1 < 0.0:
-        v1 = 0.0
-    v = me - v1 * mr + v1 * r2
+    v0, v1 = _lag_v01(lag)
+    v = v0 + v1 * r2
     return float(v if v > lag[J_E2] else lag[J_E2])  # never below the plain error variance
 
 
@@ -364,6 +394,12 @@ def step_batch(
             sd_sel = sd_z
             pred_sel = mu
             d_raw = 0.0
+            r_sel = 0.0
+            v1_sel = 0.0
+            refit_p = 0.0  # how far this sample's re-solve of the fit in use moved its prediction and r
+            refit_r = 0.0
+            e2_sel = 0.0
+            settled = False
             for j in range(N_SIB):
                 sb = s_sib[s, j]
                 if sb < 0:
@@ -380,6 +416,14 @@ def step_batch(
                     for q in range(N_LAG):
                         a = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
                         lag[J_LP + q] += a * ((u if q < N_ON_U else low) - lag[J_LP + q])
+                # what the slopes solved so far predict (a re-solve below may move them)
+                keep_p = 0.0
+                keep_r = 0.0
+                if lag[J_W] > 0.0:
+                    keep_p = lag[J_SY] / lag[J_W]
+                    for q in range(N_LAG):
+                        keep_p += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / lag[J_W])
+                        keep_r += lag[J_BETA + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
                 pred = _lag_predict(lag, cmat, beta)
                 ej = xv - cg - pred
                 rj = 0.0  # the response still to come: where the current input would settle the prediction
@@ -395,6 +439,14 @@ def step_batch(
                     sd_sel = sdj
                     pred_sel = pred + cg
                     d_raw = xv - pred
+                    r_sel = rj
+                    v1_sel = _lag_v01(lag)[1]
+                    refit_p = pred - keep_p
+                    refit_r = rj - keep_r
+                    e2_sel = lag[J_E2]
+                    # the load input is settled: its level is known (none pending) and this visit's offset
+                    # learned; until then it is still to move, and so is the response's slope
+                    settled = s_state[sb, S_PENDN] == 0.0 and s_state[sb, S_VN] >= visit_n
                 # learn: exponentially forgotten sums (time constant t_fit), Huber weight beyond clip σ
                 lam = math.exp(-dt / t_fit) if dt > 0.0 else 1.0
                 w = 1.0
@@ -424,7 +476,6 @@ def step_batch(
                     lag[J_HRR] = lag[J_HRR] * lh + r2 * r2
                     lag[J_HE] = lag[J_HE] * lh + e2c
                     lag[J_HER] = lag[J_HER] * lh + e2c * r2
-            st[S_USE] = best_j + 1.0
             z = e_sel / sd_sel
             expected[i] = pred_sel
             zout[i] = z
@@ -438,7 +489,12 @@ def step_batch(
             zc = zq * math.sqrt((1.0 - rho) / (1.0 + rho))
             hi = st[S_CHI]
             lo = st[S_CLO]
-            if not visiting:  # no sum while the visit's offset learns
+            # the plain CUSUM is that of a series its own levels explain (no sum while the visit's offset
+            # learns); a lag-modelled series' z carries the fit's slow misfit, so its CUSUM is the jump one
+            if best_j >= 0:
+                hi = 0.0
+                lo = 0.0
+            elif not visiting:
                 hi = max(0.0, hi + zc - ck)
                 lo = max(0.0, lo - zc - ck)
             cus = max(hi, lo)
@@ -447,6 +503,50 @@ def step_batch(
                 lo = 0.0
             st[S_CHI] = hi
             st[S_CLO] = lo
+            # jump CUSUM (lag model in use, its load input settled): the error against its local trend's
+            # one-step forecast, in that forecast error's long-run σ (learned in steady state) widened by the
+            # misfit's share (v1, as in _lag_var) of the response's own departure from its trend; it restarts
+            # when the model in use changes, and sums once the trend has learned over HP_N samples
+            jump = 0.0
+            if best_j >= 0 and st[S_USE] == best_j + 1.0 and settled and lev[k, L_N] > grace and lev[k, L_DV] > 0.0:
+                # a re-fit of the model is no change of the data: its trend moves with the prediction
+                st[S_H1] -= refit_p
+                st[S_H2] -= refit_p
+                st[S_R1] += refit_r
+                st[S_R2] += refit_r
+                de = d_raw - (st[S_H1] * (1.0 + _B) - st[S_H2]) / _B
+                dr = r_sel - (st[S_R1] * (1.0 + _B) - st[S_R2]) / _B
+                if st[S_HVN] == 0.0:
+                    st[S_HV] = lev[k, L_DV] * HP_GAIN
+                tv = v1_sel * dr * dr
+                dz = de / math.sqrt(st[S_HV] + tv)
+                dz = max(-clip * 2.0, min(clip * 2.0, dz))
+                if st[S_HN] >= HP_N:  # the trend has learned over its memory: sum
+                    hh = max(0.0, st[S_HHI] + dz - ck)
+                    hl = max(0.0, st[S_HLO] - dz - ck)
+                    jump = max(hh, hl)
+                    if jump >= ch:
+                        hh = 0.0
+                        hl = 0.0
+                    st[S_HHI] = hh
+                    st[S_HLO] = hl
+                    if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
+                        st[S_HVN] += 1.0
+                        st[S_HV] += _alpha(dt, t_level, st[S_HVN]) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
+                st[S_HN] += 1.0
+                ha = max(HP_A, 1.0 / st[S_HN])  # a plain mean while young
+                st[S_H1] += ha * (d_raw - st[S_H1])
+                st[S_H2] += ha * (st[S_H1] - st[S_H2])
+                st[S_R1] += ha * (r_sel - st[S_R1])
+                st[S_R2] += ha * (st[S_R1] - st[S_R2])
+            else:  # another model (or none yet): start from its error
+                st[S_H1] = d_raw
+                st[S_H2] = d_raw
+                st[S_R1] = r_sel
+                st[S_R2] = r_sel
+                st[S_HHI] = 0.0
+                st[S_HLO] = 0.0
+                st[S_HN] = 0.0
             # noise: half the squared difference of consecutive errors of the model in use estimates the
             # variance of its fast part, blind to a slow misfit or an offset (those are the CUSUM's). It is
             # compared, in the series' own units, with the same in the current level over the long run (noise
@@ -465,6 +565,7 @@ def step_batch(
                     if st[S_VAR] < var_learn:
                         lev[k, L_DV] += _alpha(dt, t_level, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
             st[S_EP] = e_sel
+            st[S_USE] = best_j + 1.0
             # a spike against the local error (the model's slow misfit removed) in the level's fast noise:
             # e - its short EWMA has variance σ²·2/(2-α) for independent noise of σ² = the difference variance
             z_loc = 0.0
@@ -483,7 +584,7 @@ def step_batch(
                 need = max(stuck_min, math.log(stuck_p) / math.log(min(p_same, 0.999999)) + 1.0)
             warm = nseen > grace
             out[i, 0] = max(az, z_loc) if warm else 0.0
-            out[i, 1] = cus / ch if warm else 0.0
+            out[i, 1] = max(cus, jump) / ch if warm else 0.0
             out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0
             # -- learn: levels (clipped), identical-reading rate, own error, peers
@@ -511,7 +612,9 @@ def step_batch(
             if ds > 0.0:  # noise scale from the typical step (log-domain EWMA: robust to jumps)
                 st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + ar * (math.log(ds) - math.log(st[S_SCALE])))
             if use_group and best_j >= 0:
-                wg = _alpha(dt, t_group, 1e300) / g_members[g]
+                # inverse-variance weight: a peer in a transient (σ widened by the response still to come)
+                # says little about the hall; in steady state it counts fully
+                wg = _alpha(dt, t_group, 1e300) / g_members[g] * min(1.0, e2_sel / (sd_sel * sd_sel + 1e-300))
                 gs = g_state[g, G_S]
                 dv = d_raw - g_state[g, G_C]
                 if g_state[g, G_N] < min_group:

@@ -33,7 +33,9 @@ detector                statistic                                              a
 ``residual_spike``      ``|z|``, or the error against its 5-sample local      ``z_spike`` σ
                         mean in the level's fast noise
 ``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
-                        ``cusum_k``
+                        ``cusum_k`` (own-level model); for a series the lag
+                        model explains, the same CUSUM of its error minus a
+                        local linear trend's forecast (a jump CUSUM)
 ``residual_variance``   EWMA over ``variance_memory`` samples of the            ``variance_alarm``
                         difference variance ``(e_t - e_{t-1})² / 2`` of the
                         error, as a ratio to the level's day-long one
@@ -43,11 +45,23 @@ detector                statistic                                              a
 The CUSUM's ``z`` is scaled by ``√((1-ρ)/(1+ρ))``, ``ρ`` the day-long lag-1 autocorrelation of ``z``
 (at most 0.95): what a model's slow misfit leaves behind is autocorrelated, and an autocorrelated
 residual sums like an independent one of variance ``(1+ρ)/(1-ρ)``, so unscaled it would cross ``h``
-with no fault. The noise statistic uses consecutive differences, which are blind to a slow misfit or
-an offset (those are the CUSUM's), in the series' units (``z``'s σ changes with the model in use), and
-compares them with the current level's long-run difference variance (noise depends on the load; the
-reference stops learning while the short ratio is more than 4 standard errors above 1, so hours of
-tripled noise stay an alarm).
+with no fault. A series the lag model explains (temperature) carries that model's slow misfit, as
+large as the faults sought and as slow (a fixed lag basis fits a response to a fraction of its size;
+the peers' common mode fits the hall's ambient to a fraction of a degree), so its CUSUM is a **jump
+CUSUM**: the error minus the one-step forecast of a local linear trend (Brown's double exponential
+smoothing over 16 samples, which follows a misfit's level and slope), in that forecast error's own
+long-run σ, widened while the response to a load change is still moving. A temperature cannot jump; a
+sensor fault does. It sums once the load input is settled (its level known, the visit's offset
+learned) and the trend has learned over 16 samples, and restarts when the model in use changes; a
+re-fit of the lag model moves the trend with the prediction. 16 samples: a 2.5 σ step (the middle of
+the 2-3 σ steps to find) sums to ≈ ``h`` before the trend absorbs it. What it cannot see is a slow
+drift of a lag-modelled series smaller than the misfit.
+
+The noise statistic uses consecutive differences, which are blind to a slow misfit or an offset (those
+are the CUSUM's), in the series' units (``z``'s σ changes with the model in use), and compares them with
+the current level's long-run difference variance (noise depends on the load; the reference stops
+learning while the short ratio is more than 4 standard errors above 1, so hours of tripled noise stay an
+alarm).
 
 where ``p`` is the series' own rate of identical consecutive readings in its current level (a
 quantised sensor repeats itself more often; a stuck one repeats itself far longer than its rate

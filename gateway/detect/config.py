@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.detect.likelihood import LikelihoodParams
 from gateway.detect.machine import MODEL_DETECTORS, MachineModelParams
 
 __all__ = [
@@ -226,6 +227,7 @@ class DetectionConfig(_Section):
         " model's four (gateway.detect.machine); the classic per-series detectors stay available by name.",
     )
     machine: MachineModelParams = MachineModelParams()
+    likelihood: LikelihoodParams = LikelihoodParams()
     ewma: EwmaParams = EwmaParams()
     cusum: CusumParams = CusumParams()
     western_electric: WesternElectricParams = WesternElectricParams()

@@ -27,6 +27,7 @@ from gateway.detect.cusum import CusumDetector
 from gateway.detect.ewma import EwmaDetector
 from gateway.detect.flatline import FlatlineDetector
 from gateway.detect.kernel import FusedKernel, supports
+from gateway.detect.likelihood import ScoreLikelihood
 from gateway.detect.machine import MODEL_DETECTORS, MachineModel, ModelResult
 from gateway.detect.robust import RobustDetector
 from gateway.detect.spike import SpikeDetector
@@ -164,6 +165,9 @@ class _Profile:
         # Per detector code: was the series' last sample flagged by that detector (for onset events).
         self.prev_flag: npt.NDArray[np.bool_] = np.zeros((len(DETECTOR_NAMES), 0), np.bool_)
         self.peak: F64 = np.zeros(0, np.float64)
+        # the machine model's fused score, calibrated against its own distribution (gateway.detect.likelihood)
+        self.calib = ScoreLikelihood(config.likelihood, config.grace_samples, len(self.model_names)) \
+            if self.model_names and config.likelihood.scope != "off" else None
 
     def suppress(self, layout: BatchLayout, fused: F64) -> None:
         """Zero (in place) every fused score that does not beat its series' decaying recent peak."""
@@ -193,6 +197,8 @@ class _Profile:
                 st.put(f"d{i}", det.snapshot(n))
             if self.own_baseline:
                 st.put("baseline", self.baseline.snapshot(n))
+        if self.calib is not None:
+            st.put("likelihood", self.calib.snapshot(n))
         return st
 
     def restore(self, state: State) -> None:
@@ -209,6 +215,8 @@ class _Profile:
                 det.restore(state.sub(f"d{i}"))
             if self.own_baseline:
                 self.baseline.restore(state.sub("baseline"))
+        if self.calib is not None:
+            self.calib.restore(state.sub("likelihood"))
 
     def fuse(self, scores: list[F64], n: int) -> F64:
         fused = np.zeros(n, np.float64)
@@ -248,8 +256,8 @@ class AnomalyEngine:
     >>> ts = np.arange(n, dtype=np.int64) * 1_000_000_000
     >>> ev = eng.process(series, ts, values, ["temp_c", "pressure_bar"])
     >>> at = ev.ts_ns == 301_000_000_000
-    >>> sorted({d for d, a in zip(ev.detector, at) if a})
-    ['fused', 'residual_spike']
+    >>> sorted({d for d, a in zip(ev.detector, at) if a})  # lone series: every score calibrated, all improbable
+    ['fused', 'residual_cusum', 'residual_spike', 'residual_variance']
     >>> set(ev.series[at].tolist()), float(ev.value[at][0])
     ({1}, 35.0)
     """
@@ -414,6 +422,17 @@ class AnomalyEngine:
             prof.prev_flag[code, layout.rows] = False
         return out
 
+    def _calibrated(self, calib: ScoreLikelihood, layout: BatchLayout, raw: list[F64]) -> list[F64]:
+        """The machine model's scores (packed), those of the series ``likelihood.scope`` names replaced by
+        their calibrated values (only those series learn the calibration)."""
+        use: npt.NDArray[np.bool_] | None = None
+        if self.config.likelihood.scope == "lone":
+            use = np.asarray((self.model.s_sib[layout.rows] < 0).all(axis=1))  # no sibling: own levels only
+            if not use.any():
+                return raw
+        cal = calib.run(layout, np.stack(raw, axis=1), use)
+        return [np.ascontiguousarray(cal[:, c]) for c in range(len(raw))]
+
     def _run(self, prof: _Profile, series: I64, ts_ns: I64, values: F64, idx: I64 | None) -> AnomalyEvents:
         layout = BatchLayout.build(series)
         packed = layout.pack(values)
@@ -439,8 +458,8 @@ class AnomalyEngine:
             model = self._model
             if prof.model_names:
                 assert model is not None  # the machine model ran on every sample of this profile
-                scores += [layout.pack(model.scores[d] if idx is None else model.scores[d][idx])
-                           for d in prof.model_names]
+                own = [layout.pack(model.scores[d] if idx is None else model.scores[d][idx]) for d in prof.model_names]
+                scores += own if prof.calib is None else self._calibrated(prof.calib, layout, own)
             if prof.own_baseline:
                 prof.baseline.run(layout, packed)
             fused = prof.fuse(scores, n)

@@ -30,6 +30,7 @@ from gateway.detect.kernel import FusedKernel, supports
 from gateway.detect.likelihood import ScoreLikelihood
 from gateway.detect.machine import MODEL_DETECTORS, MachineModel, ModelResult
 from gateway.detect.robust import RobustDetector
+from gateway.detect.seasonal import SeasonalProfile
 from gateway.detect.spike import SpikeDetector
 from gateway.detect.western_electric import WesternElectricDetector
 
@@ -143,8 +144,17 @@ class _Profile:
         self.model_names = [d for d in profile.detectors if d in MODEL_DETECTORS]
         self.model_codes = [DETECTOR_NAMES.index(d) for d in self.model_names]
         self.model_weights = [float(weights.get(d, 1.0)) for d in self.model_names]  # type: ignore[call-overload]
+        # the time-of-day profile of lone series, a channel after the machine model's (calibrated with them)
+        self.seasonal = SeasonalProfile(config.seasonal, config.grace_samples) if "seasonal" in profile.detectors \
+            else None
+        if self.seasonal is not None:
+            if not self.model_names:
+                raise ValueError("detector 'seasonal' needs the machine model's detectors in the same set "
+                                 f"(it profiles the series the model finds lone), got {list(profile.detectors)}")
+            self.model_codes.append(DETECTOR_NAMES.index("seasonal"))
+            self.model_weights.append(float(weights.get("seasonal", 1.0)))
         for name in profile.detectors:
-            if name in MODEL_DETECTORS:
+            if name in MODEL_DETECTORS or name == "seasonal":
                 continue
             det = DETECTOR_CLASSES[name](**common, **profile.params[name].model_dump())
             self.detectors.append(det)
@@ -166,7 +176,7 @@ class _Profile:
         self.prev_flag: npt.NDArray[np.bool_] = np.zeros((len(DETECTOR_NAMES), 0), np.bool_)
         self.peak: F64 = np.zeros(0, np.float64)
         # the machine model's fused score, calibrated against its own distribution (gateway.detect.likelihood)
-        self.calib = ScoreLikelihood(config.likelihood, config.grace_samples, len(self.model_names)) \
+        self.calib = ScoreLikelihood(config.likelihood, config.grace_samples, len(self.model_codes)) \
             if self.model_names and config.likelihood.scope != "off" else None
 
     def suppress(self, layout: BatchLayout, fused: F64) -> None:
@@ -199,6 +209,8 @@ class _Profile:
                 st.put("baseline", self.baseline.snapshot(n))
         if self.calib is not None:
             st.put("likelihood", self.calib.snapshot(n))
+        if self.seasonal is not None:
+            st.put("seasonal", self.seasonal.snapshot(n))
         return st
 
     def restore(self, state: State) -> None:
@@ -217,6 +229,8 @@ class _Profile:
                 self.baseline.restore(state.sub("baseline"))
         if self.calib is not None:
             self.calib.restore(state.sub("likelihood"))
+        if self.seasonal is not None:
+            self.seasonal.restore(state.sub("seasonal"))
 
     def fuse(self, scores: list[F64], n: int) -> F64:
         fused = np.zeros(n, np.float64)
@@ -422,12 +436,13 @@ class AnomalyEngine:
             prof.prev_flag[code, layout.rows] = False
         return out
 
-    def _calibrated(self, calib: ScoreLikelihood, layout: BatchLayout, raw: list[F64]) -> list[F64]:
+    def _calibrated(self, calib: ScoreLikelihood, layout: BatchLayout, raw: list[F64],
+                    lone: npt.NDArray[np.bool_]) -> list[F64]:
         """The machine model's scores (packed), those of the series ``likelihood.scope`` names replaced by
-        their calibrated values (only those series learn the calibration)."""
+        their calibrated values (only those series learn the calibration); ``lone`` per local row."""
         use: npt.NDArray[np.bool_] | None = None
         if self.config.likelihood.scope == "lone":
-            use = np.asarray((self.model.s_sib[layout.rows] < 0).all(axis=1))  # no sibling: own levels only
+            use = lone
             if not use.any():
                 return raw
         cal = calib.run(layout, np.stack(raw, axis=1), use)
@@ -459,7 +474,11 @@ class AnomalyEngine:
             if prof.model_names:
                 assert model is not None  # the machine model ran on every sample of this profile
                 own = [layout.pack(model.scores[d] if idx is None else model.scores[d][idx]) for d in prof.model_names]
-                scores += own if prof.calib is None else self._calibrated(prof.calib, layout, own)
+                lone = np.asarray((self.model.s_sib[layout.rows] < 0).all(axis=1))  # no sibling: own levels only
+                if prof.seasonal is not None:
+                    sea = prof.seasonal.run(layout, packed, layout.pack(np.multiply(ts_ns, 1e-9)), lone)
+                    own.append(sea if prof.calib is not None else np.nan_to_num(sea, nan=0.0))
+                scores += own if prof.calib is None else self._calibrated(prof.calib, layout, own, lone)
             if prof.own_baseline:
                 prof.baseline.run(layout, packed)
             fused = prof.fuse(scores, n)

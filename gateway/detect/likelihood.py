@@ -13,7 +13,8 @@ over ``memory`` samples (a running mean while younger); ``p = Q((a - mean) / max
 (scored against the state before the sample, then learned); and the calibrated score is
 ``1 - 2**(-log p / log p_alarm)``: 0.5 at ``p = p_alarm``, 0.75 at ``p_alarm²``, as the ``stuck``
 detector maps its run probability. It is 0 for the first ``grace`` samples of a series (the detectors' raw
-scores are 0 then, so they are not learned either) and the next ``warm_up`` (learned only).
+scores are 0 then, so they are not learned either) and the next ``warm_up`` (learned only); a NaN raw
+score (a detector still warming up) scores 0 and is not learned.
 
 >>> import numpy as np
 >>> from gateway.detect.base import BatchLayout
@@ -123,6 +124,9 @@ def _calibrate(rows: Any, active: Any, offsets: Any, use: Any, raw: Any, st: Any
                     out[i, c] = 0.0
                     continue
                 x = raw[i, c]
+                if math.isnan(x):  # the detector has no score yet (warming up): nothing to report or learn
+                    out[i, c] = 0.0
+                    continue
                 n = row[C_N]
                 avg = x if n == 0.0 else row[C_AVG] + beta * (x - row[C_AVG])
                 score = 0.0

@@ -8,6 +8,8 @@ half-life of ``fusion.holdoff`` samples, so a repeat of the same alarm soon afte
 ``expected`` and ``zscore`` of every event come from the EWMA baseline (mean and z of the sample
 against the state before it), whichever detector flagged it. By default the detectors run fused in one
 loop (:mod:`gateway.detect.kernel`, same scores); the separate classes run when the kernel does not apply.
+On a lone series (no sibling metric) the machine model's scores and ``seasonal``'s are first replaced by
+their calibrated values (:mod:`gateway.detect.likelihood`), before fusion.
 """
 
 from __future__ import annotations

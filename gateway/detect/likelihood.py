@@ -41,12 +41,12 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.batch import F64, room_for
+from gateway.batch import F64, I64, room_for
 from gateway.checkpoint import State
 from gateway.detect import kernels as _kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before any compile)
 from gateway.detect.base import BatchLayout
 
-__all__ = ["LikelihoodParams", "ScoreLikelihood"]
+__all__ = ["LikelihoodParams", "ScoreLikelihood", "Slots"]
 
 C_N = 0  # samples seen
 C_AVG = 1  # short EWMA of the raw score
@@ -98,9 +98,9 @@ class LikelihoodParams(BaseModel):
 
 
 @numba.njit(cache=True, nogil=True)
-def _calibrate(rows: Any, active: Any, offsets: Any, use: Any, raw: Any, st: Any, prm: Any, out: Any) -> None:
-    """Score then learn every packed sample and channel of the local rows ``use`` marks, step by step (each
-    series' samples in order); the other rows keep their raw scores and learn nothing."""
+def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: Any, out: Any) -> None:
+    """Score then learn every packed sample and channel of the local rows with a state slot (``slots[r]`` ≥ 0),
+    step by step (each series' samples in order); the other rows keep their raw scores and learn nothing."""
     grace = prm[0]
     memory = prm[1]
     beta = prm[2]
@@ -111,9 +111,9 @@ def _calibrate(rows: Any, active: Any, offsets: Any, use: Any, raw: Any, st: Any
     for k in range(active.shape[0]):
         a = offsets[k]
         for r in range(active[k]):
-            s = rows[r]
+            s = slots[r]
             i = a + r
-            if not use[r]:
+            if s < 0:
                 for c in range(n_ch):
                     out[i, c] = raw[i, c]
                 continue
@@ -150,9 +150,59 @@ def _calibrate(rows: Any, active: Any, offsets: Any, use: Any, raw: Any, st: Any
                 row[C_N] = n
 
 
+class Slots:
+    """Dense state slots for the few series that need them (lone series among many with siblings): a map
+    series id → slot (-1: none), slots handed out in order of first use (by series id within a batch).
+    A snapshot is canonical (by series id), so it does not depend on where batches were cut.
+
+    >>> sl = Slots()
+    >>> sl.assign(np.array([9, 4, 7]), np.array([True, False, True])).tolist()
+    [1, -1, 0]
+    >>> sl.assign(np.array([4, 9]), np.array([True, True])).tolist(), sl.ids.tolist()
+    ([2, 1], [7, 9, 4])
+    """
+
+    def __init__(self) -> None:
+        self._of: I64 = np.full(0, -1, np.int64)
+        self.ids: I64 = np.zeros(0, np.int64)  # series id of each slot
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def assign(self, rows: I64, use: npt.NDArray[np.bool_]) -> I64:
+        """Slot of each of ``rows`` (distinct series ids) where ``use``, a new one if it has none; else -1."""
+        need = int(rows.max()) + 1
+        if self._of.shape[0] < need:
+            self._of = room_for(self._of, self._of.shape[0], need, -1)
+        slot = self._of[rows]
+        new = use & (slot < 0)
+        if new.any():
+            ids = np.sort(rows[new])
+            self._of[ids] = np.arange(len(self), len(self) + ids.shape[0])
+            self.ids = np.concatenate((self.ids, ids))
+            slot = self._of[rows]
+        out: I64 = np.where(use, slot, -1)
+        return out
+
+    def order(self) -> I64:
+        """Slots by series id (a canonical order for snapshots)."""
+        out: I64 = np.argsort(self.ids, kind="stable")
+        return out
+
+    def restore(self, ids: I64) -> None:
+        """Slots ``0..len(ids)-1`` for the series ``ids`` (sorted, distinct), as :meth:`order` saved them."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.dtype != np.int64 or (ids.shape[0] > 1 and bool((np.diff(ids) <= 0).any())) \
+                or (ids.shape[0] and int(ids[0]) < 0):
+            raise ValueError(f"slot ids have shape {ids.shape} {ids.dtype}, expected sorted distinct int64 ids")
+        self.ids = ids.copy()
+        self._of = np.full(int(ids.max()) + 1 if ids.shape[0] else 0, -1, np.int64)
+        self._of[ids] = np.arange(ids.shape[0])
+
+
 class ScoreLikelihood:
-    """Per-series calibration state of ``channels`` raw scores in one flat ``(series, channels, 5)`` array;
-    :meth:`run` scores then learns."""
+    """Calibration state of ``channels`` raw scores in one flat ``(slots, channels, 5)`` array, a slot per
+    series calibrated (:class:`Slots`); :meth:`run` scores then learns."""
 
     def __init__(self, params: LikelihoodParams, grace: int = 30, channels: int = 1) -> None:
         self.params = params
@@ -162,13 +212,15 @@ class ScoreLikelihood:
                               params.sd_floor, float(params.warm_up)], np.float64)
         self._buf = np.zeros((0, self.channels, N_C))
         self.state = self._buf
+        self.slots = Slots()
 
     @property
     def n_series(self) -> int:
-        return int(self.state.shape[0])
+        """Series with a calibration state."""
+        return len(self.slots)
 
     def _grow(self, needed: int) -> None:
-        have = self.n_series
+        have = int(self.state.shape[0])
         if needed <= have:
             return
         buf = self._buf if self.state.base is self._buf else self.state
@@ -184,23 +236,25 @@ class ScoreLikelihood:
         out = np.zeros(raw.shape, np.float64)
         if layout.n_steps == 0:
             return out
-        self._grow(int(layout.rows.max()) + 1)
-        mask = np.ones(layout.rows.shape[0], np.bool_) if use is None else np.ascontiguousarray(use, np.bool_)
-        _calibrate(layout.rows, layout.active, layout.offsets, mask, raw, self.state, self._prm, out)
+        mask = np.ones(layout.rows.shape[0], np.bool_) if use is None else np.asarray(use, np.bool_)
+        slots = self.slots.assign(layout.rows, mask)
+        self._grow(len(self.slots))
+        _calibrate(slots, layout.active, layout.offsets, raw, self.state, self._prm, out)
         return out
 
     def snapshot(self, n: int | None = None) -> State:
-        """The state of series ids below ``n`` (all allocated by default), a copy."""
-        size = self.n_series if n is None else n
-        arr = np.zeros((size, self.channels, N_C))
-        m = min(size, self.n_series)
-        arr[:m] = self.state[:m]
-        return State({}, {"state": arr})
+        """The state of the calibrated series (of ids below ``n``, default all), by series id, copies."""
+        o = self.slots.order()
+        if n is not None:
+            o = o[self.slots.ids[o] < n]
+        return State({}, {"ids": self.slots.ids[o], "state": self.state[o]})
 
     def restore(self, state: State) -> None:
         """Continue from a :meth:`snapshot`."""
-        arr = state.array("state")
-        if arr.shape[1:] != (self.channels, N_C) or arr.dtype != np.float64:
+        arr, ids = state.array("state"), state.array("ids")
+        if arr.shape[1:] != (self.channels, N_C) or arr.dtype != np.float64 or arr.shape[0] != ids.shape[0]:
             raise ValueError(f"likelihood state has shape {arr.shape} {arr.dtype}, "
-                             f"expected (n, {self.channels}, {N_C}) float64")
+                             f"expected ({ids.shape[0]}, {self.channels}, {N_C}) float64")
+        self.slots = Slots()
+        self.slots.restore(ids)
         self.state = self._buf = np.array(arr, np.float64)

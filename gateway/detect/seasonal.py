@@ -44,6 +44,7 @@ from gateway.batch import F64, room_for
 from gateway.checkpoint import State
 from gateway.detect import kernels as _kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before any compile)
 from gateway.detect.base import BatchLayout
+from gateway.detect.likelihood import Slots
 
 __all__ = ["SeasonalParams", "SeasonalProfile"]
 
@@ -75,9 +76,9 @@ class SeasonalParams(BaseModel):
 
 
 @numba.njit(cache=True, nogil=True)
-def _seasonal(rows: Any, active: Any, offsets: Any, use: Any, x: Any, t: Any, bk: Any, hd: Any, prm: Any,
-              out: Any) -> None:
-    """Score then learn every packed sample of the rows ``use`` marks (each series' samples in order)."""
+def _seasonal(slots: Any, active: Any, offsets: Any, x: Any, t: Any, bk: Any, hd: Any, prm: Any, out: Any) -> None:
+    """Score then learn every packed sample of the local rows with a state slot (``slots[r]`` ≥ 0; each
+    series' samples in order)."""
     grace = prm[0]
     period = prm[1]
     nb = int(prm[2])
@@ -91,9 +92,9 @@ def _seasonal(rows: Any, active: Any, offsets: Any, use: Any, x: Any, t: Any, bk
         for r in range(active[k]):
             i = a + r
             out[i] = 0.0
-            if not use[r]:
+            s = slots[r]
+            if s < 0:
                 continue
-            s = rows[r]
             h = hd[s]
             tv = t[i]
             xv = x[i]
@@ -124,7 +125,8 @@ def _seasonal(rows: Any, active: Any, offsets: Any, use: Any, x: Any, t: Any, bk
 
 
 class SeasonalProfile:
-    """Per-series bucket state ``(series, buckets, 3)`` and head ``(series, 3)``; :meth:`run` scores then learns."""
+    """Bucket state ``(slots, buckets, 3)`` and head ``(slots, 3)``, a slot per profiled series
+    (:class:`gateway.detect.likelihood.Slots`); :meth:`run` scores then learns."""
 
     def __init__(self, params: SeasonalParams, grace: int = 30) -> None:
         self.params = params
@@ -132,14 +134,16 @@ class SeasonalProfile:
                               params.z_alarm, float(params.min_samples)], np.float64)
         self.buckets = np.zeros((0, params.buckets, N_B))
         self.head = np.zeros((0, N_H))
+        self.slots = Slots()
         self._bufs: dict[str, npt.NDArray[Any]] = {}
 
     @property
     def n_series(self) -> int:
-        return int(self.head.shape[0])
+        """Series profiled."""
+        return len(self.slots)
 
     def _grow(self, needed: int) -> None:
-        have = self.n_series
+        have = int(self.head.shape[0])
         if needed <= have:
             return
         for name in ("buckets", "head"):
@@ -158,28 +162,27 @@ class SeasonalProfile:
         out = np.zeros(values.shape[0], np.float64)
         if layout.n_steps == 0 or not use.any():
             return out
-        self._grow(int(layout.rows.max()) + 1)
-        _seasonal(layout.rows, layout.active, layout.offsets, np.ascontiguousarray(use, np.bool_),
-                  np.ascontiguousarray(values, np.float64), np.ascontiguousarray(t_s, np.float64), self.buckets,
-                  self.head, self._prm, out)
+        slots = self.slots.assign(layout.rows, np.asarray(use, np.bool_))
+        self._grow(len(self.slots))
+        _seasonal(slots, layout.active, layout.offsets, np.ascontiguousarray(values, np.float64),
+                  np.ascontiguousarray(t_s, np.float64), self.buckets, self.head, self._prm, out)
         return out
 
     def snapshot(self, n: int | None = None) -> State:
-        """The state of series ids below ``n`` (all allocated by default), copies."""
-        size = self.n_series if n is None else n
-        m = min(size, self.n_series)
-        b = np.zeros((size, self.params.buckets, N_B))
-        h = np.zeros((size, N_H))
-        b[:m] = self.buckets[:m]
-        h[:m] = self.head[:m]
-        return State({}, {"buckets": b, "head": h})
+        """The state of the profiled series (of ids below ``n``, default all), by series id, copies."""
+        o = self.slots.order()
+        if n is not None:
+            o = o[self.slots.ids[o] < n]
+        return State({}, {"ids": self.slots.ids[o], "buckets": self.buckets[o], "head": self.head[o]})
 
     def restore(self, state: State) -> None:
         """Continue from a :meth:`snapshot`."""
-        b, h = state.array("buckets"), state.array("head")
-        if b.shape[1:] != (self.params.buckets, N_B) or h.shape[1:] != (N_H,) or b.shape[0] != h.shape[0] \
-                or b.dtype != np.float64 or h.dtype != np.float64:
+        ids, b, h = state.array("ids"), state.array("buckets"), state.array("head")
+        if b.shape[1:] != (self.params.buckets, N_B) or h.shape[1:] != (N_H,) or not b.shape[0] == h.shape[0] \
+                == ids.shape[0] or b.dtype != np.float64 or h.dtype != np.float64:
             raise ValueError(f"seasonal state has shapes {b.shape} {h.shape}")
+        self.slots = Slots()
+        self.slots.restore(ids)
         self.buckets = np.array(b, np.float64)
         self.head = np.array(h, np.float64)
         self._bufs = {}

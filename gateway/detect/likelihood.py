@@ -57,16 +57,17 @@ N_C = 5
 
 
 class LikelihoodParams(BaseModel):
-    """``[detect.likelihood]``: the fused score reported as its tail probability (see the module docstring)."""
+    """``[detect.likelihood]``: each machine-model score (and ``seasonal``'s) of a lone series reported as its
+    tail probability (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scope: Literal["lone", "all", "off"] = Field(
         "lone",
         description="Which series report the calibrated score: 'lone' the series of the machine model with no "
-        "sibling metric and no state channel (nothing explains its regime changes but its own history, so "
-        "its raw score is not Gaussian-calibrated); 'all' every series of the machine model; 'off' none. "
-        "Only those series learn the distribution.",
+        "sibling metric on their machine (no lag fit: only its own levels, and a state channel's regimes "
+        "if it has one, explain it, so its raw score is not Gaussian-calibrated); 'all' every series of the "
+        "machine model; 'off' none. Only those series learn the distribution.",
     )
     memory: float = Field(
         8640.0, gt=1,

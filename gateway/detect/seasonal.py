@@ -1,7 +1,7 @@
 """The ``seasonal`` detector: a lone series against its own profile of the time of day.
 
-A series with no sibling metric and no state channel (a lone metric: a room temperature, a request
-rate, a CPU load) has nothing but its own history to explain why it rises every morning: the machine
+A series with no sibling metric on its machine (a lone metric: a room temperature, a request rate, a
+CPU load) has nothing but its own history to explain why it rises every morning: the machine
 model's levels see a daily cycle as drifts and level changes. So each such series keeps a profile of
 the day in ``buckets`` buckets of the time of day (hourly by default: it resolves the daily cycle and
 its harmonics up to 12 a day), each a mean and variance of the readings that fell into it, forgotten

@@ -59,7 +59,12 @@ N_H = 3
 
 
 class SeasonalParams(BaseModel):
-    """``[detect.seasonal]``: the time-of-day profile of a lone series (``seasonal``)."""
+    """``[detect.seasonal]``: the time-of-day profile of a lone series (``seasonal``).
+
+    >>> p = SeasonalParams()
+    >>> p.period_s / p.buckets, p.memory_periods  # hourly buckets, 4 weeks
+    (3600.0, 28.0)
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("default engine (machine model + events, siblings, peers)",
                  _rate(lambda s, t, v: default.process(s, t, v, metrics, machines), batches)))
     default_rate = rows[-1][1]
+    lone = AnomalyEngine(DetectionConfig())
+    lone_metrics = ["value"] * args.series
+    rows.append(("default engine, lone series (calibrated, + seasonal)",
+                 _rate(lambda s, t, v: lone.process(s, t, v, lone_metrics), batches)))
     cfg = DetectionConfig(detectors=CLASSIC_DETECTORS)
     metrics = ["temp_c"] * args.series
     classes = AnomalyEngine(cfg)

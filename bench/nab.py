@@ -10,7 +10,7 @@ detection outside every window costs fp × a scaled sigmoid of its distance past
 (-fp before the first window). One threshold is swept over the whole corpus; the normalised score is
 100·(raw − null)/(perfect − null), null never fires, perfect fires at each window's first row.
 
-Usage: ``python bench/nab.py [--data DIR] [--results DIR] [--detector NAME] [--check]``
+Usage: ``python bench/nab.py [--data DIR] [--results DIR] [--detector NAME] [--raw-scores] [--lofo]``
 """
 
 from __future__ import annotations
@@ -201,6 +201,29 @@ def evaluate(names: list[str], stamps: list[list[datetime]], scores: list[np.nda
     return result
 
 
+def lofo(names: list[str], stamps: list[list[datetime]], scores: list[np.ndarray], windows: Windows,
+         weights: tuple[float, float, float] = PROFILES["standard"]) -> float:
+    """Leave-one-file-out: each file scored at the threshold swept on the other files; the held-out raw
+    scores are summed and normalised over the whole corpus (100·(Σ raw − null)/(perfect − null))."""
+    parts: list[FileParts] = []
+    wid = 0
+    for name, ts, sc in zip(names, stamps, scores, strict=True):
+        parts.append(file_parts(name, ts, sc, windows[name], wid))
+        wid += len(windows[name])
+    total = 0.0
+    print(f"\n[leave-one-file-out, {next(k for k, v in PROFILES.items() if v == weights)}]")
+    for i, p in enumerate(parts):
+        t, _ = sweep(parts[:i] + parts[i + 1 :], weights)
+        raw, hit, fp = score_at(p, t, weights)
+        total += raw
+        print(f"  {p.name:55s} threshold={t:<9.6g} {hit:>3d}/{p.n_windows:<4d} FP {fp:>4d} raw {raw:8.3f}")
+    n_windows = sum(p.n_windows for p in parts)
+    null, perfect = -weights[2] * n_windows, weights[0] * n_windows
+    norm = 100.0 * (total - null) / (perfect - null)
+    print(f"  LOFO score={norm:.2f}")
+    return norm
+
+
 def sanity(names: list[str], stamps: list[list[datetime]],
            windows: dict[str, list[tuple[datetime, datetime]]]) -> None:
     """Perfect (fires at each window's first row) must score 100, null (never fires) 0."""
@@ -226,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detector", default=None, help="score one named detector instead of the fused set")
     ap.add_argument("--raw-scores", action="store_true",
                     help="score the fused score of every row, not only the rows where an anomaly point is written")
+    ap.add_argument("--lofo", action="store_true",
+                    help="also score leave-one-file-out (each file at the threshold swept on the others)")
     args = ap.parse_args(argv)
     data = args.data.resolve()
     tmp = None
@@ -241,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     names, stamps, scores, windows = load(data, results)
     sanity(names, stamps, windows)
     evaluate(names, stamps, scores, windows)
+    if args.lofo:
+        lofo(names, stamps, scores, windows)
     print("\n" + REFERENCES)
     if tmp is not None:
         tmp.cleanup()

@@ -22,7 +22,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.detect.likelihood import LikelihoodParams
 from gateway.detect.machine import MODEL_DETECTORS, MachineModelParams
+from gateway.detect.seasonal import SeasonalParams
 
 __all__ = [
     "CLASSIC_DETECTORS",
@@ -43,14 +45,16 @@ __all__ = [
 
 DetectorName = Literal[
     "ewma", "cusum", "western_electric", "robust", "flatline", "spike",
-    "residual_spike", "residual_cusum", "residual_variance", "stuck",
+    "residual_spike", "residual_cusum", "residual_variance", "stuck", "seasonal",
 ]
 # Event codes index this tuple: new detectors go at the end (stored codes keep their meaning).
 DETECTOR_NAMES: tuple[str, ...] = (
-    "ewma", "cusum", "western_electric", "robust", "flatline", "spike", *MODEL_DETECTORS,
+    "ewma", "cusum", "western_electric", "robust", "flatline", "spike", *MODEL_DETECTORS, "seasonal",
 )
 CLASSIC_DETECTORS: tuple[DetectorName, ...] = ("ewma", "cusum", "western_electric", "robust", "flatline", "spike")
-DEFAULT_DETECTORS: tuple[DetectorName, ...] = ("residual_spike", "residual_cusum", "residual_variance", "stuck")
+DEFAULT_DETECTORS: tuple[DetectorName, ...] = (
+    "residual_spike", "residual_cusum", "residual_variance", "stuck", "seasonal",
+)
 
 
 class _Section(BaseModel):
@@ -223,9 +227,13 @@ class DetectionConfig(_Section):
     detectors: tuple[DetectorName, ...] = Field(
         DEFAULT_DETECTORS,
         description="Detectors run on every metric unless a rule replaces the set. The default is the machine"
-        " model's four (gateway.detect.machine); the classic per-series detectors stay available by name.",
+        " model's four (gateway.detect.machine) and, for lone series (no sibling metric), their time-of-day"
+        " profile (seasonal, gateway.detect.seasonal; it needs the machine model's detectors in the set); the"
+        " classic per-series detectors stay available by name.",
     )
     machine: MachineModelParams = MachineModelParams()
+    likelihood: LikelihoodParams = LikelihoodParams()
+    seasonal: SeasonalParams = SeasonalParams()
     ewma: EwmaParams = EwmaParams()
     cusum: CusumParams = CusumParams()
     western_electric: WesternElectricParams = WesternElectricParams()

@@ -8,6 +8,8 @@ half-life of ``fusion.holdoff`` samples, so a repeat of the same alarm soon afte
 ``expected`` and ``zscore`` of every event come from the EWMA baseline (mean and z of the sample
 against the state before it), whichever detector flagged it. By default the detectors run fused in one
 loop (:mod:`gateway.detect.kernel`, same scores); the separate classes run when the kernel does not apply.
+On a lone series (no sibling metric) the machine model's scores and ``seasonal``'s are first replaced by
+their calibrated values (:mod:`gateway.detect.likelihood`), before fusion.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from gateway.detect.cusum import CusumDetector
 from gateway.detect.ewma import EwmaDetector
 from gateway.detect.flatline import FlatlineDetector
 from gateway.detect.kernel import FusedKernel, supports
+from gateway.detect.likelihood import ScoreLikelihood
 from gateway.detect.machine import MODEL_DETECTORS, MachineModel, ModelResult
 from gateway.detect.robust import RobustDetector
+from gateway.detect.seasonal import SeasonalProfile
 from gateway.detect.spike import SpikeDetector
 from gateway.detect.western_electric import WesternElectricDetector
 
@@ -142,8 +146,17 @@ class _Profile:
         self.model_names = [d for d in profile.detectors if d in MODEL_DETECTORS]
         self.model_codes = [DETECTOR_NAMES.index(d) for d in self.model_names]
         self.model_weights = [float(weights.get(d, 1.0)) for d in self.model_names]  # type: ignore[call-overload]
+        # the time-of-day profile of lone series, a channel after the machine model's (calibrated with them)
+        self.seasonal = SeasonalProfile(config.seasonal, config.grace_samples) if "seasonal" in profile.detectors \
+            else None
+        if self.seasonal is not None:
+            if not self.model_names:
+                raise ValueError("detector 'seasonal' needs the machine model's detectors in the same set "
+                                 f"(it profiles the series the model finds lone), got {list(profile.detectors)}")
+            self.model_codes.append(DETECTOR_NAMES.index("seasonal"))
+            self.model_weights.append(float(weights.get("seasonal", 1.0)))
         for name in profile.detectors:
-            if name in MODEL_DETECTORS:
+            if name in MODEL_DETECTORS or name == "seasonal":
                 continue
             det = DETECTOR_CLASSES[name](**common, **profile.params[name].model_dump())
             self.detectors.append(det)
@@ -164,6 +177,9 @@ class _Profile:
         # Per detector code: was the series' last sample flagged by that detector (for onset events).
         self.prev_flag: npt.NDArray[np.bool_] = np.zeros((len(DETECTOR_NAMES), 0), np.bool_)
         self.peak: F64 = np.zeros(0, np.float64)
+        # the machine model's fused score, calibrated against its own distribution (gateway.detect.likelihood)
+        self.calib = ScoreLikelihood(config.likelihood, config.grace_samples, len(self.model_codes)) \
+            if self.model_names and config.likelihood.scope != "off" else None
 
     def suppress(self, layout: BatchLayout, fused: F64) -> None:
         """Zero (in place) every fused score that does not beat its series' decaying recent peak."""
@@ -193,6 +209,10 @@ class _Profile:
                 st.put(f"d{i}", det.snapshot(n))
             if self.own_baseline:
                 st.put("baseline", self.baseline.snapshot(n))
+        if self.calib is not None:
+            st.put("likelihood", self.calib.snapshot(n))
+        if self.seasonal is not None:
+            st.put("seasonal", self.seasonal.snapshot(n))
         return st
 
     def restore(self, state: State) -> None:
@@ -209,6 +229,10 @@ class _Profile:
                 det.restore(state.sub(f"d{i}"))
             if self.own_baseline:
                 self.baseline.restore(state.sub("baseline"))
+        if self.calib is not None:
+            self.calib.restore(state.sub("likelihood"))
+        if self.seasonal is not None:
+            self.seasonal.restore(state.sub("seasonal"))
 
     def fuse(self, scores: list[F64], n: int) -> F64:
         fused = np.zeros(n, np.float64)
@@ -248,8 +272,8 @@ class AnomalyEngine:
     >>> ts = np.arange(n, dtype=np.int64) * 1_000_000_000
     >>> ev = eng.process(series, ts, values, ["temp_c", "pressure_bar"])
     >>> at = ev.ts_ns == 301_000_000_000
-    >>> sorted({d for d, a in zip(ev.detector, at) if a})
-    ['fused', 'residual_spike']
+    >>> sorted({d for d, a in zip(ev.detector, at) if a})  # lone series: every score calibrated, all improbable
+    ['fused', 'residual_cusum', 'residual_spike', 'residual_variance']
     >>> set(ev.series[at].tolist()), float(ev.value[at][0])
     ({1}, 35.0)
     """
@@ -414,6 +438,18 @@ class AnomalyEngine:
             prof.prev_flag[code, layout.rows] = False
         return out
 
+    def _calibrated(self, calib: ScoreLikelihood, layout: BatchLayout, raw: list[F64],
+                    lone: npt.NDArray[np.bool_]) -> list[F64]:
+        """The machine model's scores (packed), those of the series ``likelihood.scope`` names replaced by
+        their calibrated values (only those series learn the calibration); ``lone`` per local row."""
+        use: npt.NDArray[np.bool_] | None = None
+        if self.config.likelihood.scope == "lone":
+            use = lone
+            if not use.any():
+                return raw
+        cal = calib.run(layout, np.stack(raw, axis=1), use)
+        return [np.ascontiguousarray(cal[:, c]) for c in range(len(raw))]
+
     def _run(self, prof: _Profile, series: I64, ts_ns: I64, values: F64, idx: I64 | None) -> AnomalyEvents:
         layout = BatchLayout.build(series)
         packed = layout.pack(values)
@@ -439,8 +475,12 @@ class AnomalyEngine:
             model = self._model
             if prof.model_names:
                 assert model is not None  # the machine model ran on every sample of this profile
-                scores += [layout.pack(model.scores[d] if idx is None else model.scores[d][idx])
-                           for d in prof.model_names]
+                own = [layout.pack(model.scores[d] if idx is None else model.scores[d][idx]) for d in prof.model_names]
+                lone = np.asarray((self.model.s_sib[layout.rows] < 0).all(axis=1))  # no sibling: own levels only
+                if prof.seasonal is not None:
+                    sea = prof.seasonal.run(layout, packed, layout.pack(np.multiply(ts_ns, 1e-9)), lone)
+                    own.append(sea if prof.calib is not None else np.nan_to_num(sea, nan=0.0))
+                scores += own if prof.calib is None else self._calibrated(prof.calib, layout, own, lone)
             if prof.own_baseline:
                 prof.baseline.run(layout, packed)
             fused = prof.fuse(scores, n)

@@ -357,4 +357,11 @@ def warm_up() -> None:
 
     >>> warm_up()  # a throwaway model: no detector's state is touched
     """
+    from gateway.detect.base import BatchLayout  # the lone-series kernels too (calibration, time-of-day profile)
+    from gateway.detect.likelihood import LikelihoodParams, ScoreLikelihood
+    from gateway.detect.seasonal import SeasonalParams, SeasonalProfile
+
     MachineModel(MachineModelParams(), grace=1).run(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1))
+    lay = BatchLayout.build(np.zeros(1, np.int64))
+    ScoreLikelihood(LikelihoodParams(), grace=1).run(lay, np.ones((1, 1)))
+    SeasonalProfile(SeasonalParams(), grace=1).run(lay, np.ones(1), np.zeros(1), np.ones(1, np.bool_))

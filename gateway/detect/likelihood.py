@@ -1,0 +1,274 @@
+"""Calibrated scores: how improbable a series' raw score is given its own recent distribution.
+
+A detector's alarm point is set in σ units, which is right only where its model fits: on a series the
+model explains poorly (a lone metric with a trend, daily and weekly cycles and level shifts, no sibling
+and no state channel to explain them) the raw score reaches its alarm point over and over. The leading
+NAB detectors (HTM, ARTime, CAD-OSE) therefore report Numenta's *anomaly likelihood* rather than the raw
+score: the raw score is smoothed over the latest few samples, its long-run mean and variance are
+learned per series, and the score is the Gaussian tail probability ``p`` of the current smoothed value.
+One threshold on ``p`` then fits many series.
+
+Here the smoothed raw score ``a`` is an EWMA over ``average`` samples; its mean and variance an EWMA
+over ``memory`` samples (a running mean while younger); ``p = Q((a - mean) / max(sd, sd_floor))``
+(scored against the state before the sample, then learned); and the calibrated score is
+``1 - 2**(-log p / log p_alarm)``: 0.5 at ``p = p_alarm``, 0.75 at ``p_alarm²``, as the ``stuck``
+detector maps its run probability. It is 0 for the first ``grace`` samples of a series (the detectors' raw
+scores are 0 then, so they are not learned either) and the next ``warm_up`` (learned only); a NaN raw
+score (a detector still warming up) scores 0 and is not learned.
+
+>>> import numpy as np
+>>> from gateway.detect.base import BatchLayout
+>>> cal = ScoreLikelihood(LikelihoodParams(), grace=30)
+>>> rng = np.random.default_rng(0)
+>>> noisy = np.clip(rng.normal(0.5, 0.2, 600), 0, 1)    # a series whose raw score is high all the time
+>>> quiet = np.clip(rng.normal(0.1, 0.02, 600), 0, 1)   # one whose raw score is low ...
+>>> quiet[500] = 0.9                                    # ... but for one sample
+>>> series = np.tile(np.array([0, 1], np.int64), 600)
+>>> raw = np.ravel(np.column_stack([noisy, quiet]))
+>>> lay = BatchLayout.build(series)
+>>> out = lay.unpack(cal.run(lay, lay.pack(raw))[:, 0])
+>>> bool((out[series == 0] >= 0.5).any()), np.flatnonzero(out[series == 1] >= 0.5).tolist()
+(False, [500])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numba
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.batch import F64, I64, room_for
+from gateway.checkpoint import State
+from gateway.detect import kernels as _kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before any compile)
+from gateway.detect.base import BatchLayout
+
+__all__ = ["LikelihoodParams", "ScoreLikelihood", "Slots"]
+
+C_N = 0  # samples seen
+C_AVG = 1  # short EWMA of the raw score
+C_MU = 2  # long-run mean of that average
+C_VAR = 3  # long-run variance of that average
+C_G = 4  # samples of the series seen (the first grace ones are not learned)
+N_C = 5
+
+
+class LikelihoodParams(BaseModel):
+    """``[detect.likelihood]``: each machine-model score (and ``seasonal``'s) of a lone series reported as its
+    tail probability (see the module docstring).
+
+    >>> p = LikelihoodParams()
+    >>> p.scope, p.memory, p.p_alarm
+    ('lone', 8640.0, 1e-05)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scope: Literal["lone", "all", "off"] = Field(
+        "lone",
+        description="Which series report the calibrated score: 'lone' the series of the machine model with no "
+        "sibling metric on their machine (no lag fit: only its own levels, and a state channel's regimes "
+        "if it has one, explain it, so its raw score is not Gaussian-calibrated); 'all' every series of the "
+        "machine model; 'off' none. Only those series learn the distribution.",
+    )
+    memory: float = Field(
+        8640.0, gt=1,
+        description="Samples of memory of the smoothed score's mean and variance (EWMA, a running mean while "
+        "younger). Numenta's historic window: 30 days of 5-minute samples, long enough to span weekly cycles.",
+    )
+    average: float = Field(
+        1.0, ge=1,
+        description="Samples the raw score is smoothed over (EWMA factor 2/(average+1)) before its tail "
+        "probability is taken. 1 = none: the machine model's statistics already integrate over time "
+        "(CUSUM, noise EWMA), and a spike is a single sample.",
+    )
+    p_alarm: float = Field(
+        1e-5, gt=0, lt=0.5,
+        description="Tail probability that maps to score 0.5 (the alarm point). Numenta's red threshold "
+        "(likelihood 1 - 1e-5); as a budget, one false alarm per 10⁵ samples of a well-fitted series.",
+    )
+    warm_up: int = Field(
+        100, ge=1,
+        description="Samples of the raw score learned (after the detectors' grace period, when raw scores are "
+        "still 0) before the calibrated score is reported: Numenta's estimation samples; σ estimated from "
+        "100 samples is within 7 % (1/√(2n)).",
+    )
+    sd_floor: float = Field(
+        0.0039, gt=0,
+        description="Least σ of the smoothed score (Numenta's floor, variance 1.5e-5): a series whose score "
+        "has been constant does not turn every tiny blip into an alarm.",
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: Any, out: Any) -> None:
+    """Score then learn every packed sample and channel of the local rows with a state slot (``slots[r]`` ≥ 0),
+    step by step (each series' samples in order); the other rows keep their raw scores and learn nothing."""
+    grace = prm[0]
+    memory = prm[1]
+    beta = prm[2]
+    log_alarm = math.log(prm[3])
+    floor = prm[4]
+    warm = prm[5]
+    n_ch = raw.shape[1]
+    for k in range(active.shape[0]):
+        a = offsets[k]
+        for r in range(active[k]):
+            s = slots[r]
+            i = a + r
+            if s < 0:
+                for c in range(n_ch):
+                    out[i, c] = raw[i, c]
+                continue
+            for c in range(n_ch):
+                row = st[s, c]
+                row[C_G] += 1.0
+                if row[C_G] <= grace:  # the detectors' grace period: raw scores are 0, nothing to learn
+                    out[i, c] = 0.0
+                    continue
+                x = raw[i, c]
+                if math.isnan(x):  # the detector has no score yet (warming up): nothing to report or learn
+                    out[i, c] = 0.0
+                    continue
+                n = row[C_N]
+                avg = x if n == 0.0 else row[C_AVG] + beta * (x - row[C_AVG])
+                score = 0.0
+                if n >= warm:
+                    sd = math.sqrt(row[C_VAR])
+                    if sd < floor:
+                        sd = floor
+                    p = 0.5 * math.erfc((avg - row[C_MU]) / (sd * math.sqrt(2.0)))
+                    if p < 1e-300:
+                        p = 1e-300
+                    score = -math.expm1(math.log(p) / log_alarm * -math.log(2.0))
+                out[i, c] = score
+                n += 1.0
+                w = 1.0 / n
+                if w < 1.0 / memory:
+                    w = 1.0 / memory
+                d = avg - row[C_MU]
+                row[C_MU] += w * d
+                row[C_VAR] = (1.0 - w) * (row[C_VAR] + w * d * d)
+                row[C_AVG] = avg
+                row[C_N] = n
+
+
+class Slots:
+    """Dense state slots for the few series that need them (lone series among many with siblings): a map
+    series id → slot (-1: none), slots handed out in order of first use (by series id within a batch).
+    A snapshot is canonical (by series id), so it does not depend on where batches were cut.
+
+    >>> sl = Slots()
+    >>> sl.assign(np.array([9, 4, 7]), np.array([True, False, True])).tolist()
+    [1, -1, 0]
+    >>> sl.assign(np.array([4, 9]), np.array([True, True])).tolist(), sl.ids.tolist()
+    ([2, 1], [7, 9, 4])
+    """
+
+    def __init__(self) -> None:
+        self._of: I64 = np.full(0, -1, np.int64)
+        self.ids: I64 = np.zeros(0, np.int64)  # series id of each slot
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def assign(self, rows: I64, use: npt.NDArray[np.bool_]) -> I64:
+        """Slot of each of ``rows`` (distinct series ids) where ``use``, a new one if it has none; else -1."""
+        need = int(rows.max()) + 1
+        if self._of.shape[0] < need:
+            self._of = room_for(self._of, self._of.shape[0], need, -1)
+        slot = self._of[rows]
+        new = use & (slot < 0)
+        if new.any():
+            ids = np.sort(rows[new])
+            self._of[ids] = np.arange(len(self), len(self) + ids.shape[0])
+            self.ids = np.concatenate((self.ids, ids))
+            slot = self._of[rows]
+        out: I64 = np.where(use, slot, -1)
+        return out
+
+    def order(self) -> I64:
+        """Slots by series id (a canonical order for snapshots)."""
+        out: I64 = np.argsort(self.ids, kind="stable")
+        return out
+
+    def restore(self, ids: I64) -> None:
+        """Slots ``0..len(ids)-1`` for the series ``ids`` (sorted, distinct), as :meth:`order` saved them."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.dtype != np.int64 or (ids.shape[0] > 1 and bool((np.diff(ids) <= 0).any())) \
+                or (ids.shape[0] and int(ids[0]) < 0):
+            raise ValueError(f"slot ids have shape {ids.shape} {ids.dtype}, expected sorted distinct int64 ids")
+        self.ids = ids.copy()
+        self._of = np.full(int(ids.max()) + 1 if ids.shape[0] else 0, -1, np.int64)
+        self._of[ids] = np.arange(ids.shape[0])
+
+
+class ScoreLikelihood:
+    """Calibration state of ``channels`` raw scores in one flat ``(slots, channels, 5)`` array, a slot per
+    series calibrated (:class:`Slots`); :meth:`run` scores then learns.
+
+    >>> cal = ScoreLikelihood(LikelihoodParams(), grace=0, channels=1)
+    >>> raw = np.r_[np.tile([0.1, 0.2], 100), 0.9]         # a score at 0.15 ± 0.05, then 0.9 (15 σ: p ≈ 4e-51)
+    >>> lay = BatchLayout.build(np.zeros(raw.shape[0], np.int64))
+    >>> out = cal.run(lay, lay.pack(raw))[:, 0]
+    >>> float(out[:100].max()), round(float(out[-1]), 3), cal.n_series
+    (0.0, 0.999, 1)
+    """
+
+    def __init__(self, params: LikelihoodParams, grace: int = 30, channels: int = 1) -> None:
+        self.params = params
+        self.grace = int(grace)
+        self.channels = int(channels)
+        self._prm = np.array([float(grace), params.memory, 2.0 / (params.average + 1.0), params.p_alarm,
+                              params.sd_floor, float(params.warm_up)], np.float64)
+        self._buf = np.zeros((0, self.channels, N_C))
+        self.state = self._buf
+        self.slots = Slots()
+
+    @property
+    def n_series(self) -> int:
+        """Series with a calibration state."""
+        return len(self.slots)
+
+    def _grow(self, needed: int) -> None:
+        have = int(self.state.shape[0])
+        if needed <= have:
+            return
+        buf = self._buf if self.state.base is self._buf else self.state
+        grown = room_for(buf, have, needed)
+        grown[have:needed] = 0.0
+        self._buf = grown
+        self.state = grown[:needed]
+
+    def run(self, layout: BatchLayout, raw: F64, use: npt.NDArray[np.bool_] | None = None) -> F64:
+        """Calibrated scores of the packed raw scores ``raw`` (samples × channels, see :class:`BatchLayout`);
+        ``use`` (per local row, default all) marks the series calibrated, the others keep ``raw``."""
+        raw = np.ascontiguousarray(raw, np.float64).reshape(raw.shape[0], self.channels)
+        out = np.zeros(raw.shape, np.float64)
+        if layout.n_steps == 0:
+            return out
+        mask = np.ones(layout.rows.shape[0], np.bool_) if use is None else np.asarray(use, np.bool_)
+        slots = self.slots.assign(layout.rows, mask)
+        self._grow(len(self.slots))
+        _calibrate(slots, layout.active, layout.offsets, raw, self.state, self._prm, out)
+        return out
+
+    def snapshot(self, n: int | None = None) -> State:
+        """The state of the calibrated series (of ids below ``n``, default all), by series id, copies."""
+        o = self.slots.order()
+        if n is not None:
+            o = o[self.slots.ids[o] < n]
+        return State({}, {"ids": self.slots.ids[o], "state": self.state[o]})
+
+    def restore(self, state: State) -> None:
+        """Continue from a :meth:`snapshot`."""
+        arr, ids = state.array("state"), state.array("ids")
+        if arr.shape[1:] != (self.channels, N_C) or arr.dtype != np.float64 or arr.shape[0] != ids.shape[0]:
+            raise ValueError(f"likelihood state has shape {arr.shape} {arr.dtype}, "
+                             f"expected ({ids.shape[0]}, {self.channels}, {N_C}) float64")
+        self.slots = Slots()
+        self.slots.restore(ids)
+        self.state = self._buf = np.array(arr, np.float64)

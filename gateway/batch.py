@@ -94,12 +94,36 @@ class SeriesRegistry:
         # the same, as int64 with room to grow (capacity doubles): what the encoder and the plant view
         # gather from, one shared copy instead of one each grown by np.concatenate per batch
         self._series_machine_arr: I64 = np.zeros(0, np.int64)
+        # series whose values are float32 at the source (a Sparkplug Float): written with 9 significant
+        # digits, which identify a float32 exactly (see gateway.encode); ``float32_epoch`` counts changes
+        self._float32: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
+        self.float32_epoch = 0
 
     def _append_series_machine(self, mid: int) -> None:
         n = len(self._series_machine)
         self._series_machine.append(mid)
         self._series_machine_arr = room_for(self._series_machine_arr, n, n + 1)
         self._series_machine_arr[n] = mid
+        self._float32 = room_for(self._float32, n, n + 1)
+
+    def set_float32(self, sid: int, on: bool) -> None:
+        """Declare whether series ``sid``'s values are float32 at the source (default: not).
+
+        >>> reg = SeriesRegistry()
+        >>> sid = reg.series_id(MachineKey("s", "a", "l", "m"), "temp")
+        >>> reg.set_float32(sid, True)
+        >>> reg.float32_mask().tolist(), reg.float32_epoch
+        ([True], 1)
+        """
+        if bool(self._float32[sid]) != on:
+            self._float32[sid] = on
+            self.float32_epoch += 1
+
+    def float32_mask(self) -> npt.NDArray[np.bool_]:
+        """Per series id: float32 at the source (a read-only view: valid until more series are added)."""
+        view = self._float32[: len(self._series_machine)]
+        view.flags.writeable = False
+        return view
 
     def __len__(self) -> int:
         return len(self._metrics)

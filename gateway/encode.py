@@ -96,6 +96,7 @@ class LineProtocolEncoder:
         self._heads: list[str] = []  # per series: "telemetry,<tags> "
         self._keys: list[str] = []  # per series: "<field key>="
         self._templates: dict[bytes, str] = {}  # series ids of a line (int64 bytes) -> its %-template
+        self._f32_epoch = 0  # the registry's float32 declarations the templates were made with
         self._machine_tags: dict[MachineKey, str] = {}
         self._head_of: dict[MachineKey, str] = {}
         self._key_of: dict[str, str] = {}
@@ -154,6 +155,21 @@ class LineProtocolEncoder:
             batch = TelemetryBatch(batch.series[finite], batch.ts_ns[finite], batch.value[finite])
             n = len(batch)
         series, ts = batch.series, batch.ts_ns
+        # float32 at the source (a Sparkplug Float): "%.9g" (FLT_DECIMAL_DIG) identifies the float32 exactly,
+        # in half the digits of the float64's repr and a third of the time; only for values that are one
+        f32 = None
+        reg = self.registry
+        if reg.float32_epoch != self._f32_epoch:
+            self._templates.clear()
+            self._f32_epoch = reg.float32_epoch
+        if reg.float32_epoch:
+            flagged = reg.float32_mask()[series]
+            if flagged.any():
+                v = batch.value
+                exact = v.astype(np.float32).astype(np.float64) == v
+                f32 = flagged & exact
+                # a line is written float32 only if all its float32 series' values are
+                f32 = f32 | ~flagged if f32.any() else None
         starts = None
         if n > 1:
             mach = self.registry.series_machine_ids()[series]
@@ -164,6 +180,13 @@ class LineProtocolEncoder:
             new_line[1:] |= series[1:] <= series[:-1]
             starts = np.flatnonzero(new_line)
         if starts is None or len(starts) == n:  # every sample on its own line
+            if f32 is not None:
+                flag = (f32 & reg.float32_mask()[series]).tolist()
+                lines = [
+                    f"{prefixes[s]}{f'{v:.9g}' if f else repr(v)} {t}"
+                    for s, v, t, f in zip(series.tolist(), batch.value.tolist(), ts.tolist(), flag, strict=True)
+                ]
+                return "\n".join(lines).encode()
             lines = [
                 f"{prefixes[s]}{v!r} {t}"
                 for s, v, t in zip(series.tolist(), batch.value.tolist(), ts.tolist(), strict=True)
@@ -171,7 +194,8 @@ class LineProtocolEncoder:
             return "\n".join(lines).encode()
         # short lines (a JSON sample of a few metrics): one format for the batch saves the per-line work;
         # long ones (a 20-metric Sparkplug DATA) amortise it, and a template per line is faster there
-        fast = self._telemetry_templated(series, ts, batch.value, starts) if n < 8 * len(starts) else None
+        fast = self._telemetry_templated(series, ts, batch.value, starts) \
+            if n < 8 * len(starts) and f32 is None else None
         if fast is not None:
             return fast
         # A machine sends the same metrics line after line: one %-template per run of series ids formats
@@ -179,6 +203,11 @@ class LineProtocolEncoder:
         values = batch.value.tolist()
         bounds = [*starts.tolist(), n]
         template = self._template
+        if f32 is not None:
+            use = np.logical_and.reduceat(f32, starts).tolist()
+            lines = [template(series[a:b], f) % (*values[a:b], t)
+                     for a, b, t, f in zip(bounds, bounds[1:], ts[starts].tolist(), use, strict=False)]
+            return "\n".join(lines).encode()
         lines = [template(series[a:b]) % (*values[a:b], t)
                  for a, b, t in zip(bounds, bounds[1:], ts[starts].tolist(), strict=False)]
         return "\n".join(lines).encode()
@@ -207,15 +236,18 @@ class LineProtocolEncoder:
         body = "\n".join([fmts[j] for j in inverse.tolist()]) % tuple(args)
         return body.encode()
 
-    def _template(self, sids: I64) -> str:
-        """The %-template of a line holding these series (cached by their ids: a machine repeats them)."""
-        key = sids.tobytes()
+    def _template(self, sids: I64, f32: bool = False) -> str:
+        """The %-template of a line holding these series (cached by their ids: a machine repeats them);
+        ``f32``: the float32 series' values as ``%.9g``."""
+        key = sids.tobytes() + (b"f" if f32 else b"")
         fmt = self._templates.get(key)
         if fmt is None:
             if len(self._templates) >= 10_000:
                 self._templates.clear()
             ids = sids.tolist()
-            fields = ",".join(self._keys[s].replace("%", "%%") + "%r" for s in ids)
+            is32 = self.registry.float32_mask() if f32 else None
+            fields = ",".join(self._keys[s].replace("%", "%%") + ("%.9g" if is32 is not None and is32[s] else "%r")
+                              for s in ids)
             fmt = self._templates[key] = f"{self._heads[ids[0]].replace('%', '%%')}{fields} %d"
         return fmt
 

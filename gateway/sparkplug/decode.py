@@ -573,6 +573,8 @@ class SparkplugDecoder:
             if meta.sid < 0:
                 try:
                     meta.sid = self.registry.series_id(machine, meta.name)
+                    # a Float metric's values are float32: written with the 9 digits that identify one
+                    self.registry.set_float32(meta.sid, dt == DataType.Float)
                 except CardinalityError as exc:
                     problems.append(("cardinality", str(exc)))
                     continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -250,3 +252,53 @@ class TestSharedLines:
         batch = _batch([a, b, a, c], [1, 1, 2, 2], [1.0, 2.0, 3.0, 4.0])  # (a, 2 samples) twice: [a, b], [a, c]
         assert LineProtocolEncoder(reg).telemetry(batch).decode().splitlines() == [
             f"telemetry,{TAGS1} a=1.0,b=2.0 1", f"telemetry,{TAGS1} a=3.0,c=4.0 2"]
+
+
+class TestFloat32Series:
+    """Series declared float32 at the source (a Sparkplug Float) are written with 9 significant digits."""
+
+    @staticmethod
+    def _reg() -> tuple[SeriesRegistry, list[int]]:
+        reg = SeriesRegistry()
+        return reg, [reg.series_id(M1, name) for name in ("a", "b", "c")]
+
+    def test_float32_values_round_trip_exactly_in_fewer_digits(self) -> None:
+        reg, (a, b, c) = self._reg()
+        reg.set_float32(a, True)
+        reg.set_float32(b, True)
+        rng = np.random.default_rng(3)
+        v32 = rng.normal(50, 20, 300).astype(np.float32)
+        values = v32.astype(np.float64)
+        values[2::3] = rng.normal(50, 20, 100)  # c: a float64 series keeps its repr
+        sids = np.tile([a, b, c], 100)
+        ts = np.repeat(np.arange(100, dtype=np.int64), 3)
+        text = LineProtocolEncoder(reg).telemetry(TelemetryBatch(sids, ts, values)).decode()
+        back = {(r.timestamp, k): v for r in map(parse_line, text.split("\n")) for k, v in r.fields.items()}
+        for i, (sid, t, v) in enumerate(zip(sids.tolist(), ts.tolist(), values.tolist(), strict=True)):
+            got = back[(t, "abc"[sid])]
+            if sid == c:
+                assert got == v  # exact float64
+            else:
+                assert np.float32(got) == v32[i]  # the same float32
+        fields = re.findall(r"[ ,][ab]=([^, ]+)", text)
+        digits = [len(re.sub(r"[^0-9]", "", f.split("e")[0]).lstrip("0")) for f in fields]
+        assert len(digits) == 200
+        assert max(digits) <= 9  # float64's repr of a float32 takes up to 17
+
+    def test_a_value_that_is_no_float32_keeps_its_repr(self) -> None:
+        reg, (a, _, _) = self._reg()
+        reg.set_float32(a, True)
+        enc = LineProtocolEncoder(reg)
+        tb = _batch([a, a], [1, 2], [float(np.float32(20.1)), 20.1])  # 20.1 is no float32
+        assert enc.telemetry(tb).decode() == f"telemetry,{TAGS1} a=20.1000004 1\ntelemetry,{TAGS1} a=20.1 2"
+
+    def test_shared_line_and_a_declaration_change(self) -> None:
+        reg, (a, b, _) = self._reg()
+        enc = LineProtocolEncoder(reg)
+        x = float(np.float32(0.3))
+        tb = _batch([a, b], [7, 7], [x, x])
+        assert enc.telemetry(tb).decode() == f"telemetry,{TAGS1} a={x!r},b={x!r} 7"
+        reg.set_float32(a, True)  # a rebirth says Float: the cached template is not reused
+        assert enc.telemetry(tb).decode() == f"telemetry,{TAGS1} a=0.300000012,b={x!r} 7"
+        reg.set_float32(a, False)
+        assert enc.telemetry(tb).decode() == f"telemetry,{TAGS1} a={x!r},b={x!r} 7"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from google.protobuf import json_format
@@ -163,3 +164,30 @@ def test_alias_tables_survive_a_restart_through_a_checkpoint(tmp_path: Path) -> 
     assert [reg.metric(int(s)) for s in b.telemetry.series] == ["T", "P"]
     assert published == []  # no rebirth requested
 
+
+
+def test_float_metrics_are_declared_float32_and_double_metrics_are_not() -> None:
+    """A birth's Float makes its series float32 (written with 9 digits); a rebirth as Double undoes it."""
+    cfg = GatewayConfig.model_validate({"mqtt": {"topics": [{"topic": "spBv1.0/#", "format": "sparkplug"}]}})
+    reg = SeriesRegistry()
+    router = DecoderRouter(DecoderContext(cfg, reg, check_time_window=False))
+    out = BatchBuilder()
+
+    def birth(bdseq: int, t_type: int) -> bytes:
+        return pb.Payload(seq=0, metrics=[
+            pb.Payload.Metric(name="bdSeq", datatype=4, long_value=bdseq),
+            pb.Payload.Metric(name="T", alias=1, datatype=t_type, is_null=True),
+            pb.Payload.Metric(name="P", alias=2, datatype=10, is_null=True)]).SerializeToString()
+
+    router.decode("spBv1.0/G/NBIRTH/E", birth(0, 9), 0, out)  # T Float, P Double
+    data = pb.Payload(seq=1, metrics=[pb.Payload.Metric(alias=1, float_value=20.1, timestamp=1),
+                                      pb.Payload.Metric(alias=2, double_value=20.1, timestamp=1)])
+    router.decode("spBv1.0/G/NDATA/E", data.SerializeToString(), 0, out)
+    t, p = (reg.lookup(MachineKey("G", "sparkplug", "E", "E"), m) for m in ("T", "P"))
+    assert t is not None
+    assert p is not None
+    assert reg.float32_mask()[[t, p]].tolist() == [True, False]
+    router.decode("spBv1.0/G/NBIRTH/E", birth(1, 10), 0, out)  # T reborn as Double
+    data = pb.Payload(seq=1, metrics=[pb.Payload.Metric(alias=1, double_value=20.1, timestamp=2)])
+    router.decode("spBv1.0/G/NDATA/E", data.SerializeToString(), 0, out)
+    assert reg.float32_mask()[t] == np.False_

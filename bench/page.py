@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +33,8 @@ for p in (str(REPO), str(BENCH)):
 
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.server import Server  # noqa: E402
-from tests.servers import free_port  # noqa: E402
-
-
-class _NullSink:
-    """Accepts every write and keeps nothing (the page reads the gateway's memory, not the database)."""
-
-    name = "null"
-
-    async def connect(self) -> None:
-        return None
-
-    async def write(self, body: bytes) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-@contextmanager
-def _browser(tmp: Path) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                f"--user-data-dir={tmp / 'chrome'}"):
-        opts.add_argument(arg)
-    chromium = shutil.which("chromium")
-    if chromium:
-        opts.binary_location = chromium
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+from tests.fakes import NullSink  # noqa: E402
+from tests.servers import chromium, free_port  # noqa: E402
 
 
 def _deliver(server: Server, topic: str, payload: bytes) -> None:
@@ -90,7 +54,7 @@ def first_render_ms(n: int, rounds: int, tmp: Path) -> list[float]:
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "gateway": {"stats_interval_s": 3600, "max_series": max(50, 10 * n)},
     })
-    server = Server(cfg, sink=_NullSink())  # type: ignore[arg-type]
+    server = Server(cfg, sink=NullSink())
     now = time.time()
     for i in range(n):
         base = f"factory/s1/a{i // 500}/l{i // 50}/m{i}"
@@ -105,7 +69,7 @@ def first_render_ms(n: int, rounds: int, tmp: Path) -> list[float]:
         asyncio.run_coroutine_threadsafe(server.pipeline.flush(), loop).result(120)
         assert server.http is not None
         asyncio.run_coroutine_threadsafe(server.http.start(), loop).result(10)
-        with _browser(tmp) as browser:
+        with chromium(tmp / f"chrome-{n}") as browser:
             for k in range(rounds + 1):  # the first load warms the browser's caches: not counted
                 browser.get(f"http://{cfg.http.listen}/")
                 deadline = time.monotonic() + 30

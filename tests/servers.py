@@ -795,3 +795,24 @@ class VictoriaMetrics(ServerProcess):
         if status != 200:
             raise ServerError(f"VictoriaMetrics export {match!r} failed ({status}): {body!r}")
         return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def chromium(profile_dir: Path) -> Any:
+    """Debian's chromium, headless, through chromium-driver (Selenium), with its profile in ``profile_dir``;
+    quit on exit. Used by the browser tests and ``bench/page.py``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                f"--user-data-dir={profile_dir}"):
+        opts.add_argument(arg)
+    binary = shutil.which("chromium")
+    if binary:
+        opts.binary_location = binary
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -494,13 +494,9 @@ def step_batch(
             if best_j >= 0:
                 hi = 0.0
                 lo = 0.0
-            elif not visiting:
-                hi = max(0.0, hi + zc - ck)
-                lo = max(0.0, lo - zc - ck)
             cus = max(hi, lo)
-            if cus >= ch:
-                hi = 0.0
-                lo = 0.0
+            if best_j < 0 and not visiting:
+                hi, lo, cus = _cusum_step(hi, lo, zc, ck, ch)
             st[S_CHI] = hi
             st[S_CLO] = lo
             # jump CUSUM (lag model in use, its load input settled): the error against its local trend's
@@ -522,14 +518,7 @@ def step_batch(
                 dz = de / math.sqrt(st[S_HV] + tv)
                 dz = max(-clip * 2.0, min(clip * 2.0, dz))
                 if st[S_HN] >= HP_N:  # the trend has learned over its memory: sum
-                    hh = max(0.0, st[S_HHI] + dz - ck)
-                    hl = max(0.0, st[S_HLO] - dz - ck)
-                    jump = max(hh, hl)
-                    if jump >= ch:
-                        hh = 0.0
-                        hl = 0.0
-                    st[S_HHI] = hh
-                    st[S_HLO] = hl
+                    st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], dz, ck, ch)
                     if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
                         st[S_HVN] += 1.0
                         st[S_HV] += _alpha(dt, t_level, st[S_HVN]) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
@@ -627,6 +616,17 @@ def step_batch(
             st[S_PREV] = xv
             st[S_N] = nseen
         i0 = i1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _cusum_step(hi: float, lo: float, z: float, k: float, h: float) -> tuple[float, float, float]:
+    """One step of a two-sided CUSUM: ``(high, low, statistic)``, both sides restarting once it reaches ``h``."""
+    hi = max(0.0, hi + z - k)
+    lo = max(0.0, lo - z - k)
+    stat = max(hi, lo)
+    if stat >= h:
+        return 0.0, 0.0, stat
+    return hi, lo, stat
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

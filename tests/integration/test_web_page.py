@@ -16,12 +16,11 @@ from typing import Any
 import orjson
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from gateway.server import Server
 from tests.gwproc import GatewayProcess, publish, wait_until, write_config
-from tests.servers import InfluxDB1, Mosquitto, free_port
+from tests.servers import InfluxDB1, Mosquitto, chromium, free_port
 
 MACHINES = {"l1": ["press1", "press2"], "l2": ["lathe1"]}
 STATES = {"press1": "RUNNING", "press2": "DOWN", "lathe1": "IDLE"}
@@ -30,19 +29,8 @@ WORDS = {"RUNNING": "Running", "DOWN": "Down", "IDLE": "Idle"}
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path / 'chrome'}"):
-        opts.add_argument(arg)
-    chromium = shutil.which("chromium")
-    if chromium:
-        opts.binary_location = chromium
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    try:
+    with chromium(tmp_path / "chrome") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _plant(t0: float) -> list[tuple[str, Any]]:

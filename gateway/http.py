@@ -239,12 +239,15 @@ class StatusServer:
         return view
 
     async def _plant(self, request: web.Request) -> web.Response:
-        return self._json(api.plant_doc(self._view(), self.cfg.stale_after_s))
+        with self.gateway.pipeline.compute_lock:  # the view is updated by the batch computing in its thread
+            doc = api.plant_doc(self._view(), self.cfg.stale_after_s)
+        return self._json(doc)
 
     async def _machine(self, request: web.Request) -> web.Response:
         m = request.match_info
         path = f"{m['site']}/{m['area']}/{m['line']}/{m['machine']}"
-        doc = api.machine_doc(self._view(), path, self.cfg.stale_after_s)
+        with self.gateway.pipeline.compute_lock:
+            doc = api.machine_doc(self._view(), path, self.cfg.stale_after_s)
         if doc is None:
             return self._json({"error": f"no machine {path!r}"}, status=404)
         return self._json(doc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -139,6 +140,11 @@ class Pipeline:
         self._flush_ns = cfg.influx.flush_interval_ms * 1_000_000
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
+        # A batch is computed and encoded in a worker thread (the detectors' compiled step releases the GIL,
+        # so the event loop reads and decodes the next messages meanwhile). This lock is held while it runs;
+        # everything on the event loop that reads or swaps compute state (reload, the plant view's API,
+        # stats, the status line) takes it first.
+        self.compute_lock = threading.RLock()
         self._last_stats_ns = time.monotonic_ns()
         self._wal_appended = asyncio.Event()  # wakes the writer
         self._wal_confirmed = asyncio.Event()  # wakes a flush waiting for room in the WAL
@@ -358,13 +364,18 @@ class Pipeline:
     def reconfigure(self, cfg: GatewayConfig) -> list[str]:
         """Apply a reloaded config at once (between two messages); return the changed ``section`` names.
 
-        Synchronous, so no message or flush runs in between, and it never waits for the database. The
-        open batch is computed with the new settings; a batch already being written is not touched.
+        Synchronous, so no message or flush runs in between, and it never waits for the database (only
+        for a batch being computed in its worker thread to finish: ``compute_lock``). The open batch is
+        computed with the new settings; a batch already being written is not touched.
         Every new component is built before any is swapped in, so a failure leaves the running settings
         as they were. Detector and feature state restart only when their own settings changed (the
         detectors' warm-up runs again); OEE keeps its open windows (:meth:`OeeEngine.reconfigure`), and
         the windows a reload closes are written with the next batch.
         """
+        with self.compute_lock:  # between two batches: the one being computed finishes first
+            return self._reconfigure(cfg)
+
+    def _reconfigure(self, cfg: GatewayConfig) -> list[str]:
         old = self.cfg
         changed = [name for name in type(cfg).model_fields if getattr(cfg, name) != getattr(old, name)]
         if not changed:
@@ -412,7 +423,9 @@ class Pipeline:
 
     def snapshot(self) -> PipelineSnapshot:
         """This stage's counters for :mod:`gateway.stats`."""
-        names = set(EVENT_NAMES if self.cfg.detect.enabled else ()) | set(self.anomalies_by_detector)
+        with self.compute_lock:
+            by_detector = dict(self.anomalies_by_detector)
+        names = set(EVENT_NAMES if self.cfg.detect.enabled else ()) | set(by_detector)
         return PipelineSnapshot(
             **asdict(self.stats),
             series=len(self.registry),
@@ -421,7 +434,7 @@ class Pipeline:
             backpressure_waits=self.backpressure_waits,
             accepting=self.accepting,
             rejected={reason: self.rejected[reason] for reason in REJECT_REASONS},
-            anomalies_by_detector={name: self.anomalies_by_detector[name] for name in sorted(names)},
+            anomalies_by_detector={name: by_detector.get(name, 0) for name in sorted(names)},
         )
 
     async def run_flusher(self, stop: asyncio.Event) -> None:
@@ -465,7 +478,7 @@ class Pipeline:
             now = self.clock()
             idle_closes = self.oee.idle_closes if self.oee is not None else 0
             self._consistent = False
-            body = self.compute_and_encode(batch, now)
+            body = await asyncio.to_thread(self._compute_and_encode_locked, batch, now)
             if self._stats_due():
                 body = self.encoder.join([body, self._stats_line()])
             changed = bool(messages) or (self.oee is not None and self.oee.idle_closes != idle_closes)
@@ -562,6 +575,10 @@ class Pipeline:
         if self.deadletter is not None:
             self.deadletter.write_lines(lines, reason)
             self.deadletter.sync()
+
+    def _compute_and_encode_locked(self, batch: DecodedBatch, now_ns: int) -> bytes:
+        with self.compute_lock:
+            return self.compute_and_encode(batch, now_ns)
 
     def compute_and_encode(self, batch: DecodedBatch, now_ns: int | None = None) -> bytes:
         """Compute and encode one batch into a single line-protocol body (``now_ns``: the wall clock)."""

@@ -176,7 +176,8 @@ class Server:
 
     def _lowest_oee(self) -> str | None:
         """The lowest recent OEE of the longest window (shifts first); a machine gone quiet drops out."""
-        latest = self.pipeline.latest_oee
+        with self.pipeline.compute_lock:  # a batch may be computing in its worker thread
+            latest = {w: dict(v) for w, v in self.pipeline.latest_oee.items()}
         labels = sorted((w for w in latest if w != "shift"), key=parse_duration_ns, reverse=True)
         if "shift" in latest:
             labels.insert(0, "shift")

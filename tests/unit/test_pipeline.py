@@ -205,3 +205,39 @@ def test_warm_up_loads_the_model_step_before_the_first_batch(mode: str, loaded: 
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == loaded.split()
+
+
+async def test_compute_runs_off_the_event_loop_and_reload_waits_for_it(tmp_path: Path) -> None:
+    """A batch is computed in a worker thread: the event loop keeps decoding meanwhile, and a reload (or a
+    reader of compute state) waits for the batch to finish, so it is never applied halfway."""
+    import threading
+
+    sink = FakeSink()
+    p = Pipeline(_cfg(), sink, emit_stats=False)
+    release, inside = threading.Event(), threading.Event()
+    real = p.compute_and_encode
+    order: list[str] = []
+
+    def slow(batch: object, now_ns: int | None = None) -> bytes:
+        inside.set()
+        assert release.wait(10)
+        order.append("computed")
+        return real(batch, now_ns)  # type: ignore[arg-type]
+
+    p.compute_and_encode = slow  # type: ignore[method-assign]
+    p.submit(TOPIC, _msg(0), AckToken(1, 1, 1))
+    flush = asyncio.create_task(p.flush())
+    assert await asyncio.to_thread(inside.wait, 10)  # the batch is being computed, in its thread
+    p.submit(TOPIC, _msg(1), AckToken(2, 1, 1))  # the loop is free: the next message is decoded now
+    assert p.pending() == 1
+    new = p.cfg.model_copy(update={"influx": p.cfg.influx.model_copy(update={"batch_size": 7})})
+    reload = threading.Thread(target=lambda: (p.reconfigure(new), order.append("reloaded")))
+    reload.start()
+    await asyncio.sleep(0.05)
+    assert order == []  # the reload waits for the batch being computed
+    release.set()
+    await flush
+    reload.join(5)
+    assert order == ["computed", "reloaded"]
+    assert p.cfg.influx.batch_size == 7
+    assert len(sink.bodies) == 1

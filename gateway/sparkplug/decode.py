@@ -613,7 +613,7 @@ class SparkplugDecoder:
             state = _STATES.get(str(value).upper())
             if state is not None:
                 self.registry.machine_id(machine)
-                out.states.append(StateEvent(machine, ts, state))
+                out.add_state(StateEvent(machine, ts, state))
         elif name == c.total_metric or name == c.good_metric:
             counts = node.counts.setdefault(device, [-1, -1])
             counts[0 if name == c.total_metric else 1] = int(float(value))
@@ -622,4 +622,4 @@ class SparkplugDecoder:
                 good = total
             if total >= 0 and good >= 0:
                 self.registry.machine_id(machine)
-                out.counts.append(CountEvent(machine, ts, total, good))
+                out.add_count(CountEvent(machine, ts, total, good))

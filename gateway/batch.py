@@ -340,3 +340,6 @@ class DecodedBatch:
     state_rows: list[int] = field(default_factory=list)
     state_seq: list[int] = field(default_factory=list)
     count_seq: list[int] = field(default_factory=list)
+    # Detect rows where a message starts at the timestamp of the row before it (a group of one machine's
+    # samples at one timestamp never spans two messages: a batch may be cut between them).
+    group_breaks: list[int] = field(default_factory=list)

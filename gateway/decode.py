@@ -101,6 +101,11 @@ class BatchBuilder:
         # interleaves them, so the detect rows come out in arrival order.
         self.column_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
         self.chunk_at: list[int] = []
+        # scalar rows where a message starts at the timestamp of the row before it: one machine's samples
+        # at one timestamp are modelled as a group, and a group must not span two messages (a batch may
+        # be cut between them)
+        self.breaks: list[int] = []
+        self.last_ts = -(2**63)  # timestamp of the last scalar row
         # Raw samples of fixed-rate blocks: written, but analysed by window features, not the detectors.
         self.wave_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
         self.waveforms: list[WaveformBlock] = []
@@ -117,6 +122,12 @@ class BatchBuilder:
         self.points = 0
         self.messages = 0
         self.first_arrival_ns = 0
+
+    def mark_message(self, first_ts: int, last_ts: int) -> None:
+        """Scalar rows of one message at ``first_ts``..``last_ts`` are about to be appended."""
+        if first_ts == self.last_ts:
+            self.breaks.append(len(self.series))
+        self.last_ts = last_ts
 
     def add_state(self, event: StateEvent) -> None:
         """A state event, arriving after the rows appended so far."""
@@ -142,12 +153,25 @@ class BatchBuilder:
                                    np.stack(values, axis=1).ravel() if m > 1 else values[0]))
         self.chunk_at.append(len(self.series))
 
+    def _breaks(self, before: list[int]) -> list[int]:
+        """Detect rows a group must not extend over: the scalar breaks, and every columnar message's
+        first row and the row after it."""
+        if not self.column_chunks:
+            return list(self.breaks)
+        at = np.asarray(self.chunk_at, np.int64)
+        chunk_rows = np.asarray(before, np.int64)
+        scalar = np.asarray(self.breaks, np.int64)
+        out = scalar + chunk_rows[np.searchsorted(at, scalar, side="right")]  # the chunks before each
+        starts = at + chunk_rows[:-1]
+        return sorted({*out.tolist(), *starts.tolist(), *(starts + np.diff(chunk_rows)).tolist()})
+
     def take(self) -> DecodedBatch:
         """Hand over everything accumulated and start empty.
 
         The detect rows are in arrival order (a columnar message's rows where it arrived, time-major);
         every state and count gets its arrival position: ``state_rows`` (detect rows before it) and
-        ``state_seq`` / ``count_seq`` (messages before it).
+        ``state_seq`` / ``count_seq`` (messages before it); ``group_breaks`` are the rows where a message
+        starts at the timestamp of the row before it.
         """
         s = np.frombuffer(self.series, dtype=np.int64) if self.series else np.empty(0, np.int64)
         t = np.frombuffer(self.ts_ns, dtype=np.int64) if self.ts_ns else np.empty(0, np.int64)
@@ -188,6 +212,7 @@ class BatchBuilder:
             statuses=self.statuses,
             detect_rows=detect_rows,
             state_rows=[a + before[c] for a, c, _ in self.state_at],
+            group_breaks=self._breaks(before),
             state_seq=[q for _, _, q in self.state_at],
             count_seq=[q for _, _, q in self.count_at],
         )
@@ -203,6 +228,9 @@ _UNESCAPED_QUOTE = re.compile(rb'(?<!\\)(?:\\\\)*"')
 
 def _append_sample(out: BatchBuilder, sids: list[int], ts_ns: int, values: dict[str, Any]) -> int:
     """One timestamp, one value per series id (in ``values`` order)."""
+    if ts_ns == out.last_ts:
+        out.breaks.append(len(out.series))
+    out.last_ts = ts_ns
     out.series.extend(sids)
     out.ts_ns.extend([ts_ns] * len(sids))
     out.values.extend(values.values())

@@ -12,7 +12,8 @@ and 8 per waveform sample next to ~60-100 bytes of line protocol per point; stat
 The compute input is ``header length u32 | JSON header | padding to 8 | arrays``: the header holds the
 wall clock compute read, the series and machines registered since the previous record (so ids map back
 without the checkpoint), states, counts, where they arrived (``sr``: samples before each state; ``sq``,
-``cq``: messages before each state and count; absent in older records) and waveform block metadata; the
+``cq``: messages before each state and count; ``br``: rows where a message starts at the timestamp of
+the row before; absent in older records) and waveform block metadata; the
 arrays are the scalar samples' series id, timestamp and value (in arrival order), then the waveform values.
 
 >>> import numpy as np
@@ -102,6 +103,7 @@ def encode_input(batch: DecodedBatch, now_ns: int, registry: SeriesRegistry, mac
         "sr": batch.state_rows,
         "sq": batch.state_seq,
         "cq": batch.count_seq,
+        "br": batch.group_breaks,
         "n": n,
         "waves": [[w.series, w.t0_ns, w.dt_ns, int(w.values.shape[0])] for w in batch.waveforms],
     }
@@ -153,6 +155,7 @@ def decode_input(data: bytes, registry: SeriesRegistry) -> tuple[DecodedBatch, i
             state_rows=[int(r) for r in h.get("sr", ())],
             state_seq=[int(q) for q in h.get("sq", ())],
             count_seq=[int(q) for q in h.get("cq", ())],
+            group_breaks=[int(r) for r in h.get("br", ())],
         )
         if len(batch.state_rows) not in (0, len(batch.states)) or len(batch.state_seq) not in (0, len(batch.states)) \
                 or len(batch.count_seq) not in (0, len(batch.counts)):

@@ -33,6 +33,7 @@ from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
 from gateway.detect.context import StateChangeFilter
 from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, AnomalyEvents
+from gateway.detect.machine import subset_breaks
 from gateway.detect.machine import warm_up as warm_up_model
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import REJECT_REASONS, DecodeError
@@ -613,10 +614,13 @@ class Pipeline:
         # where each state arrived among the samples (a batch of an older WAL record: before them all)
         state_rows = np.asarray(batch.state_rows if len(batch.state_rows) == len(batch.states)
                                 else np.zeros(len(batch.states)), np.int64)
+        breaks = np.asarray(batch.group_breaks, np.int64)
         if n:
             ok = self.newer.keep(series, ts)
             if not ok.all():
                 kept_rows = np.flatnonzero(ok)
+                # the kept samples' groups: as the batch's, wherever samples were left out between them
+                breaks = subset_breaks(kept_rows, self.registry.series_machine_ids()[series], ts, breaks)
                 series, ts, value = series[ok], ts[ok], value[ok]
                 n = int(series.shape[0])
                 if state_rows.shape[0]:
@@ -625,7 +629,8 @@ class Pipeline:
         found: list[AnomalyEvents] = []
         if self.anomaly is not None and (n or batch.states):
             found.append(self.anomaly.process(series, ts, value, self.registry.metrics, self.registry.machines,
-                                              batch.states, state_rows, self.registry.machine_list))
+                                              batch.states, state_rows, self.registry.machine_list,
+                                              breaks))
         if self.severity is not None and n:
             found.append(severity_events(self.severity.process(
                 series, ts, value, self.registry.metrics, self.registry.machines)))

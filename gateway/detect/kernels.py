@@ -289,7 +289,7 @@ def _ev_apply(m: int, t_ns: int, ev_ts: Any, ev_reg: Any, ev_done: Any, cur: Any
 
 @numba.njit(cache=True, nogil=True)
 def step_batch(
-    order: Any, sid: Any, mach: Any, ts: Any, x: Any,
+    order: Any, sid: Any, mach: Any, ts: Any, x: Any, brk: Any,
     ev_mach: Any, ev_ts: Any, ev_reg: Any, ev_pos: Any, ev_done: Any,
     s_state: Any, s_lev: Any, s_lag: Any, s_sib: Any, s_group: Any,
     m_state: Any, m_evt: Any, g_state: Any, g_members: Any,
@@ -302,6 +302,7 @@ def step_batch(
     arrived (-1: in an earlier batch). A machine's event applies to its samples that arrived after it and
     are at least as new (see :func:`_ev_take`, :func:`_ev_apply`); ``m_evt`` is each machine's current
     event time. ``ev_done`` comes back 0 for the events still waiting, 1 for those applied or stale.
+    ``brk`` (ascending) are rows no group extends over (a message starting at the previous row's time).
 
     ``prm``: grace, z_join, n_new, t_level_s, cusum_k, cusum_h, var_alpha, z_spike (unused here),
     stuck_p, stuck_min, t_fit_s, t_group_s, min_group, var_alarm (unused here), clip, visit_n.
@@ -335,6 +336,8 @@ def step_batch(
         e_end[ev_mach[k]] = k + 1
     e_lo = e_cur.copy()
     npend = np.zeros(n_m, np.int64)
+    nb = brk.shape[0]
+    b = 0  # next group break
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
     i0 = 0
@@ -347,6 +350,10 @@ def step_batch(
             _ev_take(mid, first, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
         _ev_apply(mid, t_ns, ev_ts, ev_reg, ev_done, e_cur, e_lo, npend, m_state, m_evt)
         nxt = ev_pos[e_cur[mid]] if e_cur[mid] < e_end[mid] else n  # the machine's next event ends the group
+        while b < nb and brk[b] <= first:
+            b += 1
+        if b < nb and brk[b] < nxt:  # so does the next message at the same time
+            nxt = brk[b]
         i1 = i0 + 1
         while i1 < n and mach[order[i1]] == mid and ts[order[i1]] == t_ns and order[i1] < nxt:
             dup = False  # a series twice at one timestamp: the second sample starts the next group

@@ -106,7 +106,8 @@ from gateway.schema import MachineState
 
 _LONG_AGO = -(2**62)
 
-__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult", "warm_up"]
+__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult", "subset_breaks",
+           "warm_up"]
 
 MODEL_DETECTORS: tuple[str, ...] = ("residual_spike", "residual_cusum", "residual_variance", "stuck")
 
@@ -257,10 +258,23 @@ class MachineModel:
             self.m_state = np.concatenate((self.m_state, np.full(add, -1, np.int64)))
             self.m_evt = np.concatenate((self.m_evt, np.full(add, _LONG_AGO, np.int64)))
 
+    def prepare(self, series: I64, machines: Sequence[MachineKey] | None = None, metrics: Sequence[str] | None = None,
+                machine_list: Sequence[MachineKey] | None = None) -> I64:
+        """Number the machines of ``machine_list`` and allocate the series below ``series.max()`` (what
+        :meth:`run` does first); return the machine of each sample."""
+        if machine_list is not None and len(machine_list) > len(self._machine_ids):
+            for key in machine_list[len(self._machine_ids):]:
+                self.machine_id(key)
+            self._grow_machines()
+        if series.shape[0]:
+            self._register(int(series.max()) + 1, machines, metrics)
+        return self.s_mach[series]
+
     def run(
         self, series: I64, ts_ns: I64, values: F64, *, machines: Sequence[MachineKey] | None = None,
         metrics: Sequence[str] | None = None, states: Sequence[StateEvent] = (),
         state_rows: Sequence[int] | I64 | None = None, machine_list: Sequence[MachineKey] | None = None,
+        group_breaks: Sequence[int] | I64 | None = None,
     ) -> ModelResult:
         """Score every sample against the state before it, then learn it (in the order given: arrival).
 
@@ -269,18 +283,15 @@ class MachineModel:
         them all): an event applies to its machine's samples that arrived after it and are at least as
         new as it; one older than the machine's current event is stale. ``machine_list`` (the series
         registry's machines by id): machines are numbered as there, not in the order this model meets them,
-        so the numbering does not depend on where batches are cut either.
+        so the numbering does not depend on where batches are cut either. ``group_breaks``: rows where a
+        message starts at the timestamp of the row before it (one machine's samples at one timestamp are
+        modelled together, but never across two messages: a batch may be cut between them).
         """
         series = np.ascontiguousarray(series, np.int64)
         ts_ns = np.ascontiguousarray(ts_ns, np.int64)
         values = np.ascontiguousarray(values, np.float64)
         n = int(series.shape[0])
-        if machine_list is not None and len(machine_list) > len(self._machine_ids):
-            for key in machine_list[len(self._machine_ids):]:
-                self.machine_id(key)
-            self._grow_machines()
-        if n:
-            self._register(int(series.max()) + 1, machines, metrics)
+        self.prepare(series, machines, metrics, machine_list)
         ev = self.pending
         pos = np.full(ev.shape[0], -1, np.int64)  # the pending events arrived before this batch
         if states:
@@ -298,7 +309,8 @@ class MachineModel:
             ev, pos = ev[o], pos[o]
             done = np.ones(ev.shape[0], np.int64)
             mach = self.s_mach[series]
-            K.step_batch(np.arange(n), series, mach, ts_ns, values, np.ascontiguousarray(ev[:, 0]),
+            brk = np.empty(0, np.int64) if group_breaks is None else np.asarray(group_breaks, np.int64)
+            K.step_batch(np.arange(n), series, mach, ts_ns, values, brk, np.ascontiguousarray(ev[:, 0]),
                          np.ascontiguousarray(ev[:, 1]), np.ascontiguousarray(ev[:, 2]), pos, done,
                          self.s_state, self.s_lev, self.s_lag, self.s_sib, self.s_group, self.m_state,
                          self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z)
@@ -340,6 +352,26 @@ class MachineModel:
         self._group_ids = {(str(a), str(b), str(c)): i for i, (a, b, c) in enumerate(state.meta["groups"])}
         for sid, mid in enumerate(self.s_mach.tolist()):
             self._machine_series[mid].append(sid)
+
+
+def subset_breaks(kept: I64, mach: I64, ts_ns: I64, breaks: I64) -> I64:
+    """The group breaks of the rows ``kept`` (ascending) of a batch whose rows have machines ``mach``,
+    times ``ts_ns`` and breaks ``breaks``: every group boundary between two kept rows stays one (where
+    rows between them were left out, say), so which rows a group holds does not depend on what else
+    the batch held.
+
+    >>> mach, ts = np.array([1, 2, 1, 1]), np.array([5, 5, 5, 5])  # row 1 (another machine) left out:
+    >>> subset_breaks(np.array([0, 2, 3]), mach, ts, np.array([], np.int64)).tolist()  # rows 0 and 2 stay apart
+    [1]
+    """
+    n = mach.shape[0]
+    bnd = np.zeros(n, np.int64)
+    if n > 1:
+        bnd[1:] = (mach[1:] != mach[:-1]) | (ts_ns[1:] != ts_ns[:-1])
+    b = breaks[breaks < n]
+    bnd[b] = 1
+    cs = np.cumsum(bnd)  # boundaries at rows <= r
+    return np.flatnonzero(cs[kept[1:]] - cs[kept[:-1]] > 0) + 1
 
 
 def warm_up() -> None:

@@ -436,6 +436,8 @@ class SparkplugDecoder:
         if not math.isfinite(values.sum()):  # (a sum can overflow where no value is Inf: then just slower)
             return -1  # NaN/Inf are skipped one by one there
         self._check_seq(node, seq if layout.seq_slot >= 0 else None, mtype, arrival_ns)
+        if ts.shape[0]:
+            out.mark_message(int(ts[0]), int(ts[-1]))
         out.series.frombytes(layout.series)
         out.ts_ns.frombytes(ts.tobytes())
         out.values.frombytes(values.tobytes())
@@ -586,6 +588,8 @@ class SparkplugDecoder:
                 vals.append(value)
                 self._oee(node, device, machine, meta.name, value, ts, out)
             n += 1
+        if tss:
+            out.mark_message(tss[0], tss[-1])
         out.series.extend(sids)
         out.ts_ns.extend(tss)
         out.values.extend(vals)

@@ -1,7 +1,8 @@
 """Derived state depends only on the order messages arrive in, never on where batches are cut.
 
 A random multi-machine message sequence, out of time order across machines and within series (late and
-repeated messages), mixing one-sample JSON, columnar telemetry, state and count messages, goes through
+repeated messages), mixing one-sample JSON (all metrics in one message, or one a message at the same
+timestamp), columnar telemetry, state and count messages, goes through
 the same pipeline twice with two random batch cut patterns: the anomaly, OEE and device-status points
 and every checkpointed array (detectors, machine model, state filter, OEE) must be identical.
 """
@@ -65,14 +66,22 @@ def _messages(seed: int, machines: int = 4, steps: int = 90) -> list[tuple[str, 
             else:
                 temp += 0.05 * ((60.0 if run else 30.0) - temp) + rng.gauss(0, 0.1)
                 power = (8.0 if run else 1.0) + rng.gauss(0, 0.05) + (3.0 if rng.random() < 0.03 else 0.0)
-                timed.append((t, f"{base}/telemetry", orjson.dumps({"ts": t, "values": {"power_kw": power,
-                                                                                        "temp_c": temp}})))
+                if rng.random() < 0.3:  # one metric a message, at one timestamp (one group, never two)
+                    timed.append((t, f"{base}/telemetry", orjson.dumps({"ts": t, "values": {"power_kw": power}})))
+                    timed.append((t, f"{base}/telemetry", orjson.dumps({"ts": t, "values": {"temp_c": temp}})))
+                else:
+                    timed.append((t, f"{base}/telemetry", orjson.dumps({"ts": t, "values": {"power_kw": power,
+                                                                                            "temp_c": temp}})))
                 k += 1
             if rng.random() < 0.15:
                 total += rng.randrange(0, 30) if run else 0
                 ts = t + 0.7 - rng.choice((0.0, 0.0, 25.0))
                 timed.append((ts + 0.7, f"{base}/count", orjson.dumps({"ts": ts, "total": total, "good": total})))
     timed.sort(key=lambda r: r[0])
+    # each machine's first message names all its metrics (the series are born together: the siblings a series
+    # has are those registered by the end of its batch, which a cut between their births changes)
+    first = [(f"factory/p/hall/l1/m{m}/telemetry",
+              orjson.dumps({"ts": T0 - 60 + m, "values": {"power_kw": 1.0, "temp_c": 40.0}})) for m in range(machines)]
     msgs = [(topic, body) for _, topic, body in timed]
     for i in range(len(msgs) - 1):  # machines overtake each other: neighbours swap
         if rng.random() < 0.3:
@@ -85,7 +94,7 @@ def _messages(seed: int, machines: int = 4, steps: int = 90) -> list[tuple[str, 
             msgs.pop(i)
             j -= 1
         msgs.insert(j, msg)  # ... or twice
-    return msgs
+    return first + msgs
 
 
 def _flatten(state: object, prefix: str = "") -> dict[str, object]:

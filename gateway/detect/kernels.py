@@ -273,8 +273,6 @@ def _ev_apply(m: int, t_ns: int, ev_ts: Any, ev_reg: Any, ev_done: Any, cur: Any
     while j < cur[m] and ev_done[j] != 0:
         j += 1
     lo[m] = j
-    if npend[m] == 0:
-        return
     best = -1
     for j in range(lo[m], cur[m]):
         if ev_done[j] == 0 and ev_ts[j] <= t_ns:
@@ -348,7 +346,8 @@ def step_batch(
         t_ns = ts[first]
         if e_cur[mid] < e_end[mid]:
             _ev_take(mid, first, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
-        _ev_apply(mid, t_ns, ev_ts, ev_reg, ev_done, e_cur, e_lo, npend, m_state, m_evt)
+        if npend[mid] > 0:  # (a call passes its arrays by reference count: not per sample for nothing)
+            _ev_apply(mid, t_ns, ev_ts, ev_reg, ev_done, e_cur, e_lo, npend, m_state, m_evt)
         nxt = ev_pos[e_cur[mid]] if e_cur[mid] < e_end[mid] else n  # the machine's next event ends the group
         while b < nb and brk[b] <= first:
             b += 1

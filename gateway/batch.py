@@ -243,14 +243,18 @@ class NewerSamples:
     """Per series, the newest sample time learned from: a series learns only from samples newer than that.
 
     A message that was made durable but not acknowledged before a crash is in the state rebuilt from the
-    WAL *and* redelivered by the broker; this keeps its second copy out of the detectors (one gather and
-    one ``maximum.at`` per batch, no per-sample Python).
+    WAL *and* redelivered by the broker; this keeps its second copy out of the detectors. A sample is kept
+    only if it is newer than every sample of its series that arrived before it, in this batch too, so
+    what is kept does not depend on where batches are cut (a gather, a stable sort by series and one
+    ``maximum.at`` per batch; a running maximum only when a series goes back in time within the batch).
 
     >>> g = NewerSamples()
     >>> g.keep(np.array([0, 1, 0]), np.array([5, 5, 6])).tolist()
     [True, True, True]
     >>> g.keep(np.array([0, 1, 1]), np.array([6, 5, 7])).tolist()  # 0@6 and 1@5 were learned already
     [False, False, True]
+    >>> g.keep(np.array([2, 2, 2, 1]), np.array([9, 8, 10, 7])).tolist()  # 2@8 is older than 2@9 before it
+    [True, False, True, False]
     """
 
     def __init__(self) -> None:
@@ -258,8 +262,9 @@ class NewerSamples:
         self.dropped = 0
 
     def keep(self, series: I64, ts_ns: I64) -> npt.NDArray[np.bool_]:
-        """Which samples are newer than their series' last learned one; then learn their times."""
-        if series.shape[0] == 0:
+        """Which samples are newer than every earlier one of their series; then learn their times."""
+        n = series.shape[0]
+        if n == 0:
             return np.ones(0, np.bool_)
         need = int(series.max()) + 1
         if need > self.last_ns.shape[0]:
@@ -268,6 +273,18 @@ class NewerSamples:
             self.last_ns = grown
         ok: npt.NDArray[np.bool_] = ts_ns > self.last_ns[series]
         np.maximum.at(self.last_ns, series, ts_ns)
+        if n > 1:
+            o = np.argsort(series, kind="stable")  # by series, arrival order within each
+            ss, tt = series[o], ts_ns[o]
+            same = ss[1:] == ss[:-1]
+            if same.any() and (tt[1:][same] <= tt[:-1][same]).any():
+                # a series goes back in time in this batch: each sample against the running maximum of its
+                # series' earlier ones (segment-offset ranks, so one accumulate covers every series)
+                start = np.r_[True, ~same]
+                rank = np.unique(tt, return_inverse=True)[1].reshape(-1)
+                key = (np.cumsum(start) - 1) * n + rank
+                prev = np.r_[-1, np.maximum.accumulate(key)[:-1]]
+                ok[o[~start & (key <= prev)]] = False
         self.dropped += int(ok.shape[0] - np.count_nonzero(ok))
         return ok
 
@@ -342,3 +359,11 @@ class DecodedBatch:
     raw_lines: list[bytes] = field(default_factory=list)
     statuses: list[StatusEvent] = field(default_factory=list)
     detect_rows: int = 0  # telemetry[:detect_rows] are scalar samples for the detectors; the rest is waveform
+    # Where each state arrived: detect rows before it (empty: unknown, before them all), and the messages
+    # of the batch before each state / count (empty: unknown, then OEE merges them by time).
+    state_rows: list[int] = field(default_factory=list)
+    state_seq: list[int] = field(default_factory=list)
+    count_seq: list[int] = field(default_factory=list)
+    # Detect rows where a message starts at the timestamp of the row before it (a group of one machine's
+    # samples at one timestamp never spans two messages: a batch may be cut between them).
+    group_breaks: list[int] = field(default_factory=list)

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 FORMAT = "factory-gateway-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

@@ -97,12 +97,23 @@ class BatchBuilder:
         self.series = array("q")
         self.ts_ns = array("q")
         self.values = array("d")
+        # One chunk per columnar message (time-major), and the scalar row count when it arrived: take()
+        # interleaves them, so the detect rows come out in arrival order.
         self.column_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+        self.chunk_at: list[int] = []
+        # scalar rows where a message starts at the timestamp of the row before it: one machine's samples
+        # at one timestamp are modelled as a group, and a group must not span two messages (a batch may
+        # be cut between them)
+        self.breaks: list[int] = []
+        self.last_ts = -(2**63)  # timestamp of the last scalar row
         # Raw samples of fixed-rate blocks: written, but analysed by window features, not the detectors.
         self.wave_chunks: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
         self.waveforms: list[WaveformBlock] = []
         self.states: list[StateEvent] = []
         self.counts: list[CountEvent] = []
+        # where each state / count arrived: (scalar rows, columnar chunks, messages) before it
+        self.state_at: list[tuple[int, int, int]] = []
+        self.count_at: list[tuple[int, int, int]] = []
         self.raw_lines: list[bytes] = []
         self.statuses: list[StatusEvent] = []
         self.tokens: list[AckToken] = []
@@ -112,17 +123,86 @@ class BatchBuilder:
         self.messages = 0
         self.first_arrival_ns = 0
 
+    def mark_message(self, first_ts: int, last_ts: int) -> None:
+        """Scalar rows of one message at ``first_ts``..``last_ts`` are about to be appended."""
+        if first_ts == self.last_ts:
+            self.breaks.append(len(self.series))
+        self.last_ts = last_ts
+
+    def add_state(self, event: StateEvent) -> None:
+        """A state event, arriving after the rows appended so far."""
+        self.states.append(event)
+        self.state_at.append((len(self.series), len(self.column_chunks), self.messages))
+
+    def add_count(self, event: CountEvent) -> None:
+        """A count event, arriving after the rows appended so far."""
+        self.counts.append(event)
+        self.count_at.append((len(self.series), len(self.column_chunks), self.messages))
+
+    def add_columns(self, sids: list[int], ts: np.ndarray[Any, Any], values: list[np.ndarray[Any, Any]]) -> None:
+        """One columnar message: ``values[j]`` of series ``sids[j]`` at ``ts``, kept as rows sorted by
+        (timestamp, then metric order), after the rows appended so far."""
+        n, m = ts.shape[0], len(sids)
+        o = np.argsort(ts, kind="stable")
+        if (o == np.arange(n)).all():
+            tt = ts
+        else:
+            tt = ts[o]
+            values = [v[o] for v in values]
+        self.column_chunks.append((np.tile(np.asarray(sids, np.int64), n), np.repeat(tt, m),
+                                   np.stack(values, axis=1).ravel() if m > 1 else values[0]))
+        self.chunk_at.append(len(self.series))
+
+    def _breaks(self, before: list[int]) -> list[int]:
+        """Detect rows a group must not extend over: the scalar breaks, and every columnar message's
+        first row and the row after it."""
+        if not self.column_chunks:
+            return list(self.breaks)
+        at = np.asarray(self.chunk_at, np.int64)
+        chunk_rows = np.asarray(before, np.int64)
+        scalar = np.asarray(self.breaks, np.int64)
+        out = scalar + chunk_rows[np.searchsorted(at, scalar, side="right")]  # the chunks before each
+        starts = at + chunk_rows[:-1]
+        return sorted({*out.tolist(), *starts.tolist(), *(starts + np.diff(chunk_rows)).tolist()})
+
     def take(self) -> DecodedBatch:
-        """Hand over everything accumulated and start empty."""
+        """Hand over everything accumulated and start empty.
+
+        The detect rows are in arrival order (a columnar message's rows where it arrived, time-major);
+        every state and count gets its arrival position: ``state_rows`` (detect rows before it) and
+        ``state_seq`` / ``count_seq`` (messages before it); ``group_breaks`` are the rows where a message
+        starts at the timestamp of the row before it.
+        """
         s = np.frombuffer(self.series, dtype=np.int64) if self.series else np.empty(0, np.int64)
         t = np.frombuffer(self.ts_ns, dtype=np.int64) if self.ts_ns else np.empty(0, np.int64)
         v = np.frombuffer(self.values, dtype=np.float64) if self.values else np.empty(0, np.float64)
-        detect_rows = len(s) + sum(len(c[0]) for c in self.column_chunks)
-        chunks = self.column_chunks + self.wave_chunks
-        if chunks:
-            s = np.concatenate([s, *(c[0] for c in chunks)])
-            t = np.concatenate([t, *(c[1] for c in chunks)])
-            v = np.concatenate([v, *(c[2] for c in chunks)])
+        cc = self.column_chunks
+        detect_rows = len(s) + sum(len(c[0]) for c in cc)
+        before = [0]  # chunk rows before chunk k
+        for c in cc:
+            before.append(before[-1] + len(c[0]))
+        if cc or self.wave_chunks:
+            ps: list[np.ndarray[Any, Any]] = []
+            pt: list[np.ndarray[Any, Any]] = []
+            pv: list[np.ndarray[Any, Any]] = []
+            prev = 0
+            for at, (cs, ct, cv) in zip(self.chunk_at, cc, strict=True):
+                if at > prev:
+                    ps.append(s[prev:at])
+                    pt.append(t[prev:at])
+                    pv.append(v[prev:at])
+                    prev = at
+                ps.append(cs)
+                pt.append(ct)
+                pv.append(cv)
+            ps.append(s[prev:])
+            pt.append(t[prev:])
+            pv.append(v[prev:])
+            for c in self.wave_chunks:
+                ps.append(c[0])
+                pt.append(c[1])
+                pv.append(c[2])
+            s, t, v = np.concatenate(ps), np.concatenate(pt), np.concatenate(pv)
         batch = DecodedBatch(
             telemetry=TelemetryBatch(s, t, v),
             waveforms=self.waveforms,
@@ -131,6 +211,10 @@ class BatchBuilder:
             raw_lines=self.raw_lines,
             statuses=self.statuses,
             detect_rows=detect_rows,
+            state_rows=[a + before[c] for a, c, _ in self.state_at],
+            group_breaks=self._breaks(before),
+            state_seq=[q for _, _, q in self.state_at],
+            count_seq=[q for _, _, q in self.count_at],
         )
         self._reset()
         return batch
@@ -144,6 +228,9 @@ _UNESCAPED_QUOTE = re.compile(rb'(?<!\\)(?:\\\\)*"')
 
 def _append_sample(out: BatchBuilder, sids: list[int], ts_ns: int, values: dict[str, Any]) -> int:
     """One timestamp, one value per series id (in ``values`` order)."""
+    if ts_ns == out.last_ts:
+        out.breaks.append(len(out.series))
+    out.last_ts = ts_ns
     out.series.extend(sids)
     out.ts_ns.extend([ts_ns] * len(sids))
     out.values.extend(values.values())
@@ -227,13 +314,13 @@ class Decoder:
             msg = self._validate(StateMessage, self._json(payload))
             self.registry.machine_id(machine)  # the machine cap (OEE keeps state per machine)
             ts = self._ts(msg.ts, arrival_ns, "ts")
-            out.states.append(StateEvent(machine, ts, msg.state, msg.reason))
+            out.add_state(StateEvent(machine, ts, msg.state, msg.reason))
             n = 1
         else:
             cmsg = self._validate(CountMessage, self._json(payload))
             self.registry.machine_id(machine)
             ts = self._ts(cmsg.ts, arrival_ns, "ts")
-            out.counts.append(CountEvent(machine, ts, cmsg.total, cmsg.good))
+            out.add_count(CountEvent(machine, ts, cmsg.total, cmsg.good))
             n = 1
         out.points += n
         out.messages += 1
@@ -343,10 +430,7 @@ class Decoder:
         names = list(msg.values)
         sids = self._series_ids(route, names)
         n = len(ts)
-        for sid, name in zip(sids, names, strict=True):
-            out.column_chunks.append(
-                (np.full(n, sid, np.int64), ts, np.asarray(msg.values[name], dtype=np.float64))
-            )
+        out.add_columns(sids, ts, [np.asarray(msg.values[name], dtype=np.float64) for name in names])
         return n * len(names)
 
     def _append_fixed(self, route: _Route, msg: TelemetryFixedRate, arrival_ns: int, out: BatchBuilder) -> int:

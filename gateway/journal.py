@@ -11,8 +11,10 @@ and 8 per waveform sample next to ~60-100 bytes of line protocol per point; stat
 
 The compute input is ``header length u32 | JSON header | padding to 8 | arrays``: the header holds the
 wall clock compute read, the series and machines registered since the previous record (so ids map back
-without the checkpoint), states, counts and waveform block metadata; the arrays are the scalar samples'
-series id, timestamp and value, then the waveform values.
+without the checkpoint), states, counts, where they arrived (``sr``: samples before each state; ``sq``,
+``cq``: messages before each state and count; ``br``: rows where a message starts at the timestamp of
+the row before; absent in older records) and waveform block metadata; the
+arrays are the scalar samples' series id, timestamp and value (in arrival order), then the waveform values.
 
 >>> import numpy as np
 >>> from gateway.batch import DecodedBatch, MachineKey, SeriesRegistry, StateEvent, TelemetryBatch
@@ -97,6 +99,11 @@ def encode_input(batch: DecodedBatch, now_ns: int, registry: SeriesRegistry, mac
         "series": [registry.series_machine[series_base:], registry.metrics[series_base:]],
         "states": [[mids(e.machine), e.ts_ns, _STATES.index(e.state), e.reason] for e in batch.states],
         "counts": [[mids(e.machine), e.ts_ns, e.total, e.good] for e in batch.counts],
+        # where the states and counts arrived (detect rows / messages before each)
+        "sr": batch.state_rows,
+        "sq": batch.state_seq,
+        "cq": batch.count_seq,
+        "br": batch.group_breaks,
         "n": n,
         "waves": [[w.series, w.t0_ns, w.dt_ns, int(w.values.shape[0])] for w in batch.waveforms],
     }
@@ -144,7 +151,15 @@ def decode_input(data: bytes, registry: SeriesRegistry) -> tuple[DecodedBatch, i
             states=[StateEvent(machines[m], int(t), _STATES[c], r) for m, t, c, r in h["states"]],
             counts=[CountEvent(machines[m], int(t), int(a), int(b)) for m, t, a, b in h["counts"]],
             detect_rows=n,
+            # absent in a record of an older gateway: states before every sample, OEE merges by time
+            state_rows=[int(r) for r in h.get("sr", ())],
+            state_seq=[int(q) for q in h.get("sq", ())],
+            count_seq=[int(q) for q in h.get("cq", ())],
+            group_breaks=[int(r) for r in h.get("br", ())],
         )
+        if len(batch.state_rows) not in (0, len(batch.states)) or len(batch.state_seq) not in (0, len(batch.states)) \
+                or len(batch.count_seq) not in (0, len(batch.counts)):
+            raise JournalError("compute input: arrival positions do not match its states and counts")
         return batch, int(h["now"])
     except JournalError:
         raise

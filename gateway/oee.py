@@ -465,17 +465,25 @@ class OeeEngine:
         self.idle_closes = int(state.meta["idle_closes"])
 
     def update(
-        self, states: Sequence[StateEvent], counts: Sequence[CountEvent], now_wall_ns: int
+        self, states: Sequence[StateEvent], counts: Sequence[CountEvent], now_wall_ns: int,
+        arrival: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> list[OeeRecord]:
         """Apply a batch of events; return the windows they (or the idle timeout) closed.
 
-        Events may interleave machines but must be in event-time order per machine (states and counts
-        are merged by ``ts_ns``; at equal timestamps their order does not matter).
+        ``arrival``: the messages before each state and each count; events are then taken in arrival order
+        (an older one than its machine's last is a repeat, as across batches), so where batches are cut
+        does not matter. Without it, events may interleave machines but must be in event-time order per
+        machine (states and counts are merged by ``ts_ns``; at equal timestamps their order does not matter).
         """
         out: list[OeeRecord] = []
         touched: dict[int, _Machine] = {}
         events: list[StateEvent | CountEvent] = [*counts, *states]
-        events.sort(key=attrgetter("ts_ns"))
+        if arrival is not None and len(arrival[0]) == len(states) and len(arrival[1]) == len(counts):
+            # by message; within one message (never split between batches) counts, then states
+            seq = [*arrival[1], *arrival[0]]
+            events = [events[i] for i in sorted(range(len(events)), key=seq.__getitem__)]
+        else:
+            events.sort(key=attrgetter("ts_ns"))
         for ev in events:
             m = self._machines.get(ev.machine)
             if m is None:

@@ -27,13 +27,14 @@ import numpy as np
 from prometheus_client import Histogram
 
 from gateway import __version__, journal
-from gateway.batch import AckToken, DecodedBatch, MachineKey, NewerSamples, SeriesRegistry
+from gateway.batch import I64, AckToken, DecodedBatch, MachineKey, NewerSamples, SeriesRegistry
 from gateway.checkpoint import CheckpointError, State, fingerprint, read_checkpoint, set_aside, write_checkpoint
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
 from gateway.detect.context import StateChangeFilter
 from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, AnomalyEvents
+from gateway.detect.machine import subset_breaks
 from gateway.detect.machine import warm_up as warm_up_model
 from gateway.encode import LineProtocolEncoder
 from gateway.errors import REJECT_REASONS, DecodeError
@@ -80,6 +81,29 @@ def severity_events(sev: SeverityEvents) -> AnomalyEvents:
         sev.series, sev.ts_ns, np.zeros(len(sev), np.int64), np.where(sev.zone >= 3, 1.0, 0.75), sev.value,
         sev.limit, np.full(len(sev), np.nan), names=("iso10816",),
     )
+
+
+def _sample_rows(events: AnomalyEvents, series: I64, ts: I64) -> I64:
+    """The batch row of each event's sample (a series and a time name one: the samples the detectors got
+    are strictly newer, series by series, in arrival order); not found: after every row.
+
+    >>> ev = AnomalyEvents(np.array([1, 0]), np.array([7, 5]), np.zeros(2, np.int64), *np.ones((4, 2)))
+    >>> _sample_rows(ev, np.array([0, 1, 1, 0]), np.array([5, 6, 7, 8])).tolist()
+    [2, 0]
+    """
+    out = np.full(len(events), 1 << 62, np.int64)
+    if len(events) == 0:
+        return out
+    idx = np.flatnonzero(np.isin(series, events.series))
+    o = idx[np.lexsort((ts[idx], series[idx]))]
+    ss, tt = series[o], ts[o]
+    lo = np.searchsorted(ss, events.series, "left")
+    hi = np.searchsorted(ss, events.series, "right")
+    for i, (a, b, t) in enumerate(zip(lo.tolist(), hi.tolist(), events.ts_ns.tolist(), strict=True)):
+        j = a + int(np.searchsorted(tt[a:b], t))
+        if j < b and tt[j] == t:
+            out[i] = o[j]
+    return out
 
 
 class Pipeline:
@@ -604,22 +628,33 @@ class Pipeline:
         tel = batch.telemetry
         n = batch.detect_rows
         series, ts, value = tel.series[:n], tel.ts_ns[:n], tel.value[:n]
+        # where each state arrived among the samples (a batch of an older WAL record: before them all)
+        state_rows = np.asarray(batch.state_rows if len(batch.state_rows) == len(batch.states)
+                                else np.zeros(len(batch.states)), np.int64)
+        breaks = np.asarray(batch.group_breaks, np.int64)
         if n:
             ok = self.newer.keep(series, ts)
             if not ok.all():
+                kept_rows = np.flatnonzero(ok)
+                # the kept samples' groups: as the batch's, wherever samples were left out between them
+                breaks = subset_breaks(kept_rows, self.registry.series_machine_ids()[series], ts, breaks)
                 series, ts, value = series[ok], ts[ok], value[ok]
                 n = int(series.shape[0])
-        self.state_filter.observe(batch.states)
+                if state_rows.shape[0]:
+                    state_rows = np.searchsorted(kept_rows, state_rows)  # the kept samples before each
+        self.state_filter.observe(batch.states, state_rows.tolist())
         found: list[AnomalyEvents] = []
         if self.anomaly is not None and (n or batch.states):
             found.append(self.anomaly.process(series, ts, value, self.registry.metrics, self.registry.machines,
-                                              batch.states))
+                                              batch.states, state_rows, self.registry.machine_list,
+                                              breaks))
         if self.severity is not None and n:
             found.append(severity_events(self.severity.process(
                 series, ts, value, self.registry.metrics, self.registry.machines)))
         kept_all = []
         for events in found:  # starting or stopping a machine moves every signal: one hold-off for all
-            kept = self.state_filter.keep(events, self.registry.machines)
+            rows = _sample_rows(events, series, ts) if self.state_filter.has_new_changes else None
+            kept = self.state_filter.keep(events, self.registry.machines, rows)
             if live:
                 self.stats.anomalies += len(kept)
                 self.anomalies_by_detector.update(kept.detector)
@@ -630,7 +665,8 @@ class Pipeline:
         if self.oee is not None:
             if live:
                 self._last_oee_ns = time.monotonic_ns()
-            records += self.oee.update(batch.states, batch.counts, now_ns)
+            arrival = (batch.state_seq, batch.count_seq) if batch.state_seq or batch.count_seq else None
+            records += self.oee.update(batch.states, batch.counts, now_ns, arrival)
         if live:
             self.stats.oee_windows += len(records)
             if self.view is not None:

@@ -30,7 +30,7 @@ from gateway.detect.ewma import EwmaDetector
 from gateway.detect.flatline import FlatlineDetector
 from gateway.detect.kernel import FusedKernel, supports
 from gateway.detect.likelihood import ScoreLikelihood
-from gateway.detect.machine import MODEL_DETECTORS, MachineModel, ModelResult
+from gateway.detect.machine import MODEL_DETECTORS, MachineModel, ModelResult, subset_breaks
 from gateway.detect.robust import RobustDetector
 from gateway.detect.seasonal import SeasonalProfile
 from gateway.detect.spike import SpikeDetector
@@ -324,13 +324,18 @@ class AnomalyEngine:
     def process(
         self, series: I64, ts_ns: I64, values: F64, metrics: Sequence[str],
         machines: Sequence[MachineKey] | None = None, states: Sequence[StateEvent] = (),
+        state_rows: Sequence[int] | I64 | None = None, machine_list: Sequence[MachineKey] | None = None,
+        group_breaks: Sequence[int] | I64 | None = None,
     ) -> AnomalyEvents:
         """Score and learn one batch (parallel arrays in arrival order); return the flagged samples.
 
         Non-finite values are skipped (neither scored nor learned). The fused score of every sample
         is left in :attr:`last_fused` (0 for skipped samples and metrics with detection disabled).
         ``machines`` (the machine of each series id) and ``states`` (the batch's state-channel events)
-        give the machine model its context: siblings, peers and regimes.
+        give the machine model its context: siblings, peers and regimes; ``state_rows`` says where each
+        state arrived (the samples before it; default: before them all); ``machine_list`` (the registry's
+        machines by id) numbers the model's machines as the registry does (in arrival order);
+        ``group_breaks``: rows where a message starts at the timestamp of the row before it.
         """
         series = np.asarray(series, np.int64)
         ts_ns = np.asarray(ts_ns, np.int64)
@@ -340,7 +345,8 @@ class AnomalyEngine:
         if n == 0 or not self.config.enabled:
             self.last_fused = np.zeros(n, np.float64)
             if states and self.config.enabled:  # state events alone still move their machines' regime
-                self.model.run(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), states=states)
+                self.model.run(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), states=states,
+                               state_rows=state_rows, machine_list=machine_list)
             return AnomalyEvents()
         self._resolve(int(series.max()) + 1, metrics)
         finite = np.isfinite(values)
@@ -350,10 +356,15 @@ class AnomalyEngine:
             at = None if bool(use.all()) else np.flatnonzero(use)
             if at is None:
                 self._model = self.model.run(series, ts_ns, values, machines=machines, metrics=metrics,
-                                             states=states)
+                                             states=states, state_rows=state_rows, machine_list=machine_list,
+                                             group_breaks=group_breaks)
             else:
+                rows = None if state_rows is None else np.searchsorted(at, np.asarray(state_rows, np.int64))
+                mach = self.model.prepare(series, machines, metrics, machine_list)
+                brk = subset_breaks(at, mach, ts_ns, np.asarray(() if group_breaks is None else group_breaks,
+                                                                np.int64))
                 part = self.model.run(series[at], ts_ns[at], values[at], machines=machines, metrics=metrics,
-                                      states=states)
+                                      states=states, state_rows=rows, machine_list=machine_list, group_breaks=brk)
                 full = ModelResult({k: np.zeros(n) for k in part.scores}, np.zeros(n), np.zeros(n))
                 for k, v in part.scores.items():
                     full.scores[k][at] = v
@@ -361,7 +372,8 @@ class AnomalyEngine:
                 full.zscore[at] = part.zscore
                 self._model = full
         elif states:
-            self.model.run(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), states=states)
+            self.model.run(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), states=states,
+                           state_rows=np.full(len(states), n, np.int64), machine_list=machine_list)
         pids = self._profile_of[series] if self._profiles[1:] else None
         pid_list = np.unique(pids).tolist() if pids is not None else [0]
         all_finite = bool(finite.all())

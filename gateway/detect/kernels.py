@@ -235,16 +235,72 @@ def _lag_var(lag: Any, r2: float) -> float:
     return float(v if v > lag[J_E2] else lag[J_E2])  # never below the plain error variance
 
 
+MAX_PENDING = 16  # state events a machine holds until a sample reaches their time (then the oldest applies)
+
+
+@numba.njit(cache=True, nogil=True)
+def _ev_take(m: int, upto: int, ev_ts: Any, ev_pos: Any, ev_reg: Any, ev_done: Any, cur: Any, lo: Any,
+             end: Any, npend: Any, m_state: Any, m_evt: Any) -> None:
+    """Machine ``m`` receives its events that arrived before row ``upto`` (in arrival order): one older
+    than the machine's current event is stale; the others wait until a sample reaches their time (at
+    most MAX_PENDING: past that the oldest applies)."""
+    k = cur[m]
+    while k < end[m] and ev_pos[k] <= upto:
+        if ev_ts[k] < m_evt[m]:
+            ev_done[k] = 1
+        else:
+            ev_done[k] = 0
+            npend[m] += 1
+            if npend[m] > MAX_PENDING:
+                old = -1
+                for j in range(lo[m], k + 1):
+                    if ev_done[j] == 0 and (old < 0 or ev_ts[j] < ev_ts[old]):
+                        old = j
+                ev_done[old] = 1
+                npend[m] -= 1
+                m_state[m] = ev_reg[old]
+                m_evt[m] = ev_ts[old]
+        k += 1
+    cur[m] = k
+
+
+@numba.njit(cache=True, nogil=True)
+def _ev_apply(m: int, t_ns: int, ev_ts: Any, ev_reg: Any, ev_done: Any, cur: Any, lo: Any, npend: Any,
+              m_state: Any, m_evt: Any) -> None:
+    """A sample of machine ``m`` at ``t_ns``: its waiting events up to that time apply (the newest wins;
+    at equal times the last to arrive)."""
+    j = lo[m]
+    while j < cur[m] and ev_done[j] != 0:
+        j += 1
+    lo[m] = j
+    best = -1
+    for j in range(lo[m], cur[m]):
+        if ev_done[j] == 0 and ev_ts[j] <= t_ns:
+            ev_done[j] = 1
+            npend[m] -= 1
+            if best < 0 or ev_ts[j] >= ev_ts[best]:
+                best = j
+    if best >= 0:
+        m_state[m] = ev_reg[best]
+        m_evt[m] = ev_ts[best]
+
+
 @numba.njit(cache=True, nogil=True)
 def step_batch(
-    order: Any, sid: Any, mach: Any, ts: Any, x: Any,
-    ev_mach: Any, ev_ts: Any, ev_reg: Any,
+    order: Any, sid: Any, mach: Any, ts: Any, x: Any, brk: Any,
+    ev_mach: Any, ev_ts: Any, ev_reg: Any, ev_pos: Any, ev_done: Any,
     s_state: Any, s_lev: Any, s_lag: Any, s_sib: Any, s_group: Any,
-    m_state: Any, g_state: Any, g_members: Any,
+    m_state: Any, m_evt: Any, g_state: Any, g_members: Any,
     prm: Any, out: Any, expected: Any, zout: Any,
 ) -> None:
-    """Score then learn every sample, in ``order`` (by time, then machine, then arrival: the peers' common
-    mode then evolves the same wherever batches are cut).
+    """Score then learn every sample, in ``order`` (arrival order: what the samples of a batch do to
+    shared state, the peers' common mode, then does not depend on where batches are cut).
+
+    State events ``ev_*`` are sorted by machine, then arrival; ``ev_pos`` is the row before which each
+    arrived (-1: in an earlier batch). A machine's event applies to its samples that arrived after it and
+    are at least as new (see :func:`_ev_take`, :func:`_ev_apply`); ``m_evt`` is each machine's current
+    event time. ``ev_done`` comes back 0 for the events still waiting, 1 for those applied or stale.
+    ``brk`` (ascending) are rows no group extends over (a message starting at the previous row's time).
 
     ``prm``: grace, z_join, n_new, t_level_s, cusum_k, cusum_h, var_alpha, z_spike (unused here),
     stuck_p, stuck_min, t_fit_s, t_group_s, min_group, var_alarm (unused here), clip, visit_n.
@@ -269,7 +325,17 @@ def step_batch(
     visit_n = prm[15]
     n = order.shape[0]
     n_ev = ev_mach.shape[0]
-    e = 0  # next state event (sorted by time)
+    n_m = m_state.shape[0]
+    e_cur = np.zeros(n_m, np.int64)  # per machine: events [e_lo, e_cur) received, [e_cur, e_end) to come
+    e_end = np.zeros(n_m, np.int64)
+    for k in range(n_ev - 1, -1, -1):
+        e_cur[ev_mach[k]] = k
+    for k in range(n_ev):
+        e_end[ev_mach[k]] = k + 1
+    e_lo = e_cur.copy()
+    npend = np.zeros(n_m, np.int64)
+    nb = brk.shape[0]
+    b = 0  # next group break
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
     i0 = 0
@@ -278,8 +344,17 @@ def step_batch(
         first = order[i0]
         mid = mach[first]
         t_ns = ts[first]
+        if e_cur[mid] < e_end[mid]:
+            _ev_take(mid, first, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
+        if npend[mid] > 0:  # (a call passes its arrays by reference count: not per sample for nothing)
+            _ev_apply(mid, t_ns, ev_ts, ev_reg, ev_done, e_cur, e_lo, npend, m_state, m_evt)
+        nxt = ev_pos[e_cur[mid]] if e_cur[mid] < e_end[mid] else n  # the machine's next event ends the group
+        while b < nb and brk[b] <= first:
+            b += 1
+        if b < nb and brk[b] < nxt:  # so does the next message at the same time
+            nxt = brk[b]
         i1 = i0 + 1
-        while i1 < n and mach[order[i1]] == mid and ts[order[i1]] == t_ns:
+        while i1 < n and mach[order[i1]] == mid and ts[order[i1]] == t_ns and order[i1] < nxt:
             dup = False  # a series twice at one timestamp: the second sample starts the next group
             for jj in range(i0, i1):
                 if sid[order[jj]] == sid[order[i1]]:
@@ -288,9 +363,6 @@ def step_batch(
                 break
             i1 += 1
         t = t_ns * 1e-9
-        while e < n_ev and ev_ts[e] <= t_ns:  # every event up to this time, whichever machine it is of
-            m_state[ev_mach[e]] = ev_reg[e]
-            e += 1
         regime = m_state[mid]
         # -- pass 1: level of every sample of the group (siblings read each other's level mean)
         for ii in range(i0, i1):
@@ -616,6 +688,9 @@ def step_batch(
             st[S_PREV] = xv
             st[S_N] = nseen
         i0 = i1
+    for k in range(n_ev):  # the events that arrived after every sample of their machine
+        if k >= e_cur[ev_mach[k]]:
+            _ev_take(ev_mach[k], n, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

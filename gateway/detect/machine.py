@@ -105,9 +105,9 @@ from gateway.detect.base import squash
 from gateway.schema import MachineState
 
 _LONG_AGO = -(2**62)
-_PENDING_PER_MACHINE = 16
 
-__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult", "warm_up"]
+__all__ = ["MODEL_DETECTORS", "REGIME_OF_STATE", "MachineModel", "MachineModelParams", "ModelResult", "subset_breaks",
+           "warm_up"]
 
 MODEL_DETECTORS: tuple[str, ...] = ("residual_spike", "residual_cusum", "residual_variance", "stuck")
 
@@ -176,9 +176,9 @@ class MachineModel:
         self.s_group = np.full(0, -1, np.int64)
         self.s_mach = np.zeros(0, np.int64)
         self.m_state = np.full(0, -1, np.int64)
-        self.m_last = np.full(0, _LONG_AGO, np.int64)  # per machine: newest sample time scored
-        # state events newer than their machine's newest sample: (machine, ts, regime), applied once a
-        # sample reaches them, so a regime holds from its event time whatever the batch boundaries
+        self.m_evt = np.full(0, _LONG_AGO, np.int64)  # per machine: time of the state event in force
+        # state events no sample of their machine has reached yet: (machine, ts, regime), by machine then
+        # arrival; one applies once a sample that arrived after it is at least as new
         self.pending = np.zeros((0, 3), np.int64)
         self.g_state = np.zeros((0, K.N_G))
         self.g_members = np.zeros(0, np.float64)
@@ -256,60 +256,65 @@ class MachineModel:
         add = len(self._machine_ids) - self.m_state.shape[0]
         if add > 0:
             self.m_state = np.concatenate((self.m_state, np.full(add, -1, np.int64)))
-            self.m_last = np.concatenate((self.m_last, np.full(add, _LONG_AGO, np.int64)))
+            self.m_evt = np.concatenate((self.m_evt, np.full(add, _LONG_AGO, np.int64)))
+
+    def prepare(self, series: I64, machines: Sequence[MachineKey] | None = None, metrics: Sequence[str] | None = None,
+                machine_list: Sequence[MachineKey] | None = None) -> I64:
+        """Number the machines of ``machine_list`` and allocate the series below ``series.max()`` (what
+        :meth:`run` does first); return the machine of each sample."""
+        if machine_list is not None and len(machine_list) > len(self._machine_ids):
+            for key in machine_list[len(self._machine_ids):]:
+                self.machine_id(key)
+            self._grow_machines()
+        if series.shape[0]:
+            self._register(int(series.max()) + 1, machines, metrics)
+        return self.s_mach[series]
 
     def run(
         self, series: I64, ts_ns: I64, values: F64, *, machines: Sequence[MachineKey] | None = None,
         metrics: Sequence[str] | None = None, states: Sequence[StateEvent] = (),
+        state_rows: Sequence[int] | I64 | None = None, machine_list: Sequence[MachineKey] | None = None,
+        group_breaks: Sequence[int] | I64 | None = None,
     ) -> ModelResult:
-        """Score every sample against the state before it, then learn it (in time order).
+        """Score every sample against the state before it, then learn it (in the order given: arrival).
 
         ``states`` are the batch's state-channel events; a machine that sent one is modelled by regime.
+        ``state_rows[k]`` is the number of samples that arrived before ``states[k]`` (default: 0, before
+        them all): an event applies to its machine's samples that arrived after it and are at least as
+        new as it; one older than the machine's current event is stale. ``machine_list`` (the series
+        registry's machines by id): machines are numbered as there, not in the order this model meets them,
+        so the numbering does not depend on where batches are cut either. ``group_breaks``: rows where a
+        message starts at the timestamp of the row before it (one machine's samples at one timestamp are
+        modelled together, but never across two messages: a batch may be cut between them).
         """
         series = np.ascontiguousarray(series, np.int64)
         ts_ns = np.ascontiguousarray(ts_ns, np.int64)
         values = np.ascontiguousarray(values, np.float64)
         n = int(series.shape[0])
-        if n:
-            self._register(int(series.max()) + 1, machines, metrics)
+        self.prepare(series, machines, metrics, machine_list)
         ev = self.pending
+        pos = np.full(ev.shape[0], -1, np.int64)  # the pending events arrived before this batch
         if states:
             new = np.array([(self.machine_id(e.machine), e.ts_ns, REGIME_OF_STATE.get(e.state, 0)) for e in states],
                            np.int64)
             ev = np.concatenate((ev, new))
+            rows = np.zeros(len(states), np.int64) if state_rows is None else np.asarray(state_rows, np.int64)
+            pos = np.concatenate((pos, rows))
             self._grow_machines()
-        o = np.lexsort((ev[:, 1], ev[:, 0]))  # by machine, then time; stable: arrival order at equal times
-        ev = ev[o]
-        ev_m, ev_t, ev_r = (np.ascontiguousarray(ev[:, c]) for c in range(3))
         raw = np.zeros((n, len(K.CHANNELS)))
         expected = np.zeros(n)
         z = np.zeros(n)
-        before = self.m_state.copy() if ev.shape[0] else self.m_state
-        if n:
+        if n or ev.shape[0]:
+            o = np.lexsort((pos, ev[:, 0]))  # by machine, then arrival (stable: the pending ones first)
+            ev, pos = ev[o], pos[o]
+            done = np.ones(ev.shape[0], np.int64)
             mach = self.s_mach[series]
-            # by time, then machine (stable: arrival order within both), so what machines share (the peers'
-            # common mode) evolves the same wherever batches are cut; events in time order alike
-            order = np.lexsort((mach, ts_ns))
-            eo = np.argsort(ev_t, kind="stable")
-            K.step_batch(order, series, mach, ts_ns, values, ev_m[eo], ev_t[eo], ev_r[eo], self.s_state, self.s_lev,
-                         self.s_lag, self.s_sib, self.s_group, self.m_state, self.g_state,
-                         self.g_members, self._prm, raw, expected, z)
-            np.maximum.at(self.m_last, mach, ts_ns)
-        if ev.shape[0]:  # a machine ends the batch in the regime of its last event a sample has reached
-            self.m_state = before
-            applied = ev_t <= self.m_last[ev_m]
-            keep = ~applied
-            over = np.flatnonzero(keep)
-            if over.shape[0] > _PENDING_PER_MACHINE:  # bounded: a machine without telemetry keeps 16 at most
-                m_over = ev_m[over]
-                from_end = np.searchsorted(m_over, m_over, side="right") - 1 - np.arange(over.shape[0])
-                applied[over[from_end >= _PENDING_PER_MACHINE]] = True
-                keep = ~applied
-            at = np.flatnonzero(applied)
-            if at.shape[0]:
-                last = at[np.r_[ev_m[at][1:] != ev_m[at][:-1], True]]
-                self.m_state[ev_m[last]] = ev_r[last]
-            self.pending = ev[keep]
+            brk = np.empty(0, np.int64) if group_breaks is None else np.asarray(group_breaks, np.int64)
+            K.step_batch(np.arange(n), series, mach, ts_ns, values, brk, np.ascontiguousarray(ev[:, 0]),
+                         np.ascontiguousarray(ev[:, 1]), np.ascontiguousarray(ev[:, 2]), pos, done,
+                         self.s_state, self.s_lev, self.s_lag, self.s_sib, self.s_group, self.m_state,
+                         self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z)
+            self.pending = ev[done == 0]
         p = self.params
         scores = {
             "residual_spike": squash(raw[:, 0], p.z_spike),
@@ -323,7 +328,7 @@ class MachineModel:
         """Forget everything."""
         self.__init__(self.params, self.grace)  # type: ignore[misc]
 
-    _ARRAYS = ("s_state", "s_lev", "s_lag", "s_sib", "s_group", "s_mach", "m_state", "m_last", "pending", "g_state",
+    _ARRAYS = ("s_state", "s_lev", "s_lag", "s_sib", "s_group", "s_mach", "m_state", "m_evt", "pending", "g_state",
                "g_members")
 
     def snapshot(self) -> State:
@@ -347,6 +352,26 @@ class MachineModel:
         self._group_ids = {(str(a), str(b), str(c)): i for i, (a, b, c) in enumerate(state.meta["groups"])}
         for sid, mid in enumerate(self.s_mach.tolist()):
             self._machine_series[mid].append(sid)
+
+
+def subset_breaks(kept: I64, mach: I64, ts_ns: I64, breaks: I64) -> I64:
+    """The group breaks of the rows ``kept`` (ascending) of a batch whose rows have machines ``mach``,
+    times ``ts_ns`` and breaks ``breaks``: every group boundary between two kept rows stays one (where
+    rows between them were left out, say), so which rows a group holds does not depend on what else
+    the batch held.
+
+    >>> mach, ts = np.array([1, 2, 1, 1]), np.array([5, 5, 5, 5])  # row 1 (another machine) left out:
+    >>> subset_breaks(np.array([0, 2, 3]), mach, ts, np.array([], np.int64)).tolist()  # rows 0 and 2 stay apart
+    [1]
+    """
+    n = mach.shape[0]
+    bnd = np.zeros(n, np.int64)
+    if n > 1:
+        bnd[1:] = (mach[1:] != mach[:-1]) | (ts_ns[1:] != ts_ns[:-1])
+    b = breaks[breaks < n]
+    bnd[b] = 1
+    cs = np.cumsum(bnd)  # boundaries at rows <= r
+    return np.flatnonzero(cs[kept[1:]] - cs[kept[:-1]] > 0) + 1
 
 
 def warm_up() -> None:

@@ -436,6 +436,8 @@ class SparkplugDecoder:
         if not math.isfinite(values.sum()):  # (a sum can overflow where no value is Inf: then just slower)
             return -1  # NaN/Inf are skipped one by one there
         self._check_seq(node, seq if layout.seq_slot >= 0 else None, mtype, arrival_ns)
+        if ts.shape[0]:
+            out.mark_message(int(ts[0]), int(ts[-1]))
         out.series.frombytes(layout.series)
         out.ts_ns.frombytes(ts.tobytes())
         out.values.frombytes(values.tobytes())
@@ -588,6 +590,8 @@ class SparkplugDecoder:
                 vals.append(value)
                 self._oee(node, device, machine, meta.name, value, ts, out)
             n += 1
+        if tss:
+            out.mark_message(tss[0], tss[-1])
         out.series.extend(sids)
         out.ts_ns.extend(tss)
         out.values.extend(vals)
@@ -615,7 +619,7 @@ class SparkplugDecoder:
             state = _STATES.get(str(value).upper())
             if state is not None:
                 self.registry.machine_id(machine)
-                out.states.append(StateEvent(machine, ts, state))
+                out.add_state(StateEvent(machine, ts, state))
         elif name == c.total_metric or name == c.good_metric:
             counts = node.counts.setdefault(device, [-1, -1])
             counts[0 if name == c.total_metric else 1] = int(float(value))
@@ -624,4 +628,4 @@ class SparkplugDecoder:
                 good = total
             if total >= 0 and good >= 0:
                 self.registry.machine_id(machine)
-                out.counts.append(CountEvent(machine, ts, total, good))
+                out.add_count(CountEvent(machine, ts, total, good))

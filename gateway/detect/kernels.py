@@ -93,7 +93,8 @@ S_HLO = 29  # jump CUSUM low side
 S_HN = 30  # samples the local trend has learned since it (re)started
 S_HV = 31  # long-run variance of the trend's one-step forecast error (steady state, clipped)
 S_HVN = 32  # samples S_HV has learned from
-N_S = 33
+S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input and a member of its peer group
+N_S = 34
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -374,6 +375,10 @@ def step_batch(
             nl = int(st[S_NLEV])
             if st[S_N] == 0.0:
                 st[S_SCALE] = abs(xv) * 1e-3 + 1e-9
+            if st[S_SEEN] == 0.0:  # first sample: counted among its peers now (not when registered), so
+                st[S_SEEN] = 1.0  # where a batch is cut does not change what the earlier samples saw
+                if s_group[s] >= 0:
+                    g_members[s_group[s]] += 1.0
             best = -1
             bestz = 1e300
             if regime >= 0:  # the state channel names the level
@@ -474,7 +479,7 @@ def step_batch(
             settled = False
             for j in range(N_SIB):
                 sb = s_sib[s, j]
-                if sb < 0:
+                if sb < 0 or s_state[sb, S_SEEN] == 0.0:  # no sibling, or none that has had a sample yet
                     continue
                 lag = s_lag[s, j]
                 u = s_state[sb, S_U]

@@ -244,10 +244,8 @@ class MachineModel:
         ng = len(self._group_ids)
         if ng > groups_before:
             self.g_state = np.concatenate((self.g_state, np.zeros((ng - groups_before, K.N_G))))
-        counts = np.zeros(ng, np.float64)  # exact in float64: the new series' groups added to the old counts
+        counts = np.zeros(ng, np.float64)  # members are counted by the kernel at their first sample
         counts[: self.g_members.shape[0]] = self.g_members
-        new_groups = self.s_group[have:needed]
-        counts += np.bincount(new_groups[new_groups >= 0], minlength=ng)
         self.g_members = counts
         self._grow_machines()
 

@@ -26,15 +26,19 @@ NOW = 1_763_700_000 * 10**9
 STATES = ("RUNNING", "RUNNING", "IDLE", "DOWN", "SETUP")
 
 
-def _cfg() -> GatewayConfig:
+def _cfg(lone_calibration: bool = True) -> GatewayConfig:
+    detect: dict[str, object] = {"grace_samples": 10, "state_change_holdoff_s": 120}
+    if not lone_calibration:  # the one part still decided per batch: whether a series is lone
+        detect |= {"likelihood": {"scope": "off"},
+                   "detectors": ["residual_spike", "residual_cusum", "residual_variance", "stuck"]}
     return GatewayConfig.model_validate({
         "influx": {"batch_size": 100_000},
-        "detect": {"grace_samples": 10, "state_change_holdoff_s": 120},
+        "detect": detect,
         "oee": {"windows": ["5m"], "shifts": [{"name": "early", "start": "06:00", "end": "14:00"}]},
     })
 
 
-def _messages(seed: int, machines: int = 4, steps: int = 90) -> list[tuple[str, bytes]]:
+def _messages(seed: int, machines: int = 4, steps: int = 90, split_first: bool = False) -> list[tuple[str, bytes]]:
     """Telemetry (power and a lagging temperature, spikes and steps), states and counts per machine, then
     shuffled locally (machines overtake each other) with late and repeated messages of one machine."""
     rng = random.Random(seed)
@@ -82,6 +86,9 @@ def _messages(seed: int, machines: int = 4, steps: int = 90) -> list[tuple[str, 
     # has are those registered by the end of its batch, which a cut between their births changes)
     first = [(f"factory/p/hall/l1/m{m}/telemetry",
               orjson.dumps({"ts": T0 - 60 + m, "values": {"power_kw": 1.0, "temp_c": 40.0}})) for m in range(machines)]
+    if split_first:  # ... or not: each metric's first sample in a message of its own, a few messages apart
+        first = [(f"factory/p/hall/l1/m{m}/telemetry", orjson.dumps({"ts": T0 - 60 + m + dt, "values": {k: v}}))
+                 for k, v, dt in (("power_kw", 1.0, 0.0), ("temp_c", 40.0, 0.5)) for m in range(machines)]
     msgs = [(topic, body) for _, topic, body in timed]
     for i in range(len(msgs) - 1):  # machines overtake each other: neighbours swap
         if rng.random() < 0.3:
@@ -106,9 +113,10 @@ def _flatten(state: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
-async def _run(msgs: list[tuple[str, bytes]], cuts: list[int]) -> tuple[list[bytes], dict[str, object]]:
+async def _run(msgs: list[tuple[str, bytes]], cuts: list[int],
+               cfg: GatewayConfig | None = None) -> tuple[list[bytes], dict[str, object]]:
     sink = RecordingSink()
-    p = Pipeline(_cfg(), sink, check_time_window=False, emit_stats=False, clock=lambda: NOW)
+    p = Pipeline(cfg or _cfg(), sink, check_time_window=False, emit_stats=False, clock=lambda: NOW)
     a = 0
     for b in [*cuts, len(msgs)]:
         for topic, body in msgs[a:b]:
@@ -143,6 +151,24 @@ def test_derived_state_does_not_depend_on_batch_cuts(seed: int, cut_seed: int) -
               if not (_same(a, state_b[k]) if isinstance(a, np.ndarray) else a == state_b[k])]
     assert not differ, differ
     assert lines_a == lines_b, (sorted(set(lines_a) - set(lines_b))[:3], sorted(set(lines_b) - set(lines_a))[:3])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), cut_seed=st.integers(0, 2**31))
+def test_a_machines_metrics_born_in_separate_messages(seed: int, cut_seed: int) -> None:
+    """A sibling counts (as the lag model's input, as a peer) from its first sample on, not from when a batch
+    registered it: a cut between a machine's first messages changes nothing (lone-series calibration off:
+    whether a series is lone is still decided per batch)."""
+    msgs = _messages(seed, split_first=True)
+    rng = random.Random(cut_seed)
+    cuts = sorted({*_cuts(rng, len(msgs)), rng.randrange(1, 8)})  # often between the first messages
+    cfg = _cfg(lone_calibration=False)
+    lines_a, state_a = asyncio.run(_run(msgs, cuts, cfg))
+    lines_b, state_b = asyncio.run(_run(msgs, [], cfg))
+    differ = [k for k, a in state_a.items()
+              if not (_same(a, state_b[k]) if isinstance(a, np.ndarray) else a == state_b[k])]
+    assert not differ, differ
+    assert lines_a == lines_b
 
 
 def test_the_sequence_exercises_what_it_should() -> None:

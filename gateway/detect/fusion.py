@@ -451,15 +451,17 @@ class AnomalyEngine:
         return out
 
     def _calibrated(self, calib: ScoreLikelihood, layout: BatchLayout, raw: list[F64],
-                    lone: npt.NDArray[np.bool_]) -> list[F64]:
+                    lone: npt.NDArray[np.bool_], lone_samples: npt.NDArray[np.bool_]) -> list[F64]:
         """The machine model's scores (packed), those of the series ``likelihood.scope`` names replaced by
-        their calibrated values (only those series learn the calibration); ``lone`` per local row."""
+        their calibrated values (only those series learn the calibration); ``lone`` per local row (a lone
+        sample in the batch), ``lone_samples`` per packed sample."""
         use: npt.NDArray[np.bool_] | None = None
+        samples: npt.NDArray[np.bool_] | None = None
         if self.config.likelihood.scope == "lone":
-            use = lone
+            use, samples = lone, lone_samples
             if not use.any():
                 return raw
-        cal = calib.run(layout, np.stack(raw, axis=1), use)
+        cal = calib.run(layout, np.stack(raw, axis=1), use, samples)
         return [np.ascontiguousarray(cal[:, c]) for c in range(len(raw))]
 
     def _run(self, prof: _Profile, series: I64, ts_ns: I64, values: F64, idx: I64 | None) -> AnomalyEvents:
@@ -488,11 +490,18 @@ class AnomalyEngine:
             if prof.model_names:
                 assert model is not None  # the machine model ran on every sample of this profile
                 own = [layout.pack(model.scores[d] if idx is None else model.scores[d][idx]) for d in prof.model_names]
-                lone = np.asarray((self.model.s_sib[layout.rows] < 0).all(axis=1))  # no sibling: own levels only
+                # lone: no sibling metric had a sample yet (only its own levels explain it), sample by sample,
+                # so where a batch is cut does not decide it
+                assert model.lone is not None
+                lone_in = model.lone if idx is None else model.lone[idx]
+                lone_samples = layout.pack(lone_in.astype(np.float64)) > 0.5
+                lone = np.zeros(layout.rows.shape[0], np.bool_)
+                lone[layout.row[lone_in]] = True
                 if prof.seasonal is not None:
-                    sea = prof.seasonal.run(layout, packed, layout.pack(np.multiply(ts_ns, 1e-9)), lone)
+                    sea = prof.seasonal.run(layout, packed, layout.pack(np.multiply(ts_ns, 1e-9)), lone, lone_samples)
                     own.append(sea if prof.calib is not None else np.nan_to_num(sea, nan=0.0))
-                scores += own if prof.calib is None else self._calibrated(prof.calib, layout, own, lone)
+                scores += own if prof.calib is None else self._calibrated(prof.calib, layout, own, lone,
+                                                                          lone_samples)
             if prof.own_baseline:
                 prof.baseline.run(layout, packed)
             fused = prof.fuse(scores, n)

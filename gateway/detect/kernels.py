@@ -292,7 +292,7 @@ def step_batch(
     ev_mach: Any, ev_ts: Any, ev_reg: Any, ev_pos: Any, ev_done: Any,
     s_state: Any, s_lev: Any, s_lag: Any, s_sib: Any, s_group: Any,
     m_state: Any, m_evt: Any, g_state: Any, g_members: Any,
-    prm: Any, out: Any, expected: Any, zout: Any,
+    prm: Any, out: Any, expected: Any, zout: Any, lone: Any,
 ) -> None:
     """Score then learn every sample, in ``order`` (arrival order: what the samples of a batch do to
     shared state, the peers' common mode, then does not depend on where batches are cut).
@@ -477,10 +477,12 @@ def step_batch(
             refit_r = 0.0
             e2_sel = 0.0
             settled = False
+            alone = True  # no sibling with a sample yet: only the series' own levels explain it
             for j in range(N_SIB):
                 sb = s_sib[s, j]
                 if sb < 0 or s_state[sb, S_SEEN] == 0.0:  # no sibling, or none that has had a sample yet
                     continue
+                alone = False
                 lag = s_lag[s, j]
                 u = s_state[sb, S_U]
                 low = s_state[sb, S_LOW]
@@ -556,6 +558,7 @@ def step_batch(
             z = e_sel / sd_sel
             expected[i] = pred_sel
             zout[i] = z
+            lone[i] = alone
             # -- statistics
             az = abs(z)
             zq = max(-clip * 2.0, min(clip * 2.0, z))

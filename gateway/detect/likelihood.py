@@ -104,9 +104,10 @@ class LikelihoodParams(BaseModel):
 
 
 @numba.njit(cache=True, nogil=True)
-def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: Any, out: Any) -> None:
-    """Score then learn every packed sample and channel of the local rows with a state slot (``slots[r]`` ≥ 0),
-    step by step (each series' samples in order); the other rows keep their raw scores and learn nothing."""
+def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: Any, out: Any, mask: Any) -> None:
+    """Score then learn every packed sample and channel of the local rows with a state slot (``slots[r]`` ≥ 0)
+    and ``mask[i]``, step by step (each series' samples in order); the others keep their raw scores and
+    learn nothing."""
     grace = prm[0]
     memory = prm[1]
     beta = prm[2]
@@ -119,7 +120,7 @@ def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: An
         for r in range(active[k]):
             s = slots[r]
             i = a + r
-            if s < 0:
+            if s < 0 or not mask[i]:
                 for c in range(n_ch):
                     out[i, c] = raw[i, c]
                 continue
@@ -243,9 +244,11 @@ class ScoreLikelihood:
         self._buf = grown
         self.state = grown[:needed]
 
-    def run(self, layout: BatchLayout, raw: F64, use: npt.NDArray[np.bool_] | None = None) -> F64:
+    def run(self, layout: BatchLayout, raw: F64, use: npt.NDArray[np.bool_] | None = None,
+            samples: npt.NDArray[np.bool_] | None = None) -> F64:
         """Calibrated scores of the packed raw scores ``raw`` (samples × channels, see :class:`BatchLayout`);
-        ``use`` (per local row, default all) marks the series calibrated, the others keep ``raw``."""
+        ``use`` (per local row, default all) marks the series calibrated, ``samples`` (per packed sample,
+        default all) which of their samples; the others keep ``raw``."""
         raw = np.ascontiguousarray(raw, np.float64).reshape(raw.shape[0], self.channels)
         out = np.zeros(raw.shape, np.float64)
         if layout.n_steps == 0:
@@ -253,7 +256,8 @@ class ScoreLikelihood:
         mask = np.ones(layout.rows.shape[0], np.bool_) if use is None else np.asarray(use, np.bool_)
         slots = self.slots.assign(layout.rows, mask)
         self._grow(len(self.slots))
-        _calibrate(slots, layout.active, layout.offsets, raw, self.state, self._prm, out)
+        sm = np.ones(raw.shape[0], np.bool_) if samples is None else np.ascontiguousarray(samples, np.bool_)
+        _calibrate(slots, layout.active, layout.offsets, raw, self.state, self._prm, out, sm)
         return out
 
     def snapshot(self, n: int | None = None) -> State:

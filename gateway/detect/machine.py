@@ -151,6 +151,7 @@ class ModelResult:
     scores: dict[str, F64]
     expected: F64
     zscore: F64
+    lone: npt.NDArray[np.bool_] | None = None  # per sample: no sibling metric had a sample yet
 
 
 class MachineModel:
@@ -302,6 +303,7 @@ class MachineModel:
         raw = np.zeros((n, len(K.CHANNELS)))
         expected = np.zeros(n)
         z = np.zeros(n)
+        lone = np.ones(n, np.bool_)
         if n or ev.shape[0]:
             o = np.lexsort((pos, ev[:, 0]))  # by machine, then arrival (stable: the pending ones first)
             ev, pos = ev[o], pos[o]
@@ -311,7 +313,7 @@ class MachineModel:
             K.step_batch(np.arange(n), series, mach, ts_ns, values, brk, np.ascontiguousarray(ev[:, 0]),
                          np.ascontiguousarray(ev[:, 1]), np.ascontiguousarray(ev[:, 2]), pos, done,
                          self.s_state, self.s_lev, self.s_lag, self.s_sib, self.s_group, self.m_state,
-                         self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z)
+                         self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z, lone)
             self.pending = ev[done == 0]
         p = self.params
         scores = {
@@ -320,7 +322,7 @@ class MachineModel:
             "residual_variance": squash(np.maximum(raw[:, 2] - 1.0, 0.0), p.variance_alarm - 1.0),
             "stuck": squash(raw[:, 3], 1.0),
         }
-        return ModelResult(scores, expected, z)
+        return ModelResult(scores, expected, z, lone)
 
     def reset(self) -> None:
         """Forget everything."""

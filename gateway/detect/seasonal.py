@@ -81,9 +81,10 @@ class SeasonalParams(BaseModel):
 
 
 @numba.njit(cache=True, nogil=True)
-def _seasonal(slots: Any, active: Any, offsets: Any, x: Any, t: Any, bk: Any, hd: Any, prm: Any, out: Any) -> None:
+def _seasonal(slots: Any, active: Any, offsets: Any, x: Any, t: Any, bk: Any, hd: Any, prm: Any, out: Any,
+              mask: Any) -> None:
     """Score then learn every packed sample of the local rows with a state slot (``slots[r]`` ≥ 0; each
-    series' samples in order)."""
+    series' samples in order) and ``mask[i]``."""
     grace = prm[0]
     period = prm[1]
     nb = int(prm[2])
@@ -98,7 +99,7 @@ def _seasonal(slots: Any, active: Any, offsets: Any, x: Any, t: Any, bk: Any, hd
             i = a + r
             out[i] = 0.0
             s = slots[r]
-            if s < 0:
+            if s < 0 or not mask[i]:
                 continue
             h = hd[s]
             tv = t[i]
@@ -161,16 +162,19 @@ class SeasonalProfile:
             self._bufs[name] = grown
             setattr(self, name, grown[:needed])
 
-    def run(self, layout: BatchLayout, values: F64, t_s: F64, use: npt.NDArray[np.bool_]) -> F64:
+    def run(self, layout: BatchLayout, values: F64, t_s: F64, use: npt.NDArray[np.bool_],
+            samples: npt.NDArray[np.bool_] | None = None) -> F64:
         """Scores of the packed ``values`` at packed times ``t_s`` (seconds); ``use`` marks the local rows
-        profiled (the others score 0 and learn nothing). NaN while a profiled series or its bucket is young."""
+        profiled, ``samples`` (per packed sample, default all) which of their samples (the others score 0
+        and learn nothing). NaN while a profiled series or its bucket is young."""
         out = np.zeros(values.shape[0], np.float64)
         if layout.n_steps == 0 or not use.any():
             return out
         slots = self.slots.assign(layout.rows, np.asarray(use, np.bool_))
         self._grow(len(self.slots))
+        sm = np.ones(values.shape[0], np.bool_) if samples is None else np.ascontiguousarray(samples, np.bool_)
         _seasonal(slots, layout.active, layout.offsets, np.ascontiguousarray(values, np.float64),
-                  np.ascontiguousarray(t_s, np.float64), self.buckets, self.head, self._prm, out)
+                  np.ascontiguousarray(t_s, np.float64), self.buckets, self.head, self._prm, out, sm)
         return out
 
     def snapshot(self, n: int | None = None) -> State:

@@ -26,14 +26,10 @@ NOW = 1_763_700_000 * 10**9
 STATES = ("RUNNING", "RUNNING", "IDLE", "DOWN", "SETUP")
 
 
-def _cfg(lone_calibration: bool = True) -> GatewayConfig:
-    detect: dict[str, object] = {"grace_samples": 10, "state_change_holdoff_s": 120}
-    if not lone_calibration:  # the one part still decided per batch: whether a series is lone
-        detect |= {"likelihood": {"scope": "off"},
-                   "detectors": ["residual_spike", "residual_cusum", "residual_variance", "stuck"]}
+def _cfg() -> GatewayConfig:
     return GatewayConfig.model_validate({
         "influx": {"batch_size": 100_000},
-        "detect": detect,
+        "detect": {"grace_samples": 10, "state_change_holdoff_s": 120},
         "oee": {"windows": ["5m"], "shifts": [{"name": "early", "start": "06:00", "end": "14:00"}]},
     })
 
@@ -156,15 +152,14 @@ def test_derived_state_does_not_depend_on_batch_cuts(seed: int, cut_seed: int) -
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), cut_seed=st.integers(0, 2**31))
 def test_a_machines_metrics_born_in_separate_messages(seed: int, cut_seed: int) -> None:
-    """A sibling counts (as the lag model's input, as a peer) from its first sample on, not from when a batch
-    registered it: a cut between a machine's first messages changes nothing (lone-series calibration off:
-    whether a series is lone is still decided per batch)."""
+    """A sibling counts (as the lag model's input, as a peer, and for whether a series is lone) from its
+    first sample on, not from when a batch registered it: a cut between a machine's first messages changes
+    nothing."""
     msgs = _messages(seed, split_first=True)
     rng = random.Random(cut_seed)
     cuts = sorted({*_cuts(rng, len(msgs)), rng.randrange(1, 8)})  # often between the first messages
-    cfg = _cfg(lone_calibration=False)
-    lines_a, state_a = asyncio.run(_run(msgs, cuts, cfg))
-    lines_b, state_b = asyncio.run(_run(msgs, [], cfg))
+    lines_a, state_a = asyncio.run(_run(msgs, cuts))
+    lines_b, state_b = asyncio.run(_run(msgs, []))
     differ = [k for k, a in state_a.items()
               if not (_same(a, state_b[k]) if isinstance(a, np.ndarray) else a == state_b[k])]
     assert not differ, differ

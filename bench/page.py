@@ -22,9 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-from paho.mqtt.client import MQTTMessage
-
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 for p in (str(REPO), str(BENCH)):
@@ -33,14 +30,8 @@ for p in (str(REPO), str(BENCH)):
 
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.server import Server  # noqa: E402
-from tests.fakes import NullSink  # noqa: E402
+from tests.fakes import NullSink, feed_machines  # noqa: E402
 from tests.servers import chromium, free_port  # noqa: E402
-
-
-def _deliver(server: Server, topic: str, payload: bytes) -> None:
-    msg = MQTTMessage(mid=0, topic=topic.encode())
-    msg.payload = payload
-    server.source._deliver(msg)
 
 
 def first_render_ms(n: int, rounds: int, tmp: Path) -> list[float]:
@@ -55,12 +46,7 @@ def first_render_ms(n: int, rounds: int, tmp: Path) -> list[float]:
         "gateway": {"stats_interval_s": 3600, "max_series": max(50, 10 * n)},
     })
     server = Server(cfg, sink=NullSink())
-    now = time.time()
-    for i in range(n):
-        base = f"factory/s1/a{i // 500}/l{i // 50}/m{i}"
-        _deliver(server, f"{base}/state", orjson.dumps({"ts": now - 200, "state": "RUNNING"}))
-        _deliver(server, f"{base}/count", orjson.dumps({"ts": now - 130, "total": 100, "good": 90 + i % 10}))
-        _deliver(server, f"{base}/telemetry", orjson.dumps({"ts": now - 1, "values": {"temp_c": 50.0 + i % 7}}))
+    feed_machines(server, n, time.time())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

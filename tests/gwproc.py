@@ -22,6 +22,13 @@ from tests.servers import free_port, stop_process
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def store_toml(tmp: Path, influx_url: str, db: str) -> str:
+    """The ``[influx]``, ``[buffer]`` and ``[deadletter]`` sections most test gateways share: the given
+    database, a 100 ms flush, the WAL and the dead letters in ``tmp``."""
+    return (f'[influx]\nurl = "{influx_url}"\ndatabase = "{db}"\nflush_interval_ms = 100\n'
+            f'[buffer]\ndir = "{tmp / "wal"}"\n[deadletter]\npath = "{tmp / "deadletter.jsonl"}"')
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path

@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.sparkplug import sparkplug_b_pb2 as pb
-from tests.gwproc import GatewayProcess, wait_until, write_config
+from tests.gwproc import GatewayProcess, store_toml, wait_until, write_config
 from tests.servers import AclMosquitto, InfluxDB1, make_password_file
 
 PW = "pw-acl"
@@ -42,14 +42,7 @@ username = "gateway"
 clean_session = true
 topics = [{{ topic = "factory/#", qos = 1, format = "json" }},
           {{ topic = "spBv1.0/#", qos = 1, format = "sparkplug" }}]
-[influx]
-url = "{influx.url}"
-database = "{db}"
-flush_interval_ms = 100
-[buffer]
-dir = "{tmp_path / 'wal'}"
-[deadletter]
-path = "{tmp_path / 'deadletter.jsonl'}"
+{store_toml(tmp_path, influx.url, db)}
 [detect]
 enabled = false
 [oee]

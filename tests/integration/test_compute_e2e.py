@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.gwproc import ROOT, GatewayProcess, publish, wait_until, write_config
+from tests.gwproc import ROOT, GatewayProcess, publish, store_toml, wait_until, write_config
 from tests.servers import InfluxDB1, Mosquitto
 
 
@@ -24,14 +24,7 @@ instance = "compute"
 host = "127.0.0.1"
 port = {broker.port}
 client_id = "{client_id}"
-[influx]
-url = "{influx.url}"
-database = "{db}"
-flush_interval_ms = 100
-[buffer]
-dir = "{tmp_path / 'wal'}"
-[deadletter]
-path = "{tmp_path / 'deadletter.jsonl'}"
+{store_toml(tmp_path, influx.url, db)}
 {extra}
 """,
     )

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.gwproc import GatewayProcess, publish, wait_until, write_config
+from tests.gwproc import GatewayProcess, publish, store_toml, wait_until, write_config
 from tests.servers import InfluxDB1, Mosquitto
 
 
@@ -26,14 +26,7 @@ port = {broker.port}
 client_id = "gw-daemon-it"
 topics = {topics}
 {extra}
-[influx]
-url = "{influx.url}"
-database = "{db}"
-flush_interval_ms = 100
-[buffer]
-dir = "{tmp_path / 'wal'}"
-[deadletter]
-path = "{tmp_path / 'deadletter.jsonl'}"
+{store_toml(tmp_path, influx.url, db)}
 """,
     )
 

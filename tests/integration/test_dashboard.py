@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from devices.fleet import fleet_layout
-from tests.gwproc import ROOT, GatewayProcess, publish, wait_until, write_config
+from tests.gwproc import ROOT, GatewayProcess, publish, store_toml, wait_until, write_config
 from tests.servers import InfluxDB1, Mosquitto
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "factory-gateway.json"
@@ -182,14 +182,7 @@ stats_interval_s = 1
 host = "127.0.0.1"
 port = {mosquitto.port}
 client_id = "gw-dashboard"
-[influx]
-url = "{influxdb.url}"
-database = "{db}"
-flush_interval_ms = 100
-[buffer]
-dir = "{tmp / 'wal'}"
-[deadletter]
-path = "{tmp / 'deadletter.jsonl'}"
+{store_toml(tmp, influxdb.url, db)}
 [oee]
 windows = ["2s"]
 idle_close_s = 1

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.sparkplug import sparkplug_b_pb2 as pb
-from tests.gwproc import ROOT, GatewayProcess, wait_until, write_config
+from tests.gwproc import ROOT, GatewayProcess, store_toml, wait_until, write_config
 from tests.servers import InfluxDB1, Mosquitto
 
 NODE_DIR = ROOT / "tests" / "node"
@@ -37,14 +37,7 @@ port = {broker.port}
 client_id = "gw-{host_id}"
 clean_session = true
 topics = [{{ topic = "spBv1.0/#", qos = 1, format = "sparkplug" }}]
-[influx]
-url = "{influx.url}"
-database = "{db}"
-flush_interval_ms = 100
-[buffer]
-dir = "{tmp_path / 'wal'}"
-[deadletter]
-path = "{tmp_path / 'deadletter.jsonl'}"
+{store_toml(tmp_path, influx.url, db)}
 [sparkplug]
 host_id = "{host_id}"
 reorder_timeout_s = 0.5

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from gateway.server import Server
-from tests.gwproc import GatewayProcess, publish, wait_until, write_config
+from tests.gwproc import GatewayProcess, publish, store_toml, wait_until, write_config
 from tests.servers import InfluxDB1, Mosquitto, chromium, free_port
 
 MACHINES = {"l1": ["press1", "press2"], "l2": ["lathe1"]}
@@ -73,14 +72,7 @@ stats_interval_s = 3600
 host = "127.0.0.1"
 port = {mosquitto.port}
 client_id = "gw-web"
-[influx]
-url = "{influx.url}"
-database = "{db}"
-flush_interval_ms = 100
-[buffer]
-dir = "{tmp_path / 'wal'}"
-[deadletter]
-path = "{tmp_path / 'deadletter.jsonl'}"
+{store_toml(tmp_path, influx.url, db)}
 [detect]
 detectors = ["spike"]
 grace_samples = 50
@@ -169,16 +161,12 @@ ring_interval_s = 10
 def test_two_thousand_machines_render(tmp_path: Path, browser: webdriver.Chrome) -> None:
     """The in-process gateway (fake sink) with 2,000 machines: every tile is drawn and the page reports its
     first render time (the < 1 s target is bench row 9, ``bench/page.py``: no timed assertion here)."""
-    from tests.unit.test_http import FakeSink, _cfg, _close, _deliver
+    from tests.fakes import feed_machines
+    from tests.unit.test_http import FakeSink, _cfg, _close
 
     server = Server(_cfg(tmp_path, oee={"enabled": True, "windows": ["1m"]}, gateway={"max_series": 20_000}),
                     sink=FakeSink())
-    now = time.time()
-    for i in range(2000):
-        base = f"factory/s1/a{i // 500}/l{i // 50}/m{i}"
-        _deliver(server, f"{base}/state", orjson.dumps({"ts": now - 200, "state": "RUNNING"}))
-        _deliver(server, f"{base}/count", orjson.dumps({"ts": now - 130, "total": 100, "good": 90 + i % 10}))
-        _deliver(server, f"{base}/telemetry", orjson.dumps({"ts": now - 1, "values": {"temp_c": 50.0 + i % 7}}))
+    feed_machines(server, 2000, time.time())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from gateway.config import GatewayConfig
 from gateway.pipeline import Pipeline
-from tests.fakes import RecordingSink
+from tests.fakes import RecordingSink, feed_with_cuts
 
 T0 = 1_763_618_400.0  # 2025-11-20T06:00Z
 NOW = 1_763_700_000 * 10**9
@@ -113,12 +113,7 @@ async def _run(msgs: list[tuple[str, bytes]], cuts: list[int],
                cfg: GatewayConfig | None = None) -> tuple[list[bytes], dict[str, object]]:
     sink = RecordingSink()
     p = Pipeline(cfg or _cfg(), sink, check_time_window=False, emit_stats=False, clock=lambda: NOW)
-    a = 0
-    for b in [*cuts, len(msgs)]:
-        for topic, body in msgs[a:b]:
-            p.submit(topic, body, None)
-        await p.flush()
-        a = b
+    await feed_with_cuts(p, msgs, cuts)
     lines = sorted(line for body in sink.bodies for line in body.split(b"\n")
                    if line.split(b",", 1)[0] in (b"anomaly", b"oee", b"device_status"))
     return lines, _flatten(p.snapshot_state())

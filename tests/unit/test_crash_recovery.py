@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.journal import line_protocol
 from gateway.pipeline import Pipeline
 from gateway.wal import WriteAheadLog
-from tests.fakes import NullSink
+from tests.fakes import NullSink, feed_with_cuts
 
 T0 = 1_763_618_400.0  # 2025-11-20T06:00Z: a shift 06:00-14:00
 NOW = 1_763_700_000 * 10**9  # the injected wall clock
@@ -70,14 +70,7 @@ def _pipeline(cfg: GatewayConfig, wal: WriteAheadLog) -> Pipeline:
     return Pipeline(cfg, NullSink(), wal=wal, check_time_window=False, emit_stats=False, clock=lambda: NOW)
 
 
-async def _feed(p: Pipeline, msgs: list[tuple[str, bytes]], cuts: list[int]) -> None:
-    """Submit ``msgs``, flushing at every cut (batch boundaries differ between the runs)."""
-    a = 0
-    for b in [*cuts, len(msgs)]:
-        for topic, body in msgs[a:b]:
-            p.submit(topic, body, None)
-        await p.flush()
-        a = b
+_feed = feed_with_cuts  # batch boundaries differ between the runs
 
 
 def _outputs(wal_dir: Path, wal: WriteAheadLog) -> tuple[set[bytes], dict[bytes, int]]:

@@ -117,7 +117,7 @@ J_BETA = J_LP + N_LAG  # the last solved slopes (re-solved every RESOLVE_EVERY s
 J_E2 = J_BETA + N_LAG
 J_ABS = J_E2 + 1
 J_N = J_ABS + 1
-# the fit's error variance as v0 + v1·r², r the response still to come (see _lag_var): forgotten sums of
+# the fit's error variance as v0 + v1·r², r the response still to come (see _lag_v01): forgotten sums of
 # the weight, r², r⁴, e² and e²·r²
 J_H1 = J_N + 1
 J_HR = J_H1 + 1
@@ -150,6 +150,13 @@ def _level_sd(lev: Any, k: int, scale: float, grace: float) -> float:
     return sd
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _resolves(lag: Any) -> bool:
+    """Whether :func:`_lag_predict` solves the fit's normal equations again for this sample."""
+    n = lag[J_N]
+    return not (n > RESOLVE_YOUNG and n % RESOLVE_EVERY != 0.0)
+
+
 @numba.njit(cache=True, nogil=True)
 def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
     """Least-squares prediction from the forgotten sums: centred normal equations with a small ridge,
@@ -158,8 +165,7 @@ def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
     if wsum <= 0.0:
         return 0.0
     my = lag[J_SY] / wsum
-    n = lag[J_N]
-    if n > RESOLVE_YOUNG and n % RESOLVE_EVERY != 0.0:
+    if not _resolves(lag):
         pred = my
         for q in range(N_LAG):
             pred += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / wsum)
@@ -205,8 +211,16 @@ def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
 
 @numba.njit(cache=True, nogil=True)
 def _lag_v01(lag: Any) -> tuple[float, float]:
-    """``(v0, v1)`` of the lag fit's misfit variance ``v0 + v1·r²`` (see :func:`_lag_var`); (E2, 0) until
-    transients have been seen."""
+    """``(v0, v1)`` of the lag fit's error variance at a transient of size ``r``: ``max(E2, v0 + v1·r²)``.
+
+    A fixed basis of lags fits a thermal response to a fraction of its size, and the size of what is
+    still to come after a load change is known: ``r = Σ β_q (input_q − lag_q)``, zero in steady state,
+    the whole step right after one. So the misfit's variance is modelled as ``v0 + v1·r²`` by a least-
+    squares fit of e² on r² (forgotten like the fit, a day; ``v1`` ≥ 0), and z's σ is the larger of that
+    and the plain error variance ``E2``: the transient term only widens σ while the response to a load
+    change is still to come (a recurring start heats the machine as it always does and scores low),
+    never below what the fit's errors are overall. Until transients have been seen ``(E2, 0)``.
+    """
     h1 = lag[J_H1]
     if h1 <= 0.0:
         return float(lag[J_E2]), 0.0
@@ -219,21 +233,6 @@ def _lag_v01(lag: Any) -> tuple[float, float]:
     return float(me - v1 * mr), float(v1)
 
 
-@numba.njit(cache=True, nogil=True)
-def _lag_var(lag: Any, r2: float) -> float:
-    """Error variance of the lag fit at a transient of size ``r`` (``r2`` = r²): ``max(E2, v0 + v1·r²)``.
-
-    A fixed basis of lags fits a thermal response to a fraction of its size, and the size of what is
-    still to come after a load change is known: ``r = Σ β_q (input_q − lag_q)``, zero in steady state,
-    the whole step right after one. So the misfit's variance is modelled as ``v0 + v1·r²`` by a least-
-    squares fit of e² on r² (forgotten like the fit, a day; ``v1`` ≥ 0), and z's σ is the larger of that
-    and the plain error variance ``E2``: the transient term only widens σ while the response to a load
-    change is still to come (a recurring start heats the machine as it always does and scores low),
-    never below what the fit's errors are overall. Until transients have been seen it is ``E2``.
-    """
-    v0, v1 = _lag_v01(lag)
-    v = v0 + v1 * r2
-    return float(v if v > lag[J_E2] else lag[J_E2])  # never below the plain error variance
 
 
 MAX_PENDING = 16  # state events a machine holds until a sample reaches their time (then the oldest applies)
@@ -495,10 +494,12 @@ def step_batch(
                     for q in range(N_LAG):
                         a = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
                         lag[J_LP + q] += a * ((u if q < N_ON_U else low) - lag[J_LP + q])
-                # what the slopes solved so far predict (a re-solve below may move them)
+                # what the slopes solved so far predict, where a re-solve below may move them (otherwise
+                # the prediction is exactly that)
                 keep_p = 0.0
                 keep_r = 0.0
-                if lag[J_W] > 0.0:
+                resolve = lag[J_W] > 0.0 and _resolves(lag)
+                if resolve:
                     keep_p = lag[J_SY] / lag[J_W]
                     for q in range(N_LAG):
                         keep_p += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / lag[J_W])
@@ -510,7 +511,14 @@ def step_batch(
                     rj += lag[J_BETA + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
                 r2 = rj * rj
                 young = lag[J_N] <= grace
-                sdj = math.sqrt((lag[J_E2] if young else _lag_var(lag, r2)) + 1e-18)
+                v1j = 0.0
+                varj = lag[J_E2]
+                if not young:  # max(E2, v0 + v1·r²), with v1 kept for the jump CUSUM
+                    v0j, v1j = _lag_v01(lag)
+                    v = v0j + v1j * r2
+                    if v > varj:
+                        varj = v
+                sdj = math.sqrt(varj + 1e-18)
                 if lag[J_N] > grace and lag[J_ABS] < best_abs:
                     best_abs = lag[J_ABS]
                     best_j = j
@@ -519,9 +527,10 @@ def step_batch(
                     pred_sel = pred + cg
                     d_raw = xv - pred
                     r_sel = rj
-                    v1_sel = _lag_v01(lag)[1]
-                    refit_p = pred - keep_p
-                    refit_r = rj - keep_r
+                    v1_sel = v1j
+                    if resolve:
+                        refit_p = pred - keep_p
+                        refit_r = rj - keep_r
                     e2_sel = lag[J_E2]
                     # the load input is settled: its level is known (none pending) and this visit's offset
                     # learned; until then it is still to move, and so is the response's slope
@@ -581,7 +590,7 @@ def step_batch(
             st[S_CLO] = lo
             # jump CUSUM (lag model in use, its load input settled): the error against its local trend's
             # one-step forecast, in that forecast error's long-run σ (learned in steady state) widened by the
-            # misfit's share (v1, as in _lag_var) of the response's own departure from its trend; it restarts
+            # misfit's share (v1, as in _lag_v01) of the response's own departure from its trend; it restarts
             # when the model in use changes, and sums once the trend has learned over HP_N samples
             jump = 0.0
             if best_j >= 0 and st[S_USE] == best_j + 1.0 and settled and lev[k, L_N] > grace and lev[k, L_DV] > 0.0:

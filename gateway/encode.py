@@ -157,7 +157,8 @@ class LineProtocolEncoder:
         series, ts = batch.series, batch.ts_ns
         # float32 at the source (a Sparkplug Float): "%.9g" (FLT_DECIMAL_DIG) identifies the float32 exactly,
         # in half the digits of the float64's repr and a third of the time; only for values that are one
-        f32 = None
+        f32 = None  # per row: its line may be written float32 (every float32 series' value in it is one)
+        as32 = None  # per row: this value is written float32
         reg = self.registry
         if reg.float32_epoch != self._f32_epoch:
             self._templates.clear()
@@ -167,9 +168,11 @@ class LineProtocolEncoder:
             if flagged.any():
                 v = batch.value
                 exact = v.astype(np.float32).astype(np.float64) == v
-                f32 = flagged & exact
-                # a line is written float32 only if all its float32 series' values are
-                f32 = f32 | ~flagged if f32.any() else None
+                as32 = flagged & exact
+                if as32.any():
+                    f32 = as32 | ~flagged
+                else:
+                    as32 = None
         starts = None
         if n > 1:
             mach = self.registry.series_machine_ids()[series]
@@ -180,8 +183,8 @@ class LineProtocolEncoder:
             new_line[1:] |= series[1:] <= series[:-1]
             starts = np.flatnonzero(new_line)
         if starts is None or len(starts) == n:  # every sample on its own line
-            if f32 is not None:
-                flag = (f32 & reg.float32_mask()[series]).tolist()
+            if as32 is not None:
+                flag = as32.tolist()
                 lines = [
                     f"{prefixes[s]}{f'{v:.9g}' if f else repr(v)} {t}"
                     for s, v, t, f in zip(series.tolist(), batch.value.tolist(), ts.tolist(), flag, strict=True)

@@ -133,12 +133,33 @@ G_N = 2
 N_G = 3
 
 
-@numba.njit(cache=True, nogil=True)
-def _alpha(dt: float, tau: float, n: float) -> float:
-    """EWMA weight of one sample: time-based (1 - e^{-dt/tau}), never below 1/n while young."""
-    a = 1.0 - math.exp(-dt / tau) if dt > 0.0 else 0.0
+@numba.njit(cache=True, nogil=True, inline="always")
+def _alpha_a(a: float, n: float) -> float:
+    """EWMA weight of one sample: time-based, ``a`` = 1 - e^{-dt/tau} (a column of the decay table), never
+    below 1/n while young."""
     w = 1.0 / n
     return w if w > a else a
+
+
+# columns of the decay table: exp(-dt/tau) terms of one sample interval dt, computed once per distinct dt
+D_LAG = 0  # 1 - e^{-dt/tau_q} of the N_LAG lags
+D_FIT = N_LAG  # e^{-dt/t_fit} (1 at dt = 0): the lag fit's forgetting
+D_LEVEL = N_LAG + 1  # 1 - e^{-dt/t_level} (0 at dt = 0): levels, error and noise references
+D_HOLD = N_LAG + 2  # e^{-dt/t_level} (1 at dt = 0): the misfit's variance fit
+D_GROUP = N_LAG + 3  # 1 - e^{-dt/t_group} (0 at dt = 0): the peers' common mode
+N_D = N_LAG + 4
+DT_CACHE = 4  # intervals remembered: a plant samples at a few fixed intervals, and a machine's metrics share one
+
+
+@numba.njit(cache=True, nogil=True)
+def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -> None:
+    """Fill one row of the decay table for ``dt`` (0 or 1 at dt = 0, where nothing decays)."""
+    for q in range(N_LAG):
+        row[D_LAG + q] = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
+    row[D_FIT] = math.exp(-dt / t_fit) if dt > 0.0 else 1.0
+    row[D_LEVEL] = 1.0 - math.exp(-dt / t_level) if dt > 0.0 else 0.0
+    row[D_HOLD] = math.exp(-dt / t_level) if dt > 0.0 else 1.0
+    row[D_GROUP] = 1.0 - math.exp(-dt / t_group) if dt > 0.0 else 0.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -338,6 +359,10 @@ def step_batch(
     b = 0  # next group break
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
+    # the exp() terms of the last few sample intervals: ~10 per distinct dt instead of ~25 per sample
+    dt_key = np.full(DT_CACHE, -1.0)
+    dt_tab = np.empty((DT_CACHE, N_D))
+    dt_next = 0
     i0 = 0
     while i0 < n:
         # a group: the samples of one machine at one timestamp (all of them see the same context)
@@ -449,6 +474,18 @@ def step_batch(
             if dt < 0.0:
                 dt = 0.0
             st[S_LAST_T] = t
+            slot = -1
+            for c in range(DT_CACHE):
+                if dt_key[c] == dt:
+                    slot = c
+                    break
+            if slot < 0:
+                slot = dt_next
+                dt_next = (dt_next + 1) % DT_CACHE
+                dt_key[slot] = dt
+                _decays(dt_tab[slot], dt, t_fit, t_level, t_group)
+            dec = dt_tab[slot]
+            a_lev = dec[D_LEVEL]
             # own-level model
             sd_own = _level_sd(lev, k, st[S_SCALE], grace)
             mu = lev[k, L_MEAN] + st[S_VISIT]
@@ -492,8 +529,7 @@ def step_batch(
                     lag[J_ABS] = 1e300
                 else:
                     for q in range(N_LAG):
-                        a = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
-                        lag[J_LP + q] += a * ((u if q < N_ON_U else low) - lag[J_LP + q])
+                        lag[J_LP + q] += dec[D_LAG + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
                 # what the slopes solved so far predict, where a re-solve below may move them (otherwise
                 # the prediction is exactly that)
                 keep_p = 0.0
@@ -536,7 +572,7 @@ def step_batch(
                     # learned; until then it is still to move, and so is the response's slope
                     settled = s_state[sb, S_PENDN] == 0.0 and s_state[sb, S_VN] >= visit_n
                 # learn: exponentially forgotten sums (time constant t_fit), Huber weight beyond clip σ
-                lam = math.exp(-dt / t_fit) if dt > 0.0 else 1.0
+                lam = dec[D_FIT]
                 w = 1.0
                 lim = clip * sdj
                 if lag[J_N] > grace and abs(ej) > lim:
@@ -551,14 +587,14 @@ def step_batch(
                     for r in range(N_LAG):
                         lag[J_SXX + q * N_LAG + r] = lag[J_SXX + q * N_LAG + r] * lam + w * fq * lag[J_LP + r]
                 lag[J_N] += 1.0
-                aj = _alpha(dt, t_level, lag[J_N])
+                aj = _alpha_a(a_lev, lag[J_N])
                 lag[J_E2] += aj * (min(ej * ej, (clip * sdj) ** 2) - lag[J_E2]) if lag[J_N] > grace \
                     else (ej * ej - lag[J_E2]) / lag[J_N]
                 ab = abs(ej)
                 lag[J_ABS] = ab if lag[J_ABS] > 1e299 else lag[J_ABS] + aj * (ab - lag[J_ABS])
                 if not young:  # the misfit's variance against the transient (clipped like the fit's)
                     e2c = min(ej * ej, (clip * sdj) ** 2)
-                    lh = math.exp(-dt / t_level) if dt > 0.0 else 1.0
+                    lh = dec[D_HOLD]
                     lag[J_H1] = lag[J_H1] * lh + 1.0
                     lag[J_HR] = lag[J_HR] * lh + r2
                     lag[J_HRR] = lag[J_HRR] * lh + r2 * r2
@@ -610,7 +646,7 @@ def step_batch(
                     st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], dz, ck, ch)
                     if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
                         st[S_HVN] += 1.0
-                        st[S_HV] += _alpha(dt, t_level, st[S_HVN]) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
+                        st[S_HV] += _alpha_a(a_lev, st[S_HVN]) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
                 st[S_HN] += 1.0
                 ha = max(HP_A, 1.0 / st[S_HN])  # a plain mean while young
                 st[S_H1] += ha * (d_raw - st[S_H1])
@@ -631,7 +667,7 @@ def step_batch(
             # depends on the level; z's σ would change with the model in use): a short EWMA of the ratio. The
             # level's reference averages from its warm-up on and learns only while the short EWMA is below
             # var_learn: hours of tripled noise stay an alarm. Nothing is learned while the visit's offset is.
-            ar = _alpha(dt, t_level, nseen)
+            ar = _alpha_a(a_lev, nseen)
             if st[S_N] > 0.0 and not visiting:
                 de = e_sel - st[S_EP]
                 d2 = 0.5 * de * de
@@ -641,7 +677,7 @@ def step_batch(
                 else:
                     st[S_VAR] += va * (min(d2 / ref, 36.0) - st[S_VAR])
                     if st[S_VAR] < var_learn:
-                        lev[k, L_DV] += _alpha(dt, t_level, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
+                        lev[k, L_DV] += _alpha_a(a_lev, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
             st[S_EP] = e_sel
             st[S_USE] = best_j + 1.0
             # a spike against the local error (the model's slow misfit removed) in the level's fast noise:
@@ -666,7 +702,7 @@ def step_batch(
             out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0
             # -- learn: levels (clipped), identical-reading rate, own error, peers
-            an = _alpha(dt, t_level, lev[k, L_N] + 1.0)
+            an = _alpha_a(a_lev, lev[k, L_N] + 1.0)
             if bestz_ok(e_own, sd_own, z_join) and st[S_RUN] < need:  # a stuck sensor teaches nothing
                 ecl = max(-clip * sd_own, min(clip * sd_own, e_own)) if lev[k, L_N] > grace else e_own
                 if not visiting:  # the visit's offset learns first; the level from samples it explains
@@ -692,7 +728,7 @@ def step_batch(
             if use_group and best_j >= 0:
                 # inverse-variance weight: a peer in a transient (σ widened by the response still to come)
                 # says little about the hall; in steady state it counts fully
-                wg = _alpha(dt, t_group, 1e300) / g_members[g] * min(1.0, e2_sel / (sd_sel * sd_sel + 1e-300))
+                wg = _alpha_a(dec[D_GROUP], 1e300) / g_members[g] * min(1.0, e2_sel / (sd_sel * sd_sel + 1e-300))
                 gs = g_state[g, G_S]
                 dv = d_raw - g_state[g, G_C]
                 if g_state[g, G_N] < min_group:

@@ -61,7 +61,8 @@ __all__ = [
 ]
 
 FORMAT = "factory-gateway-checkpoint"
-VERSION = 2  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions
+VERSION = 3  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
+# 3: its lag fits keep the lower triangle of their normal matrix only
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

@@ -111,8 +111,8 @@ J_W = 0
 J_SY = 1
 J_SX = 2
 J_SXY = J_SX + N_LAG
-J_SXX = J_SXY + N_LAG
-J_LP = J_SXX + N_LAG * N_LAG
+J_SXX = J_SXY + N_LAG  # the lower triangle, row by row: (q, r ≤ q) at q(q+1)/2 + r (Cholesky reads no other)
+J_LP = J_SXX + N_LAG * (N_LAG + 1) // 2
 J_BETA = J_LP + N_LAG  # the last solved slopes (re-solved every RESOLVE_EVERY samples)
 J_E2 = J_BETA + N_LAG
 J_ABS = J_E2 + 1
@@ -191,10 +191,10 @@ def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
         for q in range(N_LAG):
             pred += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / wsum)
         return float(pred)
-    for q in range(N_LAG):
+    for q in range(N_LAG):  # the lower triangle of the centred matrix (what the Cholesky below reads)
         mq = lag[J_SX + q] / wsum
-        for r in range(N_LAG):
-            c[q, r] = lag[J_SXX + q * N_LAG + r] / wsum - mq * lag[J_SX + r] / wsum
+        for r in range(q + 1):
+            c[q, r] = lag[J_SXX + q * (q + 1) // 2 + r] / wsum - mq * lag[J_SX + r] / wsum
         beta[q] = lag[J_SXY + q] / wsum - mq * my
     for q in range(N_LAG):
         c[q, q] += 1e-6 * c[q, q] + 1e-12
@@ -584,8 +584,9 @@ def step_batch(
                     fq = lag[J_LP + q]
                     lag[J_SX + q] = lag[J_SX + q] * lam + w * fq
                     lag[J_SXY + q] = lag[J_SXY + q] * lam + w * fq * yt
-                    for r in range(N_LAG):
-                        lag[J_SXX + q * N_LAG + r] = lag[J_SXX + q * N_LAG + r] * lam + w * fq * lag[J_LP + r]
+                    qq = J_SXX + q * (q + 1) // 2
+                    for r in range(q + 1):
+                        lag[qq + r] = lag[qq + r] * lam + w * fq * lag[J_LP + r]
                 lag[J_N] += 1.0
                 aj = _alpha_a(a_lev, lag[J_N])
                 lag[J_E2] += aj * (min(ej * ej, (clip * sdj) ** 2) - lag[J_E2]) if lag[J_N] > grace \

@@ -390,6 +390,7 @@ def step_batch(
         t = t_ns * 1e-9
         regime = m_state[mid]
         # -- pass 1: level of every sample of the group (siblings read each other's level mean)
+        switched = False  # a series its own levels explain moved to another level: the machine changed regime
         for ii in range(i0, i1):
             i = order[ii]
             s = sid[i]
@@ -453,6 +454,10 @@ def step_batch(
             if best != int(st[S_LEVEL]):
                 st[S_VISIT] = 0.0
                 st[S_VN] = 0.0
+                # (a jump beyond z_join σ of the new level: not a drift across levels or chatter between close ones)
+                if st[S_USE] == 0.0 and st[S_LEVEL] >= 0.0 and st[S_N] > grace and \
+                        abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st[S_SCALE], grace):
+                    switched = True
             st[S_PRE] = xv - lev[best, L_MEAN] if bestz <= z_join else bestz * _level_sd(lev, best, st[S_SCALE], grace)
             st[S_LEVEL] = best
             st[S_U] = lev[best, L_MEAN] + st[S_VISIT]
@@ -461,6 +466,17 @@ def step_batch(
                 if lev[q, L_N] > 0.0 and lev[q, L_MEAN] < lev[best, L_MEAN]:
                     lowest = False
             st[S_LOW] = 1.0 if lowest and st[S_NLEV] > 1.0 else 0.0
+        # a regime switch moves every metric at once: where a sibling switched level, a series that stayed in
+        # its level (two regimes it cannot tell apart, say idle and setup) starts a new visit too, so the offset
+        # it learned for the last regime is not held against the new one
+        if switched:
+            for ii in range(i0, i1):
+                s = sid[order[ii]]
+                st = s_state[s]
+                if st[S_USE] == 0.0 and st[S_VN] > 0.0:
+                    st[S_VISIT] = 0.0
+                    st[S_VN] = 0.0
+                    st[S_U] = s_lev[s, int(st[S_LEVEL]), L_MEAN]
         # -- pass 2: predict, score, learn
         for ii in range(i0, i1):
             i = order[ii]

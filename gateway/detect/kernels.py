@@ -315,7 +315,9 @@ def step_batch(
     prm: Any, out: Any, expected: Any, zout: Any, lone: Any,
 ) -> None:
     """Score then learn every sample, in ``order`` (arrival order: what the samples of a batch do to
-    shared state, the peers' common mode, then does not depend on where batches are cut).
+    shared state, the peers' common mode, then does not depend on where batches are cut). ``order`` may
+    hold the rows of some machines only, with their events only: machines that share no peer group share
+    no state, so such parts may run at once on several threads (:meth:`MachineModel.run`).
 
     State events ``ev_*`` are sorted by machine, then arrival; ``ev_pos`` is the row before which each
     arrived (-1: in an earlier batch). A machine's event applies to its samples that arrived after it and
@@ -345,6 +347,7 @@ def step_batch(
     clip = prm[14]
     visit_n = prm[15]
     n = order.shape[0]
+    n_rows = x.shape[0]  # rows of the whole batch (``order`` may be the rows of some of its machines only)
     n_ev = ev_mach.shape[0]
     n_m = m_state.shape[0]
     e_cur = np.zeros(n_m, np.int64)  # per machine: events [e_lo, e_cur) received, [e_cur, e_end) to come
@@ -373,7 +376,7 @@ def step_batch(
             _ev_take(mid, first, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
         if npend[mid] > 0:  # (a call passes its arrays by reference count: not per sample for nothing)
             _ev_apply(mid, t_ns, ev_ts, ev_reg, ev_done, e_cur, e_lo, npend, m_state, m_evt)
-        nxt = ev_pos[e_cur[mid]] if e_cur[mid] < e_end[mid] else n  # the machine's next event ends the group
+        nxt = ev_pos[e_cur[mid]] if e_cur[mid] < e_end[mid] else n_rows  # the machine's next event ends the group
         while b < nb and brk[b] <= first:
             b += 1
         if b < nb and brk[b] < nxt:  # so does the next message at the same time
@@ -760,7 +763,7 @@ def step_batch(
         i0 = i1
     for k in range(n_ev):  # the events that arrived after every sample of their machine
         if k >= e_cur[ev_mach[k]]:
-            _ev_take(ev_mach[k], n, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
+            _ev_take(ev_mach[k], n_rows, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -94,6 +94,7 @@ hall's common mode).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,9 +165,13 @@ class MachineModel:
     machines (siblings) and site × area × metric peer groups. Without it every series is its own machine.
     """
 
-    def __init__(self, params: MachineModelParams, grace: int = 30) -> None:
+    # a batch this large or larger is split between the threads (below it a thread costs more than it saves)
+    parallel_min_rows = 4096
+
+    def __init__(self, params: MachineModelParams, grace: int = 30, threads: int = 1) -> None:
         self.params = params
         self.grace = int(grace)
+        self.threads = max(1, int(threads))
         p = params
         self._prm = np.array([
             float(grace), p.z_join, float(p.n_new), p.level_memory_s, p.cusum_k, p.cusum_h,
@@ -190,6 +195,12 @@ class MachineModel:
         self._machine_series: list[list[int]] = []
         self._group_ids: dict[tuple[str, str, str], int] = {}
         self._buffers: dict[str, npt.NDArray[Any]] = {}  # name -> the buffer a per-series array is a view of
+        # per machine: its part of the plant, a site × area (peer groups never span two), which shares no
+        # state with any other; machines without a site and area are each a part of their own
+        self._part_ids: dict[object, int] = {}
+        self._machine_part: list[int] = []
+        self.m_part = np.zeros(0, np.int64)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def n_series(self) -> int:
@@ -220,6 +231,8 @@ class MachineModel:
             mid = len(self._machine_ids)
             self._machine_ids[key] = mid
             self._machine_series.append([])
+            part = (key.site, key.area) if isinstance(key, MachineKey) else ("machine", mid)
+            self._machine_part.append(self._part_ids.setdefault(part, len(self._part_ids)))
         return mid
 
     def _register(self, needed: int, machines: Sequence[MachineKey] | None, metrics: Sequence[str] | None) -> None:
@@ -259,6 +272,8 @@ class MachineModel:
         if add > 0:
             self.m_state = np.concatenate((self.m_state, np.full(add, -1, np.int64)))
             self.m_evt = np.concatenate((self.m_evt, np.full(add, _LONG_AGO, np.int64)))
+        if len(self._machine_part) > self.m_part.shape[0]:
+            self.m_part = np.array(self._machine_part, np.int64)
 
     def prepare(self, series: I64, machines: Sequence[MachineKey] | None = None, metrics: Sequence[str] | None = None,
                 machine_list: Sequence[MachineKey] | None = None) -> I64:
@@ -313,10 +328,27 @@ class MachineModel:
             done = np.ones(ev.shape[0], np.int64)
             mach = self.s_mach[series]
             brk = np.empty(0, np.int64) if group_breaks is None else np.asarray(group_breaks, np.int64)
-            K.step_batch(np.arange(n), series, mach, ts_ns, values, brk, np.ascontiguousarray(ev[:, 0]),
-                         np.ascontiguousarray(ev[:, 1]), np.ascontiguousarray(ev[:, 2]), pos, done,
-                         self.s_state, self.s_lev, self.s_lag, self.s_sib, self.s_group, self.m_state,
-                         self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z, lone)
+
+            def step(rows: I64, e: I64, e_pos: I64, e_done: I64) -> None:
+                K.step_batch(rows, series, mach, ts_ns, values, brk, np.ascontiguousarray(e[:, 0]),
+                             np.ascontiguousarray(e[:, 1]), np.ascontiguousarray(e[:, 2]), e_pos, e_done,
+                             self.s_state, self.s_lev, self.s_lag, self.s_sib, self.s_group, self.m_state,
+                             self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z, lone)
+
+            parts = self._parts(mach, ev[:, 0]) if self.threads > 1 and n >= self.parallel_min_rows else []
+            if len(parts) < 2:
+                step(np.arange(n), ev, pos, done)
+            else:  # the parts share no state: each on a thread (the step releases the GIL), this one included
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="machine-model")
+                dones = [done[em].copy() for _, em in parts]
+                futures = [self._pool.submit(step, rows, ev[em], pos[em], d)
+                           for (rows, em), d in zip(parts[1:], dones[1:], strict=True)]
+                step(parts[0][0], ev[parts[0][1]], pos[parts[0][1]], dones[0])
+                for f in futures:
+                    f.result()
+                for (_, em), d in zip(parts, dones, strict=True):
+                    done[em] = d
             self.pending = ev[done == 0]
         p = self.params
         scores = {
@@ -327,9 +359,38 @@ class MachineModel:
         }
         return ModelResult(scores, expected, z, lone)
 
+    def set_threads(self, threads: int) -> None:
+        """Run the step on ``threads`` threads from the next batch on (the state is the same either way)."""
+        threads = max(1, int(threads))
+        if threads != self.threads and self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        self.threads = threads
+
+    def _parts(self, mach: I64, ev_mach: I64) -> list[tuple[I64, npt.NDArray[np.bool_]]]:
+        """Split a batch between ``threads`` by plant part: ``(rows, event mask)`` per thread with rows.
+
+        Parts are dealt by their row counts, largest first, in contiguous runs of about equal load (one
+        vectorised pass; a part is never split), so which thread runs which part changes nothing but time.
+        """
+        n_parts = len(self._part_ids)
+        part_of_row = self.m_part[mach]
+        load = np.bincount(part_of_row, minlength=n_parts)
+        if np.count_nonzero(load) < 2:
+            return []
+        by_load = np.argsort(-load, kind="stable")
+        before = np.cumsum(load[by_load]) - load[by_load]
+        worker = np.empty(n_parts, np.int64)
+        worker[by_load] = np.minimum(self.threads - 1, before * self.threads // int(load.sum()))
+        w_row = worker[part_of_row]
+        w_ev = worker[self.m_part[ev_mach]]
+        return [(rows, w_ev == w) for w in range(self.threads) if (rows := np.flatnonzero(w_row == w)).shape[0]]
+
     def reset(self) -> None:
         """Forget everything."""
-        self.__init__(self.params, self.grace)  # type: ignore[misc]
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self.__init__(self.params, self.grace, self.threads)  # type: ignore[misc]
 
     _ARRAYS = ("s_state", "s_lev", "s_lag", "s_sib", "s_group", "s_mach", "m_state", "m_evt", "pending", "g_state",
                "g_members")

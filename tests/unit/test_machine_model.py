@@ -131,3 +131,51 @@ def test_scores_do_not_depend_on_where_batches_are_cut() -> None:
         return np.concatenate(out, axis=1)
 
     np.testing.assert_array_equal(scores(60), scores(39))
+
+
+def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
+    """A plant of three areas with its state channel, run on one thread and split over three.
+
+    Each part of the plant (a site × area) runs on its own thread; events arrive with their spans, a
+    few of them late (older than the machine's current state) or for a span still to come."""
+    from devices.plant import PlantConfig, generate_plant
+
+    p = generate_plant(PlantConfig(machines=12, days=1.2, interval_s=60.0, seed=3, machines_per_area=4))
+    n_m, n_k, n = p.values.shape
+    keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
+    assert len({(k.site, k.area) for k in keys}) >= 3
+    names = [keys[s // n_k] for s in range(n_m * n_k)]
+    mets = [p.metrics[s % n_k] for s in range(n_m * n_k)]
+    events = [(m, t, st, i % 7 == 0) for i, (m, t, st) in
+              enumerate((m, t, st) for m in range(n_m) for t, st, _ in p.states[m])]
+
+    def run(threads: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        mm = MachineModel(MachineModelParams(), grace=30, threads=threads)
+        mm.parallel_min_rows = 1
+        out = []
+        for a in range(0, n, 30):
+            b = min(n, a + 30)
+            lo, hi = p.ts_s[a], p.ts_s[b] if b < n else np.inf
+            sid, ts, x, states, rows = [], [], [], [], []
+            for m in range(n_m):
+                for em, t, st, again in events:  # this span's events, and every 7th one again a span late
+                    if em == m and (lo <= t < hi or (again and lo - 1800.0 <= t < lo)):
+                        states.append(StateEvent(keys[m], int(t * 1e9), st))
+                        rows.append(len(sid))
+                for j in range(a, b):
+                    for k in range(n_k):
+                        sid.append(m * n_k + k)
+                        ts.append(int(p.ts_s[j] * 1e9))
+                        x.append(p.values[m, k, j])
+            r = mm.run(np.array(sid), np.array(ts, np.int64), np.array(x), machines=names, metrics=mets,
+                       states=states, state_rows=rows, machine_list=keys)
+            out += [r.zscore, r.expected, *r.scores.values()]
+        return out, mm.snapshot().arrays
+
+    one, one_state = run(1)
+    three, three_state = run(3)
+    for a, b in zip(one, three, strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert one_state.keys() == three_state.keys()
+    for name, arr in one_state.items():
+        assert arr.tobytes() == three_state[name].tobytes(), name

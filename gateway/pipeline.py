@@ -239,7 +239,8 @@ class Pipeline:
         """Digest of the settings the derived state depends on: a checkpoint made with others is not used."""
         c = self.cfg
         return fingerprint({
-            "detect": c.detect.model_dump(mode="json"), "oee": c.oee.model_dump(mode="json"),
+            "detect": c.detect.model_dump(mode="json", exclude={"threads"}),  # the same state with any number
+            "oee": c.oee.model_dump(mode="json"),
             "features": c.features.model_dump(mode="json"),
             "machines": {k: v.model_dump(mode="json") for k, v in c.machines.items()},
         })
@@ -405,7 +406,8 @@ class Pipeline:
         if not changed:
             return changed
         anomaly = self.anomaly
-        if cfg.detect != old.detect:
+        threads_only = cfg.detect.model_copy(update={"threads": old.detect.threads}) == old.detect
+        if cfg.detect != old.detect and not (threads_only and anomaly is not None):
             anomaly = AnomalyEngine(cfg.detect) if cfg.detect.enabled else None
         features, severity = self.features, self.severity
         if cfg.features != old.features or cfg.machines != old.machines:
@@ -427,6 +429,9 @@ class Pipeline:
         self.cfg = cfg
         self.decoder.reconfigure(cfg)  # in place: decoders keep their session state
         self.registry.max_series = cfg.gateway.max_series
+        if anomaly is not None and anomaly is self.anomaly:  # only [detect] threads changed, if anything: state kept
+            anomaly.config = cfg.detect
+            anomaly.model.set_threads(cfg.detect.threads)
         self.anomaly = anomaly
         self.state_filter.holdoff_ns = int(cfg.detect.state_change_holdoff_s * 1e9)
         self.features, self.severity, self.oee = features, severity, oee

@@ -136,6 +136,11 @@ async def test_pipeline_reconfigure_keeps_detector_state_when_detect_is_unchange
     engine = p.anomaly
     p.reconfigure(_cfg(detect={"enabled": True}, oee={"windows": ["5m"]}))
     assert p.anomaly is engine
+    p.reconfigure(_cfg(detect={"enabled": True, "threads": 2}, oee={"windows": ["5m"]}))
+    assert p.anomaly is engine  # threads change no state: it is kept
+    assert engine is not None
+    assert engine.model.threads == 2
+    assert engine.config.threads == 2
     p.reconfigure(_cfg(detect={"enabled": True, "threshold": 0.9}, oee={"windows": ["5m"]}))
     assert p.anomaly is not engine
 

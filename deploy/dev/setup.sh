@@ -46,6 +46,12 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# The detectors' kernels compiled ahead of time with numba.pycc (no library ships them precompiled): a
+# gateway running them never loads numba + LLVM (~100 MB RSS). Rebuilt only when their sources changed;
+# without the extension (a failed build) the gateway JIT-compiles them as before.
+if ! .venv/bin/python -m gateway.detect.aot >.venv/aot.log 2>&1; then
+    cat .venv/aot.log; echo "setup: warning: the AOT kernel build failed; the gateway will JIT-compile them" >&2
+fi
 # tests/node: sparkplug-client + sparkplug-payload at the versions of the committed package-lock.json.
 lock_stamp="tests/node/node_modules/.installed-$(sha256sum tests/node/package-lock.json | cut -c1-16)"
 if [ ! -f "$lock_stamp" ]; then

@@ -14,17 +14,11 @@ are named by the ``S_*``, ``L_*`` and ``G_*`` constants below.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if "NUMBA_CACHE_DIR" not in os.environ:  # the package dir may be read-only (systemd ProtectSystem)
-    os.environ["NUMBA_CACHE_DIR"] = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                                        / "factory-gateway" / "numba")
-
-import numba
+from gateway.detect.jit import njit
 
 __all__ = ["CHANNELS", "K_LEVELS", "N_LAG", "step_batch"]
 
@@ -133,7 +127,7 @@ G_N = 2
 N_G = 3
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _alpha_a(a: float, n: float) -> float:
     """EWMA weight of one sample: time-based, ``a`` = 1 - e^{-dt/tau} (a column of the decay table), never
     below 1/n while young."""
@@ -151,7 +145,7 @@ N_D = N_LAG + 4
 DT_CACHE = 4  # intervals remembered: a plant samples at a few fixed intervals, and a machine's metrics share one
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -> None:
     """Fill one row of the decay table for ``dt`` (0 or 1 at dt = 0, where nothing decays)."""
     for q in range(N_LAG):
@@ -162,7 +156,7 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     row[D_GROUP] = 1.0 - math.exp(-dt / t_group) if dt > 0.0 else 0.0
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _level_sd(lev: Any, k: int, scale: float, grace: float) -> float:
     """Noise σ of level ``k``; a young level (fewer than ``grace`` samples) is at least 2 typical steps."""
     sd = math.sqrt(lev[k, L_VAR] + (1e-6 * lev[k, L_MEAN]) ** 2 + 1e-18)
@@ -171,14 +165,14 @@ def _level_sd(lev: Any, k: int, scale: float, grace: float) -> float:
     return sd
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _resolves(lag: Any) -> bool:
     """Whether :func:`_lag_predict` solves the fit's normal equations again for this sample."""
     n = lag[J_N]
     return not (n > RESOLVE_YOUNG and n % RESOLVE_EVERY != 0.0)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
     """Least-squares prediction from the forgotten sums: centred normal equations with a small ridge,
     solved by Cholesky (sums decay uniformly, so no excitation means no wind-up, unlike RLS)."""
@@ -230,7 +224,7 @@ def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
     return float(pred)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _lag_v01(lag: Any) -> tuple[float, float]:
     """``(v0, v1)`` of the lag fit's error variance at a transient of size ``r``: ``max(E2, v0 + v1·r²)``.
 
@@ -259,7 +253,7 @@ def _lag_v01(lag: Any) -> tuple[float, float]:
 MAX_PENDING = 16  # state events a machine holds until a sample reaches their time (then the oldest applies)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _ev_take(m: int, upto: int, ev_ts: Any, ev_pos: Any, ev_reg: Any, ev_done: Any, cur: Any, lo: Any,
              end: Any, npend: Any, m_state: Any, m_evt: Any) -> None:
     """Machine ``m`` receives its events that arrived before row ``upto`` (in arrival order): one older
@@ -285,7 +279,7 @@ def _ev_take(m: int, upto: int, ev_ts: Any, ev_pos: Any, ev_reg: Any, ev_done: A
     cur[m] = k
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _ev_apply(m: int, t_ns: int, ev_ts: Any, ev_reg: Any, ev_done: Any, cur: Any, lo: Any, npend: Any,
               m_state: Any, m_evt: Any) -> None:
     """A sample of machine ``m`` at ``t_ns``: its waiting events up to that time apply (the newest wins;
@@ -306,7 +300,7 @@ def _ev_apply(m: int, t_ns: int, ev_ts: Any, ev_reg: Any, ev_done: Any, cur: Any
         m_evt[m] = ev_ts[best]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def step_batch(
     order: Any, sid: Any, mach: Any, ts: Any, x: Any, brk: Any,
     ev_mach: Any, ev_ts: Any, ev_reg: Any, ev_pos: Any, ev_done: Any,
@@ -766,7 +760,7 @@ def step_batch(
             _ev_take(ev_mach[k], n_rows, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _cusum_step(hi: float, lo: float, z: float, k: float, h: float) -> tuple[float, float, float]:
     """One step of a two-sided CUSUM: ``(high, low, statistic)``, both sides restarting once it reaches ``h``."""
     hi = max(0.0, hi + z - k)
@@ -777,7 +771,7 @@ def _cusum_step(hi: float, lo: float, z: float, k: float, h: float) -> tuple[flo
     return hi, lo, stat
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def bestz_ok(e: float, sd: float, z_join: float) -> bool:
     """A sample teaches its level only if it belongs to it (within ``z_join`` σ)."""
     return abs(e) <= z_join * sd

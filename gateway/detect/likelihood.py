@@ -36,15 +36,14 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import numba
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.batch import F64, I64, room_for
 from gateway.checkpoint import State
-from gateway.detect import kernels as _kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before any compile)
 from gateway.detect.base import BatchLayout
+from gateway.detect.jit import njit
 
 __all__ = ["LikelihoodParams", "ScoreLikelihood", "Slots"]
 
@@ -103,7 +102,7 @@ class LikelihoodParams(BaseModel):
     )
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: Any, out: Any, mask: Any) -> None:
     """Score then learn every packed sample and channel of the local rows with a state slot (``slots[r]`` ≥ 0)
     and ``mask[i]``, step by step (each series' samples in order); the others keep their raw scores and

@@ -35,15 +35,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.batch import F64, room_for
 from gateway.checkpoint import State
-from gateway.detect import kernels as _kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before any compile)
 from gateway.detect.base import BatchLayout
+from gateway.detect.jit import njit
 from gateway.detect.likelihood import Slots
 
 __all__ = ["SeasonalParams", "SeasonalProfile"]
@@ -80,7 +79,7 @@ class SeasonalParams(BaseModel):
                            "tail of 6·10⁻⁷, as the machine model's z_spike).")
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _seasonal(slots: Any, active: Any, offsets: Any, x: Any, t: Any, bk: Any, hd: Any, prm: Any, out: Any,
               mask: Any) -> None:
     """Score then learn every packed sample of the local rows with a state slot (``slots[r]`` ≥ 0; each

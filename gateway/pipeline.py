@@ -431,7 +431,7 @@ class Pipeline:
         self.registry.max_series = cfg.gateway.max_series
         if anomaly is not None and anomaly is self.anomaly:  # only [detect] threads changed, if anything: state kept
             anomaly.config = cfg.detect
-            anomaly.model.set_threads(cfg.detect.threads)
+            anomaly.model.set_threads(cfg.detect.model_threads())
         self.anomaly = anomaly
         self.state_filter.holdoff_ns = int(cfg.detect.state_change_holdoff_s * 1e9)
         self.features, self.severity, self.oee = features, severity, oee

@@ -17,6 +17,7 @@ order, later rules overriding earlier ones. Only the keys a rule actually sets o
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -232,12 +233,23 @@ class DetectionConfig(_Section):
         " classic per-series detectors stay available by name.",
     )
     threads: int = Field(
-        1, ge=1, le=64,
+        0, ge=0, le=64,
         description="Threads the machine model's step runs on: a batch is split by site × area (machines of"
-        " different areas share no state), so scores are the same bit for bit with any number. 1 runs it on"
-        " the compute thread alone; on a board with more cores than the gateway's two busy threads (a"
-        " Raspberry Pi 4/5 has four) 2-3 shortens each batch's compute.",
+        " different areas share no state), so scores are the same bit for bit with any number. 0 (auto): the"
+        " CPUs this process may use minus the two the gateway keeps busy (event loop, compute), at least 1"
+        " (1 on 2 cores, 2 on a 4-core Raspberry Pi 4/5).",
     )
+
+    def model_threads(self) -> int:
+        """``threads``, with 0 resolved for this machine.
+
+        >>> DetectionConfig(threads=3).model_threads(), DetectionConfig().model_threads() >= 1
+        (3, True)
+        """
+        if self.threads:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)) - 2)
+
     machine: MachineModelParams = MachineModelParams()
     likelihood: LikelihoodParams = LikelihoodParams()
     seasonal: SeasonalParams = SeasonalParams()

@@ -285,7 +285,7 @@ class AnomalyEngine:
         self._keys: dict[str, int] = {}
         self._pid_of_metric: dict[str, int] = {}
         self.last_fused: F64 = np.empty(0, np.float64)
-        self.model = MachineModel(config.machine, config.grace_samples, config.threads)
+        self.model = MachineModel(config.machine, config.grace_samples, config.model_threads())
         self._uses_model: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
         self._profile_buf: I64 = self._profile_of  # what _profile_of and _uses_model are prefixes of
         self._uses_buf: npt.NDArray[np.bool_] = self._uses_model

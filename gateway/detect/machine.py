@@ -272,8 +272,6 @@ class MachineModel:
         if add > 0:
             self.m_state = np.concatenate((self.m_state, np.full(add, -1, np.int64)))
             self.m_evt = np.concatenate((self.m_evt, np.full(add, _LONG_AGO, np.int64)))
-        if len(self._machine_part) > self.m_part.shape[0]:
-            self.m_part = np.array(self._machine_part, np.int64)
 
     def prepare(self, series: I64, machines: Sequence[MachineKey] | None = None, metrics: Sequence[str] | None = None,
                 machine_list: Sequence[MachineKey] | None = None) -> I64:
@@ -373,6 +371,8 @@ class MachineModel:
         Parts are dealt by their row counts, largest first, in contiguous runs of about equal load (one
         vectorised pass; a part is never split), so which thread runs which part changes nothing but time.
         """
+        if len(self._machine_part) > self.m_part.shape[0]:  # machines numbered since (or restored)
+            self.m_part = np.array(self._machine_part, np.int64)
         n_parts = len(self._part_ids)
         part_of_row = self.m_part[mach]
         load = np.bincount(part_of_row, minlength=n_parts)

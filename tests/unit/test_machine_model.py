@@ -134,10 +134,10 @@ def test_scores_do_not_depend_on_where_batches_are_cut() -> None:
 
 
 def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
-    """A plant of three areas with its state channel, run on one thread and split over three.
+    """A plant of three areas, run on one thread and split over three (also after a restart from a snapshot).
 
-    Each part of the plant (a site × area) runs on its own thread; events arrive with their spans, a
-    few of them late (older than the machine's current state) or for a span still to come."""
+    Each part of the plant (a site × area) runs on its own thread; state events arrive with their spans, a
+    few of them late (older than the machine's current state); and the same without a state channel."""
     from devices.plant import PlantConfig, generate_plant
 
     p = generate_plant(PlantConfig(machines=12, days=1.2, interval_s=60.0, seed=3, machines_per_area=4))
@@ -149,17 +149,23 @@ def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
     events = [(m, t, st, i % 7 == 0) for i, (m, t, st) in
               enumerate((m, t, st) for m in range(n_m) for t, st, _ in p.states[m])]
 
-    def run(threads: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    def run(threads: int, restart_at: int = -1, with_states: bool = True) -> tuple[
+            list[np.ndarray], dict[str, np.ndarray]]:
         mm = MachineModel(MachineModelParams(), grace=30, threads=threads)
         mm.parallel_min_rows = 1
         out = []
         for a in range(0, n, 30):
+            if a == restart_at:  # a restart from a checkpoint, onto threads
+                saved = mm.snapshot()
+                mm = MachineModel(MachineModelParams(), grace=30, threads=threads)
+                mm.parallel_min_rows = 1
+                mm.restore(saved)
             b = min(n, a + 30)
             lo, hi = p.ts_s[a], p.ts_s[b] if b < n else np.inf
             sid, ts, x, states, rows = [], [], [], [], []
             for m in range(n_m):
                 for em, t, st, again in events:  # this span's events, and every 7th one again a span late
-                    if em == m and (lo <= t < hi or (again and lo - 1800.0 <= t < lo)):
+                    if with_states and em == m and (lo <= t < hi or (again and lo - 1800.0 <= t < lo)):
                         states.append(StateEvent(keys[m], int(t * 1e9), st))
                         rows.append(len(sid))
                 for j in range(a, b):
@@ -172,10 +178,14 @@ def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
             out += [r.zscore, r.expected, *r.scores.values()]
         return out, mm.snapshot().arrays
 
-    one, one_state = run(1)
-    three, three_state = run(3)
-    for a, b in zip(one, three, strict=True):
-        assert a.tobytes() == b.tobytes()
-    assert one_state.keys() == three_state.keys()
-    for name, arr in one_state.items():
-        assert arr.tobytes() == three_state[name].tobytes(), name
+    half = 30 * (n // 60)
+    for one, one_state, three, three_state in (
+        (*run(1), *run(3)),
+        (*run(1), *run(3, restart_at=half)),
+        (*run(1, with_states=False), *run(3, restart_at=half, with_states=False)),
+    ):
+        for a, b in zip(one, three, strict=True):
+            assert a.tobytes() == b.tobytes()
+        assert one_state.keys() == three_state.keys()
+        for name, arr in one_state.items():
+            assert arr.tobytes() == three_state[name].tobytes(), name

@@ -88,11 +88,11 @@ def format_fields(fields: Mapping[str, FieldValue]) -> str:
 
 
 class LineProtocolEncoder:
-    """Encodes every measurement the gateway writes; per-series prefixes are built once and cached."""
+    """Encodes every measurement the gateway writes; per-series line heads and field keys are built once
+    and cached (shared strings: one head per machine, one key per metric name)."""
 
     def __init__(self, registry: SeriesRegistry) -> None:
         self.registry = registry
-        self._prefixes: list[str] = []
         self._heads: list[str] = []  # per series: "telemetry,<tags> "
         self._keys: list[str] = []  # per series: "<field key>="
         self._templates: dict[bytes, str] = {}  # series ids of a line (int64 bytes) -> its %-template
@@ -108,11 +108,12 @@ class LineProtocolEncoder:
             self._machine_tags[machine] = t
         return t
 
-    def _series_prefixes(self) -> list[str]:
+    def _series_parts(self) -> tuple[list[str], list[str]]:
+        """Per series id: its line head and its field key (no string per series: 10 MB at 80,000 series)."""
         reg = self.registry
-        known = len(self._prefixes)
+        known = len(self._heads)
         if known == len(reg):
-            return self._prefixes
+            return self._heads, self._keys
         heads, keys = self._head_of, self._key_of  # one string per machine and per metric name, shared
         for sid in range(known, len(reg)):
             machine, metric = reg.machines[sid], reg.metrics[sid]
@@ -124,8 +125,7 @@ class LineProtocolEncoder:
                 key = keys[metric] = f"{escape_field_key(metric)}="
             self._heads.append(head)
             self._keys.append(key)
-            self._prefixes.append(head + key)
-        return self._prefixes
+        return self._heads, self._keys
 
     def telemetry(self, batch: TelemetryBatch) -> bytes:
         """``telemetry,<tags> <metric>=<float>[,<metric>=<float>...] <ts_ns>``.
@@ -149,7 +149,7 @@ class LineProtocolEncoder:
         n = len(batch)
         if n == 0:
             return b""
-        prefixes = self._series_prefixes()
+        heads, keys = self._series_parts()
         finite = np.isfinite(batch.value)
         if not finite.all():  # the decoder refuses NaN/Inf; computed features may still produce them
             batch = TelemetryBatch(batch.series[finite], batch.ts_ns[finite], batch.value[finite])
@@ -186,12 +186,12 @@ class LineProtocolEncoder:
             if as32 is not None:
                 flag = as32.tolist()
                 lines = [
-                    f"{prefixes[s]}{f'{v:.9g}' if f else repr(v)} {t}"
+                    f"{heads[s]}{keys[s]}{f'{v:.9g}' if f else repr(v)} {t}"
                     for s, v, t, f in zip(series.tolist(), batch.value.tolist(), ts.tolist(), flag, strict=True)
                 ]
                 return "\n".join(lines).encode()
             lines = [
-                f"{prefixes[s]}{v!r} {t}"
+                f"{heads[s]}{keys[s]}{v!r} {t}"
                 for s, v, t in zip(series.tolist(), batch.value.tolist(), ts.tolist(), strict=True)
             ]
             return "\n".join(lines).encode()

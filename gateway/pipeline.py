@@ -32,6 +32,7 @@ from gateway.checkpoint import CheckpointError, State, fingerprint, read_checkpo
 from gateway.config import GatewayConfig
 from gateway.deadletter import DeadLetterFile
 from gateway.decode import BatchBuilder, DecoderContext, DecoderRouter
+from gateway.detect import jit
 from gateway.detect.context import StateChangeFilter
 from gateway.detect.fusion import EVENT_NAMES, AnomalyEngine, AnomalyEvents
 from gateway.detect.machine import subset_breaks
@@ -233,6 +234,13 @@ class Pipeline:
         """Before the first message: load the detectors' compiled code (~0.4 s the first batch would wait)."""
         if self.anomaly is not None:
             warm_up_model()
+            if jit.MODE == "aot":
+                log.info("detector kernels: compiled ahead of time (numba not loaded), machine model on %d "
+                         "thread(s)", self.anomaly.model.threads)
+            else:
+                log.info("detector kernels: JIT-compiled by numba (~140 MB more memory; "
+                         "`python -m gateway.detect.aot` builds them ahead of time), machine model on %d "
+                         "thread(s)", self.anomaly.model.threads)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def fingerprint(self) -> str:

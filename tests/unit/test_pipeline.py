@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -206,6 +207,17 @@ def test_warm_up_loads_the_model_step_before_the_first_batch(mode: str, loaded: 
                          env={**os.environ, "PYTHONPATH": str(root), "FACTORY_GATEWAY_JIT": "1"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == loaded.split()
+
+
+def test_warm_up_says_how_the_detector_kernels_run(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.detect import jit
+
+    pipe = Pipeline(GatewayConfig.model_validate({"buffer": {"enabled": False}, "detect": {"threads": 2}}), FakeSink())
+    with caplog.at_level(logging.INFO, logger="gateway.pipeline"):
+        pipe.warm_up()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("detector kernels:")]
+    assert ("compiled ahead of time" in line) == (jit.MODE == "aot")
+    assert "on 2 thread(s)" in line
 
 
 async def test_compute_runs_off_the_event_loop_and_reload_waits_for_it(tmp_path: Path) -> None:

@@ -156,6 +156,13 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     row[D_GROUP] = 1.0 - math.exp(-dt / t_group) if dt > 0.0 else 0.0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _start_visit(st: Any) -> None:
+    """A new visit of the series' level: its offset is learned anew (see ``visit_samples``)."""
+    st[S_VISIT] = 0.0
+    st[S_VN] = 0.0
+
+
 @njit(cache=True, nogil=True)
 def _level_sd(lev: Any, k: int, scale: float, grace: float) -> float:
     """Noise σ of level ``k``; a young level (fewer than ``grace`` samples) is at least 2 typical steps."""
@@ -449,8 +456,7 @@ def step_batch(
                 else:
                     st[S_PENDN] = 0.0
             if best != int(st[S_LEVEL]):
-                st[S_VISIT] = 0.0
-                st[S_VN] = 0.0
+                _start_visit(st)
                 # (a jump beyond z_join σ of the new level: not a drift across levels or chatter between close ones)
                 if st[S_USE] == 0.0 and st[S_LEVEL] >= 0.0 and st[S_N] > grace and \
                         abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st[S_SCALE], grace):
@@ -471,8 +477,7 @@ def step_batch(
                 s = sid[order[ii]]
                 st = s_state[s]
                 if st[S_USE] == 0.0 and st[S_VN] > 0.0:
-                    st[S_VISIT] = 0.0
-                    st[S_VN] = 0.0
+                    _start_visit(st)
                     st[S_U] = s_lev[s, int(st[S_LEVEL]), L_MEAN]
         # -- pass 2: predict, score, learn
         for ii in range(i0, i1):

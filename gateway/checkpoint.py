@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 FORMAT = "factory-gateway-checkpoint"
-VERSION = 3  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
-# 3: its lag fits keep the lower triangle of their normal matrix only
+VERSION = 4  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
+# 3: its lag fits keep the lower triangle of their normal matrix only; 4: series and fits keep which level is
+# the stopped one (S_LOWK, J_LOWK)
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

@@ -88,7 +88,8 @@ S_HN = 30  # samples the local trend has learned since it (re)started
 S_HV = 31  # long-run variance of the trend's one-step forecast error (steady state, clipped)
 S_HVN = 32  # samples S_HV has learned from
 S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input and a member of its peer group
-N_S = 34
+S_LOWK = 34  # 1 + the index of the level S_LOW calls stopped (the state channel's stopped regime, else the lowest)
+N_S = 35
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -118,7 +119,8 @@ J_HR = J_H1 + 1
 J_HRR = J_HR + 1
 J_HE = J_HRR + 1
 J_HER = J_HE + 1
-N_J = J_HER + 1
+J_LOWK = J_HER + 1  # the sibling's S_LOWK the fit learned with: its stopped indicator means that level
+N_J = J_LOWK + 1
 
 # per-group (site × area × metric) common mode
 G_C = 0
@@ -464,11 +466,16 @@ def step_batch(
             st[S_PRE] = xv - lev[best, L_MEAN] if bestz <= z_join else bestz * _level_sd(lev, best, st[S_SCALE], grace)
             st[S_LEVEL] = best
             st[S_U] = lev[best, L_MEAN] + st[S_VISIT]
-            lowest = True
-            for q in range(int(st[S_NLEV])):
-                if lev[q, L_N] > 0.0 and lev[q, L_MEAN] < lev[best, L_MEAN]:
-                    lowest = False
-            st[S_LOW] = 1.0 if lowest and st[S_NLEV] > 1.0 else 0.0
+            # the stopped indicator: the state channel's stopped regime, else the lowest level (also while it
+            # is the only one: a plant is first seen at night as often as not)
+            low_k = 0
+            if regime < 0:
+                low_k = best
+                for q in range(int(st[S_NLEV])):
+                    if lev[q, L_N] > 0.0 and lev[q, L_MEAN] < lev[low_k, L_MEAN]:
+                        low_k = q
+            st[S_LOW] = 1.0 if best == low_k else 0.0
+            st[S_LOWK] = low_k + 1.0
         # a regime switch moves every metric at once: where a sibling switched level, a series that stayed in
         # its level (two regimes it cannot tell apart, say idle and setup) starts a new visit too, so the offset
         # it learned for the last regime is not held against the new one
@@ -540,7 +547,12 @@ def step_batch(
                 lag = s_lag[s, j]
                 u = s_state[sb, S_U]
                 low = s_state[sb, S_LOW]
+                if lag[J_N] > 0.0 and lag[J_LOWK] != s_state[sb, S_LOWK]:
+                    # the sibling's stopped level is another one now (a lower level appeared): the fit's sums
+                    # hold its indicator with another meaning, and learn anew
+                    lag[:] = 0.0
                 if lag[J_N] == 0.0:
+                    lag[J_LOWK] = s_state[sb, S_LOWK]
                     for q in range(N_LAG):
                         lag[J_LP + q] = u if q < N_ON_U else low
                     lag[J_E2] = sd_own * sd_own

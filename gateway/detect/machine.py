@@ -19,14 +19,16 @@ lower is used (chosen per series, online):
   one vibration level; the offset learned while idle must not be held against the setup).
 - **Lagged load (cross-metric).** A metric that follows the load through a lag (temperature) is
   predicted by recursive least squares from a sibling metric's level mean passed through first-order
-  lags of 7.5, 15, 30 and 60 min (their combination fits any thermal time constant from about 10 to
-  45 min within 1 %), minus the peers' common mode: the robust mean error of the same metric on the
-  other machines of the same site and area (the hall's ambient daily cycle and wander), used when the
-  group has ``min_peers`` machines. The sibling's *level mean* is the input, not its raw reading, so a
-  fault of the sibling sensor does not leak into this metric. The fit's error σ widens while the
-  response to a load change is still to come: σ² = max(E2, v0 + v1·r²), ``r`` the part of the response
-  still ahead (a fixed lag basis misfits a transient by a fraction of its size), ``E2`` the day-long
-  error variance.
+  lags of 7.5, 15, 30 and 60 min (their combination fits any thermal time constant from about 10 to 45
+  min within 1 %), and its stopped indicator (the state channel's stopped regime, else the sibling's
+  lowest level) through 10 and 40 min (a machine switched off drops its base load too; a fit starts anew
+  when its sibling's lowest level changes), minus the peers' common mode: the robust mean error of the
+  same metric on the other machines of the same site and area (the hall's ambient daily cycle and
+  wander), used when the group has ``min_peers`` machines. The sibling's *level mean* is the input, not
+  its raw reading, so a fault of the sibling sensor does not leak into this metric. The fit's error σ
+  widens while the response to a load change is still to come: σ² = max(E2, v0 + v1·r²), ``r`` the part
+  of the response still ahead (a fixed lag basis misfits a transient by a fraction of its size), ``E2``
+  the day-long error variance.
 
 The standardised error ``z`` of the model in use feeds four statistics, each a detector by name:
 

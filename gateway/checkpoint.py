@@ -62,8 +62,8 @@ __all__ = [
 
 FORMAT = "factory-gateway-checkpoint"
 VERSION = 4  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
-# 3: its lag fits keep the lower triangle of their normal matrix only; 4: series and fits keep which level is
-# the stopped one (S_LOWK, J_LOWK)
+# 3: its lag fits keep the lower triangle of their normal matrix only; 4: series keep which level is
+# their stopped one (S_LOWK, in place of the indicator), lag fits the one they learned with (J_LOWK)
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

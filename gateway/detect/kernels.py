@@ -72,7 +72,7 @@ S_SCALE = 14  # series noise scale (median-like, for pending levels)
 S_PRE = 15  # error against the nearest level before any new level opened (what the own model predicted)
 S_VISIT = 16  # offset of this visit of the level (a new product, a new load) from the level's mean
 S_VN = 17  # samples of this visit
-S_LOW = 18  # 1 while in the lowest of the series' levels (the machine is stopped), else 0
+S_LOWK = 18  # 1 + the index of its stopped level (the state channel's stopped regime, else the lowest; 0: none yet)
 S_ZP = 19  # last clipped z (for the lag-1 autocorrelation)
 S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
 S_ZV = 21  # EWMA of z² (clipped)
@@ -88,8 +88,7 @@ S_HN = 30  # samples the local trend has learned since it (re)started
 S_HV = 31  # long-run variance of the trend's one-step forecast error (steady state, clipped)
 S_HVN = 32  # samples S_HV has learned from
 S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input and a member of its peer group
-S_LOWK = 34  # 1 + the index of the level S_LOW calls stopped (the state channel's stopped regime, else the lowest)
-N_S = 35
+N_S = 34
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -474,7 +473,6 @@ def step_batch(
                 for q in range(int(st[S_NLEV])):
                     if lev[q, L_N] > 0.0 and lev[q, L_MEAN] < lev[low_k, L_MEAN]:
                         low_k = q
-            st[S_LOW] = 1.0 if best == low_k else 0.0
             st[S_LOWK] = low_k + 1.0
         # a regime switch moves every metric at once: where a sibling switched level, a series that stayed in
         # its level (two regimes it cannot tell apart, say idle and setup) starts a new visit too, so the offset
@@ -546,7 +544,7 @@ def step_batch(
                 alone = False
                 lag = s_lag[s, j]
                 u = s_state[sb, S_U]
-                low = s_state[sb, S_LOW]
+                low = 1.0 if s_state[sb, S_LEVEL] == s_state[sb, S_LOWK] - 1.0 else 0.0  # it is stopped
                 if lag[J_N] > 0.0 and lag[J_LOWK] != s_state[sb, S_LOWK]:
                     # the sibling's stopped level is another one now (a lower level appeared): the fit's sums
                     # hold its indicator with another meaning, and learn anew

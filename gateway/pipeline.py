@@ -234,13 +234,10 @@ class Pipeline:
         """Before the first message: load the detectors' compiled code (~0.4 s the first batch would wait)."""
         if self.anomaly is not None:
             warm_up_model()
-            if jit.MODE == "aot":
-                log.info("detector kernels: compiled ahead of time (numba not loaded), machine model on %d "
-                         "thread(s)", self.anomaly.model.threads)
-            else:
-                log.info("detector kernels: JIT-compiled by numba (~140 MB more memory; "
-                         "`python -m gateway.detect.aot` builds them ahead of time), machine model on %d "
-                         "thread(s)", self.anomaly.model.threads)
+            how = ("compiled ahead of time (numba not loaded)" if jit.MODE == "aot" else
+                   "JIT-compiled by numba (~140 MB more memory; `python -m gateway.detect.aot` builds them ahead"
+                   " of time)")
+            log.info("detector kernels: %s, machine model on %d thread(s)", how, self.anomaly.model.threads)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -675,7 +675,8 @@ def step_batch(
                     st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], dz, ck, ch)
                     if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
                         st[S_HVN] += 1.0
-                        st[S_HV] += _alpha_a(a_lev, st[S_HVN]) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
+                        # (its start, the level's noise through the trend's gain, counts as HP_N samples)
+                        st[S_HV] += _alpha_a(a_lev, st[S_HVN] + HP_N) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
                 st[S_HN] += 1.0
                 ha = max(HP_A, 1.0 / st[S_HN])  # a plain mean while young
                 st[S_H1] += ha * (d_raw - st[S_H1])

@@ -232,3 +232,26 @@ def test_a_machine_first_seen_stopped_teaches_its_temperature_fit_what_stopped_m
             errors.append(x[a:a + 120] - r.expected)
         err = np.concatenate(errors)[1::2][1440:]  # the temperature, second day
         assert np.sqrt(np.mean(err**2)) < 0.25, (with_states, np.sqrt(np.mean(err**2)))  # was 0.43-0.48
+
+
+def test_the_jump_cusums_first_sample_moves_its_prior_by_one_part_in_hp_n_plus_one() -> None:
+    """The jump CUSUM's σ² starts from its level's noise (HP_GAIN × L_DV, worth HP_N samples): its first
+    learned sample moves it 1/(HP_N + 1) of the way, not all the way (one squared error, often ~0, made
+    every sample a 5 σ jump for the next minutes)."""
+    from gateway.detect import kernels as K
+
+    n = 1440
+    power, temp, _ = _first_seen_at_night(np.random.default_rng(5), n)
+    mm = MachineModel(MachineModelParams(), grace=30)
+    prior = None
+    for i in range(n):
+        mm.run(np.array([0, 1], np.int64), np.full(2, i * 6 * DT_NS, np.int64), np.array([power[i], temp[i]]),
+               machines=[KEY, KEY], metrics=["power_kw", "spindle_temp_c"])
+        st = mm.s_state[1]
+        if st[K.S_HVN] == 0.0 and st[K.S_HN] > 0.0:
+            prior = float(st[K.S_HV])
+        elif st[K.S_HVN] == 1.0:
+            assert prior is not None
+            assert float(st[K.S_HV]) >= prior * K.HP_N / (K.HP_N + 1.0) - 1e-300, (prior, float(st[K.S_HV]))
+            return
+    raise AssertionError("the jump CUSUM never learned")

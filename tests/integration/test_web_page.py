@@ -55,8 +55,14 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def _tiles(driver: webdriver.Chrome) -> dict[str, Any]:
-    return {t.get_attribute("data-id"): t for t in driver.find_elements(By.CSS_SELECTOR, ".tile")}
+def _tiles(driver: webdriver.Chrome) -> dict[str, dict[str, str]]:
+    """Each tile's class and the text of its parts, read in one script call: the page rewrites its tiles at
+    every poll, so an element found by one WebDriver call may be gone (stale) by the next."""
+    rows = driver.execute_script(
+        "const part = (t, c) => { const e = t.querySelector(c); return e ? e.innerText : ''; };"
+        "return Array.from(document.querySelectorAll('.tile')).map(t => [t.dataset.id, {"
+        "class: t.className, s: part(t, '.s'), oee: part(t, '.oee'), parts: part(t, '.parts'), a: part(t, '.a')}]);")
+    return {str(k): {f: str(v) for f, v in d.items()} for k, d in rows}
 
 
 def test_page_shows_the_plant_live(
@@ -103,23 +109,24 @@ ring_interval_s = 10
         for ident, tile in tiles.items():
             machine = ident.rsplit("/", 1)[1]
             [row] = influx.query(f"SELECT last(state) FROM machine_state WHERE machine = '{machine}'", db)
-            assert WORDS[row["last"]] in tile.find_element(By.CSS_SELECTOR, ".s").text
+            assert WORDS[row["last"]] in tile["s"]
             [oee] = influx.query(f"SELECT * FROM oee WHERE machine = '{machine}' ORDER BY time DESC LIMIT 1", db)
-            text = tile.find_element(By.CSS_SELECTOR, ".oee").text
+            text = tile["oee"]
             assert f"OEE {_pct(oee['oee'])}" in text, (text, oee)
             for key, name in (("A", "availability"), ("P", "performance"), ("Q", "quality")):
                 assert f"{key} {_pct(oee[name])}" in text, (text, oee)
-            parts = tile.find_element(By.CSS_SELECTOR, ".parts").text
+            parts = tile["parts"]
             assert f"parts {oee['good_count']}/{oee['total_count']}" in parts, (parts, oee)
-            assert "stale" not in (tile.get_attribute("class") or "")
+            assert "stale" not in tile["class"]
         rows = influx.query("SELECT * FROM anomaly WHERE machine = 'press1'", db)
         latest = max(r["time"] for r in rows)
         written = {(r["metric"], r["detector"]) for r in rows if r["time"] == latest}  # fused + its rule, same time
-        shown = tiles["s1/a1/l1/press1"].find_element(By.CSS_SELECTOR, ".a").text
+        shown = tiles["s1/a1/l1/press1"]["a"]
         assert any(f"{metric} {detector}" in shown for metric, detector in written), (shown, written)
         for other in ("s1/a1/l1/press2", "s1/a1/l2/lathe1"):
-            assert tiles[other].find_element(By.CSS_SELECTOR, ".a").text == ""
-        tiles["s1/a1/l1/press1"].click()  # the detail: chart with the anomaly marked
+            assert tiles[other]["a"] == ""
+        # the detail: chart with the anomaly marked (clicked in the page: a found element may be redrawn first)
+        browser.execute_script("document.querySelector(\".tile[data-id='s1/a1/l1/press1']\").click()")
         marked = "#detail svg[data-metric='temp_c'] line.anomaly"
         assert wait_until(lambda: bool(browser.find_elements(By.CSS_SELECTOR, marked)), timeout=10)
         assert browser.find_elements(By.CSS_SELECTOR, "#detail svg.band rect")
@@ -150,9 +157,8 @@ ring_interval_s = 10
             publish(mosquitto.port, [(t, {"ts": time.time(), "values": {"temp_c": 60.0}}) for t, _ in fresh
                                      if "press1" not in t], client_id="pub-web-keep")
             time.sleep(1)
-        assert wait_until(lambda: "stale" in (_tiles(browser)["s1/a1/l1/press1"].get_attribute("class") or ""),
-                          timeout=10)
-        assert "stale" not in (_tiles(browser)["s1/a1/l1/press2"].get_attribute("class") or "")
+        assert wait_until(lambda: "stale" in _tiles(browser)["s1/a1/l1/press1"]["class"], timeout=10)
+        assert "stale" not in _tiles(browser)["s1/a1/l1/press2"]["class"]
         assert browser.execute_script("return window.__noReload") == marker  # same document: updated by polling
         browser.save_screenshot(str(shots / "stale.png"))
         assert gw.stop() == 0

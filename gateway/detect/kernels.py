@@ -88,7 +88,9 @@ S_HN = 30  # samples the local trend has learned since it (re)started
 S_HV = 31  # long-run variance of the trend's one-step forecast error (steady state, clipped)
 S_HVN = 32  # samples S_HV has learned from
 S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input and a member of its peer group
-N_S = 34
+S_XL = 34  # 1 + the level the last sample left (0: it stayed in its level), and the reading before it (if the
+S_XB = 35  # next sample is back in that level, the last one may have been an isolated excursion: a spike)
+N_S = 36
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -162,6 +164,40 @@ def _start_visit(st: Any) -> None:
     """A new visit of the series' level: its offset is learned anew (see ``visit_samples``)."""
     st[S_VISIT] = 0.0
     st[S_VN] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _merge_close(st: Any, lev: Any, k: int, z_merge: float) -> None:
+    """Merge into level ``k`` a level whose mean is within ``z_merge`` σ of its own (the larger of the two
+    σ): one noisy level split in two close ones, whose readings chatter between them, understates both
+    halves' noise (each keeps one side of the distribution). Pooled statistics, weighted by samples; the
+    last level moves into the freed slot."""
+    nl = int(st[S_NLEV])
+    for q in range(nl):
+        if q == k or lev[q, L_N] <= 0.0:
+            continue
+        d = abs(lev[k, L_MEAN] - lev[q, L_MEAN])
+        if d * d >= z_merge * z_merge * max(lev[k, L_VAR], lev[q, L_VAR]):
+            continue
+        w = lev[k, L_N] / (lev[k, L_N] + lev[q, L_N])
+        m = w * lev[k, L_MEAN] + (1.0 - w) * lev[q, L_MEAN]
+        between = w * (1.0 - w) * d * d
+        st[S_VISIT] += lev[k, L_MEAN] - m  # this visit's reading stays where it was
+        lev[k, L_VAR] = w * lev[k, L_VAR] + (1.0 - w) * lev[q, L_VAR] + between
+        lev[k, L_TAU] = w * lev[k, L_TAU] + (1.0 - w) * lev[q, L_TAU] + between
+        lev[k, L_DV] = w * lev[k, L_DV] + (1.0 - w) * lev[q, L_DV]
+        lev[k, L_SAME] = w * lev[k, L_SAME] + (1.0 - w) * lev[q, L_SAME]
+        lev[k, L_MEAN] = m
+        lev[k, L_N] += lev[q, L_N]
+        lev[k, L_NV] += lev[q, L_NV]
+        last = nl - 1
+        for c in range(N_L):
+            lev[q, c] = lev[last, c]
+            lev[last, c] = 0.0
+        st[S_NLEV] = nl - 1.0
+        st[S_LEVEL] = q if k == last else k
+        st[S_XL] = 0.0  # (level indices moved)
+        return
 
 
 @njit(cache=True, nogil=True)
@@ -362,6 +398,9 @@ def step_batch(
     npend = np.zeros(n_m, np.int64)
     nb = brk.shape[0]
     b = 0  # next group break
+    # per row: its error and the last one's are against two levels (a jump, or a level opened by samples that were
+    # far from every level): their difference is no noise
+    straddle = np.zeros(n_rows, np.bool_)
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
     # the exp() terms of the last few sample intervals: ~10 per distinct dt instead of ~25 per sample
@@ -450,17 +489,33 @@ def step_batch(
                         lev[k, L_NV] = 0.0
                         lev[k, L_DV] = 0.0
                         st[S_PENDN] = 0.0
+                        straddle[i] = True
                         best = k
                         bestz = abs(xv - lev[k, L_MEAN]) / sc
                     elif best < 0:
                         best = 0
                 else:
                     st[S_PENDN] = 0.0
+            # a spike may land near another known level (a product whose load differs by a few σ) and read as a
+            # switch to it; the next sample tells: back in the level it left, the last one is scored against its
+            # two neighbours, d = x - (before + after) / 2, in that level's fast noise (var(d) = 1.5 σ²), at least
+            # the series' typical step (a noisy level split in two close ones underestimates both halves' noise)
+            iso = 0.0
+            if st[S_XL] > 0.0 and best == int(st[S_XL]) - 1 and lev[best, L_N] > grace and lev[best, L_DV] > 0.0:
+                iso = abs(st[S_PREV] - 0.5 * (st[S_XB] + xv)) / math.sqrt(1.5 * max(lev[best, L_DV], st[S_SCALE] ** 2))
+            st[S_XL] = 0.0
+            jumped = best != int(st[S_LEVEL]) and st[S_LEVEL] >= 0.0 and st[S_N] > 0.0 and \
+                abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st[S_SCALE], grace)
+            if jumped:  # (not chatter between close levels: a jump beyond z_join σ)
+                st[S_XL] = st[S_LEVEL] + 1.0
+                st[S_XB] = st[S_PREV]
+                st[S_VAR] = 1.0  # the noise ratio is the new level's to learn (its last value was the old one's)
+                straddle[i] = True
+            out[i, 0] = iso
             if best != int(st[S_LEVEL]):
                 _start_visit(st)
                 # (a jump beyond z_join σ of the new level: not a drift across levels or chatter between close ones)
-                if st[S_USE] == 0.0 and st[S_LEVEL] >= 0.0 and st[S_N] > grace and \
-                        abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st[S_SCALE], grace):
+                if st[S_USE] == 0.0 and st[S_N] > grace and jumped:
                     switched = True
             st[S_PRE] = xv - lev[best, L_MEAN] if bestz <= z_join else bestz * _level_sd(lev, best, st[S_SCALE], grace)
             st[S_LEVEL] = best
@@ -696,9 +751,11 @@ def step_batch(
             # compared, in the series' own units, with the same in the current level over the long run (noise
             # depends on the level; z's σ would change with the model in use): a short EWMA of the ratio. The
             # level's reference averages from its warm-up on and learns only while the short EWMA is below
-            # var_learn: hours of tripled noise stay an alarm. Nothing is learned while the visit's offset is.
+            # var_learn: hours of tripled noise stay an alarm. Nothing is learned while the visit's offset is, nor
+            # from a difference that straddles two levels or two models (a jump to another level, or the model in
+            # use changed).
             ar = _alpha_a(a_lev, nseen)
-            if st[S_N] > 0.0 and not visiting:
+            if st[S_N] > 0.0 and not visiting and not straddle[i] and st[S_USE] == best_j + 1.0:
                 de = e_sel - st[S_EP]
                 d2 = 0.5 * de * de
                 ref = lev[k, L_DV]
@@ -727,7 +784,7 @@ def step_batch(
             if p_same > 1e-12:
                 need = max(stuck_min, math.log(stuck_p) / math.log(min(p_same, 0.999999)) + 1.0)
             warm = nseen > grace
-            out[i, 0] = max(az, z_loc) if warm else 0.0
+            out[i, 0] = max(az, z_loc, out[i, 0]) if warm else 0.0
             out[i, 1] = max(cus, jump) / ch if warm else 0.0
             out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0
@@ -742,6 +799,9 @@ def step_batch(
                 lev[k, L_N] += 1.0
                 if st[S_N] > 0.0 and st[S_RUN] < stuck_min:  # only short runs teach the repeat rate
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
+            if regime < 0 and lev[k, L_N] > grace and lev[k, L_N] % 16.0 == 0.0:  # (a check every 16th sample)
+                _merge_close(st, lev, k, 0.5 * z_join)
+                k = int(st[S_LEVEL])
             pre = abs(st[S_PRE])
             st[S_ABS_OWN] = pre if st[S_N] == 0.0 else st[S_ABS_OWN] + ar * (pre - st[S_ABS_OWN])
             # the visit offset: learned over the first visit_n samples of each visit, then held

@@ -36,7 +36,8 @@ The standardised error ``z`` of the model in use feeds four statistics, each a d
 detector                statistic                                              alarm (score 0.5) at
 ======================  =====================================================  ======================
 ``residual_spike``      ``|z|``, or the error against its 5-sample local      ``z_spike`` σ
-                        mean in the level's fast noise
+                        mean in the level's fast noise, or (one sample
+                        late) an isolated excursion to another level
 ``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
                         ``cusum_k`` (own-level model); for a series the lag
                         model explains, the same CUSUM of its error minus a
@@ -66,7 +67,19 @@ The noise statistic uses consecutive differences, which are blind to a slow misf
 are the CUSUM's), in the series' units (``z``'s σ changes with the model in use), and compares them with
 the current level's long-run difference variance (noise depends on the load; the reference stops
 learning while the short ratio is more than 4 standard errors above 1, so hours of tripled noise stay an
-alarm).
+alarm). A difference that straddles two levels (a jump beyond ``z_join`` σ, or a level just opened by
+samples far from every level) or two models is no noise and teaches nothing; after a jump the short ratio
+starts anew, the new level's to learn.
+
+A spike may land near another known level: without a state channel a machine that makes several
+products has a running level per product, a few σ apart, and an 8 σ spike on one can sit next to
+another's mean, where it scores low. So a jump to another level is scored again at the next sample: back
+in the level it left, the jump was an isolated excursion, and its size against its two neighbours,
+``d = x_t - (x_{t-1} + x_{t+1}) / 2``, in that level's fast noise (``var(d) = 1.5 σ²``; at least the
+series' typical step, since a noisy level split in two close ones underestimates both halves' noise) is
+the spike statistic of that next sample. A real switch stays in its new level and is not scored. Two
+levels whose means come within ``z_join / 2`` σ of each other (the larger σ) are merged: one noisy level
+split in two close ones, its readings chattering between them, understates both halves' noise.
 
 where ``p`` is the series' own rate of identical consecutive readings in its current level (a
 quantised sensor repeats itself more often; a stuck one repeats itself far longer than its rate

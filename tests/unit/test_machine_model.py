@@ -66,6 +66,40 @@ def test_a_new_product_at_each_visit_is_normal_and_a_step_inside_one_is_not() ->
     assert in_step[0] < step_at + 10, flagged
 
 
+def test_a_spike_that_lands_near_another_known_level_is_caught_at_the_next_sample() -> None:
+    """No state channel; two products run at loads 7 σ apart, each its own level. An 8 σ spike while the
+    lower one runs lands next to the upper level (1 σ from its mean: no spike there): the next sample,
+    back in the lower level, scores it against its two neighbours. Readings that chatter between two close
+    levels (here a stop quantised to two values) are no spike."""
+    rng = np.random.default_rng(7)
+    parts = []
+    for v in range(12):  # stop, then product A (8.90) or B (9.60), alternately
+        parts.append(np.where(rng.random(60) < 0.5, 0.040, 0.050))
+        parts.append((8.90 if v % 2 == 0 else 9.60) + rng.normal(0, 0.1, 240))
+    values = np.round(np.concatenate(parts), 3)
+    quiet = _flags(_run(values), lo=600)
+    assert quiet["residual_spike"] == [], quiet
+    at = 10 * 300 + 60 + 120  # the middle of the 11th visit, product A
+    values[at] = 8.90 + 0.8
+    flagged = _flags(_run(values), lo=600)
+    assert flagged["residual_spike"] == [at + 1], flagged
+
+
+def test_a_new_level_learns_its_noise_from_its_own_samples() -> None:
+    """A level opened by samples far from every level learns its fast noise (the difference variance) from
+    its own samples, not from the jump into it (before, the jump's squared size sat in its first mean, and
+    the level's noise read 60 times too large for a day)."""
+    from gateway.detect import kernels as K
+
+    rng = np.random.default_rng(3)
+    values = np.round(np.concatenate([0.045 + rng.normal(0, 0.003, 300), 8.9 + rng.normal(0, 0.1, 600)]), 3)
+    mm = MachineModel(MachineModelParams(), grace=30)
+    mm.run(np.zeros(values.size, np.int64), np.arange(values.size, dtype=np.int64) * DT_NS, values, machines=[KEY])
+    lev = mm.s_lev[0]
+    running = int(np.argmin(np.abs(lev[:, K.L_MEAN] - 8.9)))
+    assert 0.5 * 0.01 < lev[running, K.L_DV] < 2.0 * 0.01, lev[running]
+
+
 def test_noise_is_judged_against_its_own_level() -> None:
     """Idle is ten times quieter than running; no state channel. Tripled running noise is an alarm."""
     rng = np.random.default_rng(7)
@@ -255,3 +289,25 @@ def test_the_jump_cusums_first_sample_moves_its_prior_by_one_part_in_hp_n_plus_o
             assert float(st[K.S_HV]) >= prior * K.HP_N / (K.HP_N + 1.0) - 1e-300, (prior, float(st[K.S_HV]))
             return
     raise AssertionError("the jump CUSUM never learned")
+
+
+def test_two_close_levels_merge_into_one_with_pooled_statistics() -> None:
+    """Levels within z_join / 2 σ of each other are one noisy level split in two: merged, the samples' mean
+    and the pooled variance (within plus between), the current visit's reading unchanged; far ones stay."""
+    from gateway.detect import kernels as K
+
+    st = np.zeros(K.N_S)
+    lev = np.zeros((K.K_LEVELS, K.N_L))
+    for q, (mean, n) in enumerate(((0.05, 500.0), (0.80, 300.0), (1.20, 400.0), (0.85, 100.0))):
+        lev[q, K.L_MEAN], lev[q, K.L_VAR], lev[q, K.L_N], lev[q, K.L_DV] = mean, 0.05**2, n, 0.05**2
+    st[K.S_NLEV], st[K.S_LEVEL], st[K.S_VISIT] = 4, 3, 0.01  # in the young 0.85 level, 0.01 above its mean
+    K._merge_close(st, lev, 3, 3.0)
+    assert st[K.S_NLEV] == 3 and st[K.S_LEVEL] == 1  # 0.80 absorbed into the current level; the last moved to 1
+    merged = lev[1]
+    assert merged[K.L_N] == 400.0
+    assert np.isclose(merged[K.L_MEAN], (0.80 * 300 + 0.85 * 100) / 400)
+    assert np.isclose(merged[K.L_VAR], 0.05**2 + 0.75 * 0.25 * 0.05**2)
+    assert np.isclose(merged[K.L_MEAN] + st[K.S_VISIT], 0.86)
+    assert lev[3].tolist() == [0.0] * K.N_L and np.isclose(lev[2, K.L_MEAN], 1.20)
+    K._merge_close(st, lev, 1, 3.0)  # 0.8125 against 0.05 and 1.20: nothing close
+    assert st[K.S_NLEV] == 3

@@ -799,7 +799,9 @@ def step_batch(
                 lev[k, L_N] += 1.0
                 if st[S_N] > 0.0 and st[S_RUN] < stuck_min:  # only short runs teach the repeat rate
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
-            if regime < 0 and lev[k, L_N] > grace and lev[k, L_N] % 16.0 == 0.0:  # (a check every 16th sample)
+            # (a check every 16th sample; a machine's series only: a lone series' levels are bins of whatever it
+            # measures, not regimes, and merged they reopen: NAB's cpu_utilization 3 -> 22 false positives)
+            if regime < 0 and not alone and lev[k, L_N] > grace and lev[k, L_N] % 16.0 == 0.0:
                 _merge_close(st, lev, k, 0.5 * z_join)
                 k = int(st[S_LEVEL])
             pre = abs(st[S_PRE])

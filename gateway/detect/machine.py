@@ -78,8 +78,9 @@ in the level it left, the jump was an isolated excursion, and its size against i
 ``d = x_t - (x_{t-1} + x_{t+1}) / 2``, in that level's fast noise (``var(d) = 1.5 σ²``; at least the
 series' typical step, since a noisy level split in two close ones underestimates both halves' noise) is
 the spike statistic of that next sample. A real switch stays in its new level and is not scored. Two
-levels whose means come within ``z_join / 2`` σ of each other (the larger σ) are merged: one noisy level
-split in two close ones, its readings chattering between them, understates both halves' noise.
+levels of a machine's series whose means come within ``z_join / 2`` σ of each other (the larger σ) are
+merged: one noisy level split in two close ones, its readings chattering between them, understates both
+halves' noise. (Not those of a lone series: its levels are bins of whatever it measures, not regimes.)
 
 where ``p`` is the series' own rate of identical consecutive readings in its current level (a
 quantised sensor repeats itself more often; a stuck one repeats itself far longer than its rate

@@ -302,12 +302,14 @@ def test_two_close_levels_merge_into_one_with_pooled_statistics() -> None:
         lev[q, K.L_MEAN], lev[q, K.L_VAR], lev[q, K.L_N], lev[q, K.L_DV] = mean, 0.05**2, n, 0.05**2
     st[K.S_NLEV], st[K.S_LEVEL], st[K.S_VISIT] = 4, 3, 0.01  # in the young 0.85 level, 0.01 above its mean
     K._merge_close(st, lev, 3, 3.0)
-    assert st[K.S_NLEV] == 3 and st[K.S_LEVEL] == 1  # 0.80 absorbed into the current level; the last moved to 1
+    assert st[K.S_NLEV] == 3
+    assert st[K.S_LEVEL] == 1  # 0.80 absorbed into the current level, which (the last) moved into its slot
     merged = lev[1]
     assert merged[K.L_N] == 400.0
     assert np.isclose(merged[K.L_MEAN], (0.80 * 300 + 0.85 * 100) / 400)
     assert np.isclose(merged[K.L_VAR], 0.05**2 + 0.75 * 0.25 * 0.05**2)
     assert np.isclose(merged[K.L_MEAN] + st[K.S_VISIT], 0.86)
-    assert lev[3].tolist() == [0.0] * K.N_L and np.isclose(lev[2, K.L_MEAN], 1.20)
+    assert lev[3].tolist() == [0.0] * K.N_L
+    assert np.isclose(lev[2, K.L_MEAN], 1.20)
     K._merge_close(st, lev, 1, 3.0)  # 0.8125 against 0.05 and 1.20: nothing close
     assert st[K.S_NLEV] == 3

@@ -704,8 +704,13 @@ def step_batch(
                 hi = 0.0
                 lo = 0.0
             cus = max(hi, lo)
+            relearn = False
             if best_j < 0 and not visiting:
                 hi, lo, cus = _cusum_step(hi, lo, zc, ck, ch)
+                # an alarm says this visit's offset is wrong now (a step, or a drift its running mean followed):
+                # it is learned anew, as a chart restarts after a signal, so the alarm is not repeated for the
+                # rest of the visit (nor the return of a drift the running mean had followed)
+                relearn = cus >= ch
             st[S_CHI] = hi
             st[S_CLO] = lo
             # jump CUSUM (lag model in use, its load input settled): the error against its local trend's
@@ -830,6 +835,8 @@ def step_batch(
                     g_state[g, G_C] += wg * max(-3.0 * gs, min(3.0 * gs, dv))
                     g_state[g, G_S] += wg * (1.25 * abs(dv) - gs)
                 g_state[g, G_N] += 1.0
+            if relearn:
+                _start_visit(st)
             st[S_PREV] = xv
             st[S_N] = nseen
         i0 = i1

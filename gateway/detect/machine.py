@@ -13,7 +13,9 @@ lower is used (chosen per series, online):
   after a setup); meanwhile ``z`` carries that estimate's uncertainty (the level's spread of visit
   offsets, then ``σ²/n``) and neither the CUSUM nor the noise statistic sums. Later samples within
   ``clip`` σ keep refining it as a running mean (a fault of 2 σ or more is the CUSUM's within a few
-  samples, long before a mean of the whole visit moves). A regime switch moves every metric at once:
+  samples, long before a mean of the whole visit moves); after a CUSUM alarm the offset is learned anew, as a
+  chart restarts after a signal (a running mean that followed a drift would otherwise hold the drift's
+  return against the series for the rest of the visit). A regime switch moves every metric at once:
   when a sibling that its own levels explain jumps (more than ``z_join`` σ) to another level, a series
   that stayed in its level starts a new visit too (without a state channel, idle and setup may share
   one vibration level; the offset learned while idle must not be held against the setup).

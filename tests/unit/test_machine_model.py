@@ -313,3 +313,23 @@ def test_two_close_levels_merge_into_one_with_pooled_statistics() -> None:
     assert np.isclose(lev[2, K.L_MEAN], 1.20)
     K._merge_close(st, lev, 1, 3.0)  # 0.8125 against 0.05 and 1.20: nothing close
     assert st[K.S_NLEV] == 3
+
+
+def test_after_an_alarm_the_visit_learns_its_offset_anew_so_a_drift_s_return_is_no_new_alarm() -> None:
+    """A 4 σ drift over 6 h inside one long running visit (no state channel): its CUSUM alarms while it
+    grows; each alarm has the visit learn its offset anew, so when the drift ends its return is one alarm,
+    not one every few minutes for the rest of the visit (a running mean of the whole visit had followed the
+    drift and held the return against the series)."""
+    rng = np.random.default_rng(11)
+    parts = []
+    for _ in range(6):  # stopped, running: a day of visits to learn the levels
+        parts += [0.4 + rng.normal(0, 0.01, 120), 8.0 + rng.normal(0, 0.1, 360)]
+    base = sum(p.size for p in parts)
+    parts += [0.4 + rng.normal(0, 0.01, 120), 8.0 + rng.normal(0, 0.1, 4000)]
+    values = np.concatenate(parts)
+    start, n = base + 120 + 200, 2160
+    values[start: start + n] += np.linspace(0.0, 0.4, n)  # 0 -> 4 σ, then back at once
+    flagged = _flags(_run(np.round(values, 3)), lo=base)["residual_cusum"]
+    assert any(start < i < start + n for i in flagged), flagged  # the drift is caught
+    after = [i for i in flagged if i >= start + n + 60]  # 10 min after its end, to the visit's end
+    assert len(after) <= 1, after

@@ -718,7 +718,7 @@ def step_batch(
             # misfit's share (v1, as in _lag_v01) of the response's own departure from its trend; it restarts
             # when the model in use changes, and sums once the trend has learned over HP_N samples
             jump = 0.0
-            if best_j >= 0 and st[S_USE] == best_j + 1.0 and settled and lev[k, L_N] > grace and lev[k, L_DV] > 0.0:
+            if best_j >= 0 and st[S_USE] == best_j + 1.0 and lev[k, L_N] > grace and lev[k, L_DV] > 0.0:
                 # a re-fit of the model is no change of the data: its trend moves with the prediction
                 st[S_H1] -= refit_p
                 st[S_H2] -= refit_p
@@ -731,7 +731,10 @@ def step_batch(
                 tv = v1_sel * dr * dr
                 dz = de / math.sqrt(st[S_HV] + tv)
                 dz = max(-clip * 2.0, min(clip * 2.0, dz))
-                if st[S_HN] >= HP_N:  # the trend has learned over its memory: sum
+                if not settled:  # the load input is still to move: no sums, but the trend keeps learning
+                    st[S_HHI] = 0.0
+                    st[S_HLO] = 0.0
+                elif st[S_HN] >= HP_N:  # the trend has learned over its memory: sum
                     st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], dz, ck, ch)
                     if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
                         st[S_HVN] += 1.0

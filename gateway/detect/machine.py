@@ -59,9 +59,11 @@ the peers' common mode fits the hall's ambient to a fraction of a degree), so it
 CUSUM**: the error minus the one-step forecast of a local linear trend (Brown's double exponential
 smoothing over 16 samples, which follows a misfit's level and slope), in that forecast error's own
 long-run σ, widened while the response to a load change is still moving. A temperature cannot jump; a
-sensor fault does. It sums once the load input is settled (its level known, the visit's offset
-learned) and the trend has learned over 16 samples, and restarts when the model in use changes; a
-re-fit of the lag model moves the trend with the prediction. 16 samples: a 2.5 σ step (the middle of
+sensor fault does. It sums once the trend has learned over 16 samples, and restarts when the model in
+use changes; while the load input is still to move (a pending reading of the sibling, or its visit's
+offset still learned) its sums hold off at zero but its trend keeps learning (one odd reading of the
+sibling must not cost the trend its memory); a re-fit of the lag model moves the trend with the
+prediction. 16 samples: a 2.5 σ step (the middle of
 the 2-3 σ steps to find) sums to ≈ ``h`` before the trend absorbs it. What it cannot see is a slow
 drift of a lag-modelled series smaller than the misfit.
 

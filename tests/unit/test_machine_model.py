@@ -333,3 +333,35 @@ def test_after_an_alarm_the_visit_learns_its_offset_anew_so_a_drift_s_return_is_
     assert any(start < i < start + n for i in flagged), flagged  # the drift is caught
     after = [i for i in flagged if i >= start + n + 60]  # 10 min after its end, to the visit's end
     assert len(after) <= 1, after
+
+
+def test_a_sibling_s_odd_far_reading_pauses_the_jump_cusum_without_restarting_its_trend() -> None:
+    """Temperature 20 min behind the load, power the load at once (10-second samples). A single far power
+    reading (a pending new level: the load input is not settled) right before a 3 σ temperature step: the jump
+    CUSUM holds its sums for that sample but keeps its trend, so it still sees the step (restarted, its trend
+    learns the step over its first samples and misses it)."""
+    rng = np.random.default_rng(5)
+    day = 8640
+    n = 3 * day
+    t = np.arange(n)
+    run = (t % 1440) < 1080  # 3 h running, 1 h stopped
+    load = np.zeros(n)
+    for i in range(1, n):  # first-order lag, τ 20 min
+        load[i] = load[i - 1] + (float(run[i]) - load[i - 1]) / 120.0
+    power = 1.0 + 7.0 * run + rng.normal(0, 0.05, n)
+    temp = 20.0 + 30.0 * load + rng.normal(0, 0.1, n)
+    at = 2 * day + 1440 * 2 + 900  # deep in a run, the temperature settled
+    assert run[at - 360: at + 120].all()
+    power[at] += 1.0  # 20 σ: far from every level, one sample
+    temp[at + 2: at + 362] += 0.3  # 3 σ for an hour
+    mm = MachineModel(MachineModelParams(), grace=30)
+    flagged: list[int] = []
+    for a in range(0, n, 360):
+        b = min(n, a + 360)
+        sid = np.tile(np.array([0, 1]), b - a)
+        ts = np.repeat(t[a:b].astype(np.int64) * DT_NS, 2)
+        x = np.stack([temp[a:b], power[a:b]], axis=1).reshape(-1)
+        r = mm.run(sid, ts, np.round(x, 3), machines=[KEY, KEY], metrics=["temp_c", "power_kw"])
+        rows = np.flatnonzero((sid == 0) & (r.scores["residual_cusum"] >= 0.5))
+        flagged += (a + rows // 2).tolist()
+    assert any(at + 2 <= i < at + 62 for i in flagged), [i - at for i in flagged if i > at - 600]

@@ -22,6 +22,8 @@ Memory: 4 bytes per slot plus 16 bytes per series. At the defaults (120 slots of
 from __future__ import annotations
 
 import math
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from gateway.detect.fusion import AnomalyEvents
     from gateway.oee import OeeRecord
 
-__all__ = ["AnomalyMark", "MachineView", "PlantView", "SeriesRings", "StateChange"]
+__all__ = ["AnomalyMark", "MachineView", "PlantView", "SeriesRings", "StateChange", "StateRing"]
 
 _NONE = np.iinfo(np.int64).min
 _T = TypeVar("_T")
@@ -123,12 +125,67 @@ class AnomalyMark:
     score: float
 
 
-def _push(ring: list[_T], item: _T, bound: int) -> None:
+def _push(ring: Sequence[_T], item: _T, bound: int) -> list[_T]:
     """Append to a bounded ring held in a list: the oldest goes once it holds ``bound`` (a deque with
-    ``maxlen`` costs ~630 bytes per machine even empty, a list 56, and 10,000 machines hold three each)."""
-    ring.append(item)
-    if len(ring) > bound:
-        del ring[0]
+    ``maxlen`` costs ~630 bytes per machine even empty, a list 56, and 10,000 machines hold three each).
+    A ring that never held anything is the shared empty tuple: the list is made by its first entry.
+
+    >>> r = _push((), 1, 2); r = _push(r, 2, 2); _push(r, 3, 2)
+    [2, 3]
+    """
+    out = ring if isinstance(ring, list) else list(ring)
+    out.append(item)
+    if len(out) > bound:
+        del out[0]
+    return out
+
+
+_STATE_NAMES: list[str] = []  # state name by code, shared by every ring (the machine states: a handful)
+_STATE_CODES: dict[str, int] = {}
+
+
+class StateRing:
+    """A machine's last state changes, oldest first, iterated as :class:`StateChange`: a float and a byte
+    each (and the reason, only once some change had one), not an object of ~80 bytes per change.
+
+    >>> ring = StateRing()
+    >>> for t, st in [(1.5, "RUNNING"), (2.0, "DOWN"), (3.0, "IDLE")]:
+    ...     ring.push(t, st, "jam" if st == "DOWN" else None, bound=2)
+    >>> list(ring)
+    [StateChange(ts=2.0, state='DOWN', reason='jam'), StateChange(ts=3.0, state='IDLE', reason=None)]
+    """
+
+    __slots__ = ("_code", "_reasons", "_ts")
+
+    def __init__(self) -> None:
+        self._ts = array("d")
+        self._code = bytearray()
+        self._reasons: list[str | None] | None = None
+
+    def push(self, ts: float, state: str, reason: str | None, bound: int) -> None:
+        code = _STATE_CODES.get(state)
+        if code is None:
+            code = _STATE_CODES[state] = len(_STATE_NAMES)
+            _STATE_NAMES.append(state)
+        self._ts.append(ts)
+        self._code.append(code)
+        if reason is not None and self._reasons is None:
+            self._reasons = [None] * (len(self._ts) - 1)
+        if self._reasons is not None:
+            self._reasons.append(reason)
+        if len(self._ts) > bound:
+            del self._ts[0]
+            del self._code[0]
+            if self._reasons is not None:
+                del self._reasons[0]
+
+    def __len__(self) -> int:
+        return len(self._ts)
+
+    def __iter__(self) -> Iterator[StateChange]:
+        reasons = self._reasons if self._reasons is not None else [None] * len(self._ts)
+        for t, c, why in zip(self._ts, self._code, reasons, strict=True):
+            yield StateChange(t, _STATE_NAMES[c], why)
 
 
 @dataclass(slots=True)
@@ -140,11 +197,11 @@ class MachineView:
     online: bool | None = None  # Sparkplug birth/death; None when the source never says
     last_message: float | None = None
     oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
-    oee_open: list[OeeRecord] = field(default_factory=list)  # the open shift windows so far (partial)
-    # bounded rings of the last ``events`` entries, oldest first (lists: see _push)
-    oee_history: list[OeeRecord] = field(default_factory=list)
-    states: list[StateChange] = field(default_factory=list)
-    anomalies: list[AnomalyMark] = field(default_factory=list)
+    oee_open: Sequence[OeeRecord] = ()  # the open shift windows so far (partial)
+    # bounded rings of the last ``events`` entries, oldest first (lists made by the first entry: see _push)
+    oee_history: Sequence[OeeRecord] = ()
+    states: StateRing = field(default_factory=StateRing)
+    anomalies: Sequence[AnomalyMark] = ()
 
     @property
     def last_anomaly(self) -> AnomalyMark | None:
@@ -195,7 +252,7 @@ class PlantView:
                 continue  # late: the current state is newer
             if m.state != st.state.value:
                 m.state, m.state_since = st.state.value, t
-                _push(m.states, StateChange(t, st.state.value, st.reason), self.events)
+                m.states.push(t, st.state.value, st.reason, self.events)
         for c in batch.counts:
             self._seen(c.machine, c.ts_ns)
         for s in batch.statuses:
@@ -206,11 +263,11 @@ class PlantView:
             for sid, ts, det, val, score in zip(ev.series.tolist(), ev.ts_ns.tolist(), ev.detector,
                                                 ev.value.tolist(), ev.score.tolist(), strict=True):
                 m = self.machine(reg.machines[sid])
-                _push(m.anomalies, AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score), self.events)
+                m.anomalies = _push(m.anomalies, AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score), self.events)
         for r in oee:
             m = self.machine(r.machine)
             m.oee[r.window] = r
-            _push(m.oee_history, r, self.events)
+            m.oee_history = _push(m.oee_history, r, self.events)
 
     def observe_open(self, machine: MachineKey, records: list[OeeRecord]) -> None:
         """A machine's open shift windows so far (after events moved them, or a window closed)."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.oee import OeeRecord
     from gateway.pipeline import Pipeline
     from gateway.stats import GatewayStats
-    from gateway.view import MachineView, PlantView
+    from gateway.view import MachineView, OeeMark, PlantView
 
 __all__ = ["Rates", "config_doc", "deadletters_doc", "gateway_doc", "machine_doc", "machine_path", "plant_doc"]
 
@@ -32,7 +32,7 @@ def machine_path(key: MachineKey) -> str:
     return f"{key.site}/{key.area}/{key.line}/{key.machine}"
 
 
-def _oee(r: OeeRecord, *, open_window: bool = False) -> dict[str, Any]:
+def _oee(r: OeeRecord | OeeMark, *, open_window: bool = False) -> dict[str, Any]:
     return {
         "window": r.window, "shift": r.shift, "open": open_window, "start": r.start_ns / 1e9, "end": r.end_ns / 1e9,
         "availability": r.availability, "performance": r.performance, "quality": r.quality, "oee": r.oee,
@@ -91,7 +91,7 @@ def machine_doc(view: PlantView, path: str, stale_after_s: float, now: float | N
         "states": [{"ts": c.ts, "state": c.state, "reason": c.reason} for c in m.states],
         "anomalies": [{"ts": a.ts, "metric": a.metric, "detector": a.detector, "value": a.value, "score": a.score}
                       for a in m.anomalies],
-        "oee_history": [_oee(r) for r in m.oee_history],
+        "oee_history": [_oee(r) for r in view.oee_history(m)],
     }
 
 

@@ -7,8 +7,8 @@ gateway writes as ``oee`` points), the last anomaly, the time of its last messag
 
 Memory: 4 bytes per slot plus 16 bytes per series. At the defaults (120 slots of 30 s = the last hour),
 10,000 machines x 8 metrics = 80,000 series cost 80,000 x (120 x 4 + 16) B = 39.7 MB. The machines' OEE
-history is columns of :class:`MachineRings` (82 bytes a row, no object per row): full at the default
-``events`` (100), 10,000 machines hold 82 MB; state changes ~9 bytes each.
+history and anomalies are columns of :class:`MachineRings` (82 and 29 bytes a row, no object per row):
+full at the default ``events`` (100), 10,000 machines hold 82 + 29 MB; state changes ~9 bytes each.
 
 >>> import numpy as np
 >>> rings = SeriesRings(ring_size=4, ring_interval_s=10)
@@ -44,7 +44,6 @@ __all__ = ["AnomalyMark", "MachineRings", "MachineView", "OeeMark", "PlantView",
 
 _NONE = np.iinfo(np.int64).min
 _K = TypeVar("_K")
-_T = TypeVar("_T")
 
 
 class SeriesRings:
@@ -246,21 +245,6 @@ class _Codes(Generic[_K]):
         return c
 
 
-def _push(ring: Sequence[_T], item: _T, bound: int) -> list[_T]:
-    """Append to a bounded ring held in a list: the oldest goes once it holds ``bound`` (a deque with
-    ``maxlen`` costs ~630 bytes per machine even empty, a list 56, and 10,000 machines hold three each).
-    A ring that never held anything is the shared empty tuple: the list is made by its first entry.
-
-    >>> r = _push((), 1, 2); r = _push(r, 2, 2); _push(r, 3, 2)
-    [2, 3]
-    """
-    out = ring if isinstance(ring, list) else list(ring)
-    out.append(item)
-    if len(out) > bound:
-        del out[0]
-    return out
-
-
 _STATE_NAMES: list[str] = []  # state name by code, shared by every ring (the machine states: a handful)
 _STATE_CODES: dict[str, int] = {}
 
@@ -323,12 +307,15 @@ _OEE_COLUMNS: dict[str, npt.DTypeLike] = {
     "performance": np.float64, "quality": np.float64, "oee": np.float64, "total_count": np.int64,
     "good_count": np.int64, "run_s": np.float64, "down_s": np.float64,
 }
+_ANOMALY_COLUMNS: dict[str, npt.DTypeLike] = {
+    "ts": np.float64, "metric": np.int32, "detector": np.uint8, "value": np.float64, "score": np.float64,
+}
 
 
 @dataclass(slots=True)
 class MachineView:
     key: MachineKey
-    index: int  # its column in the plant's OEE-history rings
+    index: int  # its column in the plant's OEE-history and anomaly rings
     state: str | None = None
     state_since: float | None = None
     online: bool | None = None  # Sparkplug birth/death; None when the source never says
@@ -336,18 +323,13 @@ class MachineView:
     oee: dict[str, OeeRecord] = field(default_factory=dict)  # latest record per window label
     oee_open: Sequence[OeeRecord] = ()  # the open shift windows so far (partial)
     states: StateRing = field(default_factory=StateRing)  # the last ``events`` changes
-    anomalies: Sequence[AnomalyMark] = ()  # the last ``events``, oldest first (a list made by the first: _push)
-
-    @property
-    def last_anomaly(self) -> AnomalyMark | None:
-        return self.anomalies[-1] if self.anomalies else None
 
 
 class PlantView:
     """What the page shows, updated once per flushed batch by :meth:`observe` (no I/O, no locks).
 
-    Per machine, its last ``events`` closed OEE windows are in :class:`MachineRings` (read with
-    :meth:`oee_history`), its last ``events`` state changes and anomalies in its :class:`MachineView`.
+    Per machine, its last ``events`` closed OEE windows and anomalies are in :class:`MachineRings` (read
+    with :meth:`oee_history` and :meth:`anomalies`), its last ``events`` state changes in its StateRing.
     """
 
     def __init__(self, registry: SeriesRegistry, *, ring_size: int = 120, ring_interval_s: float = 30.0,
@@ -357,7 +339,10 @@ class PlantView:
         self.events = events
         self.machines: dict[MachineKey, MachineView] = {}
         self.oee_rings = MachineRings(events, _OEE_COLUMNS)
+        self.anomaly_rings = MachineRings(events, _ANOMALY_COLUMNS)
         self._labels: _Codes[tuple[str, str | None]] = _Codes()  # (window, shift)
+        self._metrics: _Codes[str] = _Codes()  # by name, not series id: a registry restore renumbers series
+        self._detectors: _Codes[str] = _Codes()
 
     def machine(self, key: MachineKey) -> MachineView:
         m = self.machines.get(key)
@@ -401,10 +386,13 @@ class PlantView:
         for ev in anomalies:
             if not len(ev):
                 continue
-            for sid, ts, det, val, score in zip(ev.series.tolist(), ev.ts_ns.tolist(), ev.detector,
-                                                ev.value.tolist(), ev.score.tolist(), strict=True):
-                m = self.machine(reg.machines[sid])
-                m.anomalies = _push(m.anomalies, AnomalyMark(ts / 1e9, reg.metrics[sid], det, val, score), self.events)
+            sids = ev.series.tolist()
+            self.anomaly_rings.push(np.array([self.machine(reg.machines[sid]).index for sid in sids], np.int64), {
+                "ts": [t / 1e9 for t in ev.ts_ns.tolist()],
+                "metric": [self._metrics.code(reg.metrics[sid]) for sid in sids],
+                "detector": [self._detectors.code(d) for d in ev.detector],
+                "value": ev.value, "score": ev.score,
+            })
         for r in oee:
             self.machine(r.machine).oee[r.window] = r
         if oee:
@@ -431,6 +419,33 @@ class PlantView:
                 for lab, start, end, a, p, q, o, total, good, run, down in zip(
                     c["label"], c["start_ns"], c["end_ns"], c["availability"], c["performance"], c["quality"],
                     c["oee"], c["total_count"], c["good_count"], c["run_s"], c["down_s"], strict=True)]
+
+    def anomalies(self, m: MachineView) -> list[AnomalyMark]:
+        """The machine's last ``events`` anomalies, oldest first."""
+        c = self.anomaly_rings.rows(m.index)
+        metrics, detectors = self._metrics.values, self._detectors.values
+        return [AnomalyMark(t, metrics[k], detectors[d], v, s)
+                for t, k, d, v, s in zip(c["ts"], c["metric"], c["detector"], c["value"], c["score"], strict=True)]
+
+    def last_anomalies(self) -> list[AnomalyMark | None]:
+        """Every machine's last anomaly (None: none yet), by machine index."""
+        out: list[AnomalyMark | None] = [None] * len(self.machines)
+        idx, c = self.anomaly_rings.newest(len(self.machines))
+        metrics, detectors = self._metrics.values, self._detectors.values
+        for i, t, k, d, v, s in zip(idx, c["ts"], c["metric"], c["detector"], c["value"], c["score"], strict=True):
+            out[i] = AnomalyMark(t, metrics[k], detectors[d], v, s)
+        return out
+
+    def anomalies_within(self, now: float, span_s: float) -> list[int]:
+        """Per machine index, how many of its anomalies have ``now - ts <= span_s``."""
+        ring = self.anomaly_rings
+        held = ring.lengths()
+        ts = ring.columns["ts"]
+        counts = np.zeros(held.shape[0], np.int64)
+        for slot in range(ts.shape[0]):  # a slot at a time: no temporary of every slot x machine
+            counts += (now - ts[slot] <= span_s) & (slot < held)
+        out: list[int] = counts[: len(self.machines)].tolist()
+        return out + [0] * (len(self.machines) - len(out))
 
     def series_of(self, key: MachineKey) -> dict[str, tuple[list[float], list[float | None]]]:
         """Every metric ring of one machine: metric -> (times, values with None for empty slots)."""

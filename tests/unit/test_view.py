@@ -96,10 +96,11 @@ def test_anomalies_land_on_their_machine() -> None:
                        np.ones(3), np.array([5.0, 6.0, 7.0]), np.zeros(3), np.zeros(3))
     view.observe(DecodedBatch(), [ev], [])
     mv = view.machines[m2]
-    assert len(mv.anomalies) == 2  # the ring is bounded by events=2
-    last = mv.last_anomaly
+    assert len(view.anomalies(mv)) == 2  # the ring is bounded by events=2
+    last = view.last_anomalies()[mv.index]
     assert last is not None
     assert (last.ts, last.metric, last.detector, last.value) == (3.0, "vib", "spike", 7.0)
+    assert view.anomalies_within(3.5, 1.0) == [1]  # the tile's "last hour", all machines at once
     assert m1 not in view.machines
     assert sid_t == 0
 

@@ -150,8 +150,9 @@ class MachineRings:
     """Per machine (by index), a ring of its last ``bound`` rows of a few typed columns; the oldest goes.
 
     One array per column for all machines, rows = slots, columns = machines: a row costs its fields' bytes
-    and no Python object (an ``OeeRecord`` in a list ~500 B). Slots are added as the deepest ring fills,
-    and machines' spare capacity is never written (its pages are not mapped).
+    and no Python object (an ``OeeRecord`` in a list ~500 B). Slots are added as the deepest ring fills.
+    Machines are added an eighth at a time: spare machines sit in every slot's row, and numpy backs large
+    arrays with 2 MB huge pages, so their memory is mapped as soon as their neighbours' is.
 
     >>> rings = MachineRings(3, {"t": np.float64, "code": np.uint8})
     >>> rings.push(np.array([1, 0, 1, 1, 1]), {"t": [1.0, 2.0, 3.0, 4.0, 5.0], "code": [7, 8, 9, 10, 11]})
@@ -182,7 +183,7 @@ class MachineRings:
     def _grow(self, slots: int, machines: int) -> None:
         rows, cap = self._shape
         new_rows = rows if slots <= rows else min(self.bound, max(slots, 2 * rows))
-        new_cap = cap if machines <= cap else max(machines, 2 * cap)
+        new_cap = cap if machines <= cap else max(machines, cap + cap // 8)
         if (new_rows, new_cap) == (rows, cap):
             return
         if new_cap > cap:
@@ -192,7 +193,7 @@ class MachineRings:
         used = min(cap, self._used)
         for name, col in self.columns.items():
             grown = np.empty((new_rows, new_cap), col.dtype)
-            grown[:rows, :used] = col[:, :used]  # not the spare machines: their pages stay unmapped
+            grown[:rows, :used] = col[:, :used]  # not the spare machines, never written
             self.columns[name] = grown
         self._shape = (new_rows, new_cap)
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.oee import OeeRecord
     from gateway.pipeline import Pipeline
     from gateway.stats import GatewayStats
-    from gateway.view import MachineView, PlantView
+    from gateway.view import AnomalyMark, MachineView, OeeMark, PlantView
 
 __all__ = ["Rates", "config_doc", "deadletters_doc", "gateway_doc", "machine_doc", "machine_path", "plant_doc"]
 
@@ -32,7 +32,7 @@ def machine_path(key: MachineKey) -> str:
     return f"{key.site}/{key.area}/{key.line}/{key.machine}"
 
 
-def _oee(r: OeeRecord, *, open_window: bool = False) -> dict[str, Any]:
+def _oee(r: OeeRecord | OeeMark, *, open_window: bool = False) -> dict[str, Any]:
     return {
         "window": r.window, "shift": r.shift, "open": open_window, "start": r.start_ns / 1e9, "end": r.end_ns / 1e9,
         "availability": r.availability, "performance": r.performance, "quality": r.quality, "oee": r.oee,
@@ -53,9 +53,7 @@ def _current_oee(m: MachineView) -> dict[str, Any] | None:
     return _oee(pick)
 
 
-def _tile(m: MachineView, now: float, stale_after_s: float) -> dict[str, Any]:
-    last = m.last_anomaly
-    recent = sum(1 for a in m.anomalies if now - a.ts <= ANOMALY_RECENT_S)
+def _tile(m: MachineView, now: float, stale_after_s: float, last: AnomalyMark | None, recent: int) -> dict[str, Any]:
     return {
         "id": machine_path(m.key), "site": m.key.site, "area": m.key.area, "line": m.key.line,
         "machine": m.key.machine, "state": m.state, "state_since": m.state_since, "online": m.online,
@@ -71,7 +69,9 @@ def plant_doc(view: PlantView, stale_after_s: float, now: float | None = None) -
     """``GET /api/v1/plant``: one tile per machine, sorted by site, area, line, machine."""
     t = time.time() if now is None else now
     machines = sorted(view.machines.values(), key=lambda m: (m.key.site, m.key.area, m.key.line, m.key.machine))
-    return {"now": t, "stale_after_s": stale_after_s, "machines": [_tile(m, t, stale_after_s) for m in machines]}
+    last, recent = view.last_anomalies(), view.anomalies_within(t, ANOMALY_RECENT_S)
+    return {"now": t, "stale_after_s": stale_after_s,
+            "machines": [_tile(m, t, stale_after_s, last[m.index], recent[m.index]) for m in machines]}
 
 
 def machine_doc(view: PlantView, path: str, stale_after_s: float, now: float | None = None) -> dict[str, Any] | None:
@@ -84,14 +84,16 @@ def machine_doc(view: PlantView, path: str, stale_after_s: float, now: float | N
         return None
     t = time.time() if now is None else now
     series = view.series_of(m.key)
+    anomalies = view.anomalies(m)
+    recent = sum(1 for a in anomalies if t - a.ts <= ANOMALY_RECENT_S)
     return {
-        **_tile(m, t, stale_after_s),
+        **_tile(m, t, stale_after_s, anomalies[-1] if anomalies else None, recent),
         "ring_interval_s": view.rings.interval_ns / 1e9,
         "series": {k: {"t": ts, "v": vs} for k, (ts, vs) in series.items()},
         "states": [{"ts": c.ts, "state": c.state, "reason": c.reason} for c in m.states],
         "anomalies": [{"ts": a.ts, "metric": a.metric, "detector": a.detector, "value": a.value, "score": a.score}
-                      for a in m.anomalies],
-        "oee_history": [_oee(r) for r in m.oee_history],
+                      for a in anomalies],
+        "oee_history": [_oee(r) for r in view.oee_history(m)],
     }
 
 

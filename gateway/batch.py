@@ -85,14 +85,14 @@ class SeriesRegistry:
 
     def __init__(self, max_series: int = 100_000) -> None:
         self.max_series = max_series
-        self._ids: dict[tuple[MachineKey, str], int] = {}
+        # machine -> metric -> series id (a dict per machine: no (machine, metric) tuple per series)
+        self._ids: dict[MachineKey, dict[str, int]] = {}
         self._machines: list[MachineKey] = []
         self._metrics: list[str] = []
         self._machine_ids: dict[MachineKey, int] = {}
         self._machine_list: list[MachineKey] = []
-        self._series_machine: list[int] = []
-        # the same, as int64 with room to grow (capacity doubles): what the encoder and the plant view
-        # gather from, one shared copy instead of one each grown by np.concatenate per batch
+        # machine id per series id, int64 with room to grow (capacity doubles): what the encoder and the
+        # plant view gather from, one shared copy instead of one each grown by np.concatenate per batch
         self._series_machine_arr: I64 = np.zeros(0, np.int64)
         # series whose values are float32 at the source (a Sparkplug Float): written with 9 significant
         # digits, which identify a float32 exactly (see gateway.encode); ``float32_epoch`` counts changes
@@ -100,8 +100,7 @@ class SeriesRegistry:
         self.float32_epoch = 0
 
     def _append_series_machine(self, mid: int) -> None:
-        n = len(self._series_machine)
-        self._series_machine.append(mid)
+        n = len(self._metrics) - 1  # the series just appended
         self._series_machine_arr = room_for(self._series_machine_arr, n, n + 1)
         self._series_machine_arr[n] = mid
         self._float32 = room_for(self._float32, n, n + 1)
@@ -121,7 +120,7 @@ class SeriesRegistry:
 
     def float32_mask(self) -> npt.NDArray[np.bool_]:
         """Per series id: float32 at the source (a read-only view: valid until more series are added)."""
-        view = self._float32[: len(self._series_machine)]
+        view = self._float32[: len(self._metrics)]
         view.flags.writeable = False
         return view
 
@@ -130,8 +129,8 @@ class SeriesRegistry:
 
     def series_id(self, machine: MachineKey, metric: str) -> int:
         """Return the id of ``machine × metric``, creating it; raise CardinalityError past the cap."""
-        key = (machine, metric)
-        sid = self._ids.get(key)
+        ids = self._ids.get(machine)
+        sid = ids.get(metric) if ids is not None else None
         if sid is not None:
             return sid
         if len(self._metrics) >= self.max_series:
@@ -139,14 +138,17 @@ class SeriesRegistry:
                 f"series {machine.machine}/{metric} would exceed max_series={self.max_series}"
             )
         sid = len(self._metrics)
-        self._ids[key] = sid
+        if ids is None:
+            ids = self._ids[machine] = {}
+        ids[metric] = sid
         self._machines.append(machine)
         self._metrics.append(metric)
         self._append_series_machine(self.machine_id(machine))
         return sid
 
     def lookup(self, machine: MachineKey, metric: str) -> int | None:
-        return self._ids.get((machine, metric))
+        ids = self._ids.get(machine)
+        return ids.get(metric) if ids is not None else None
 
     def machine_id(self, machine: MachineKey) -> int:
         """Return the id of ``machine``, creating it; raise CardinalityError past ``max_series`` machines.
@@ -186,14 +188,14 @@ class SeriesRegistry:
 
     def series_machine_ids(self) -> I64:
         """Machine id per series id, as an array (a read-only view: valid until more series are added)."""
-        view = self._series_machine_arr[: len(self._series_machine)]
+        view = self._series_machine_arr[: len(self._metrics)]
         view.flags.writeable = False
         return view
 
     @property
     def series_machine(self) -> list[int]:
-        """Machine id per series id (index = series id)."""
-        return self._series_machine
+        """Machine id per series id (index = series id; a new list: :meth:`series_machine_ids` is the array)."""
+        return self.series_machine_ids().tolist()  # type: ignore[no-any-return]
 
     @property
     def machine_list(self) -> list[MachineKey]:
@@ -213,7 +215,7 @@ class SeriesRegistry:
             self._machine_list.append(key)
         for mid, metric in series:
             machine = self._machine_list[mid]
-            self._ids[(machine, metric)] = len(self._metrics)
+            self._ids.setdefault(machine, {})[metric] = len(self._metrics)
             self._machines.append(machine)
             self._metrics.append(metric)
             self._append_series_machine(mid)
@@ -221,7 +223,7 @@ class SeriesRegistry:
     def snapshot(self) -> State:
         """Series and machine numbering (see :mod:`gateway.checkpoint`)."""
         return State({"machines": [list(_key_tuple(k)) for k in self._machine_list]},
-                     {"series_machine": np.asarray(self._series_machine, np.int64),
+                     {"series_machine": self.series_machine_ids().copy(),
                       "metric": np.asarray(self._metrics, dtype=np.str_)})
 
     def restore(self, state: State) -> None:

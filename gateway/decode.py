@@ -84,7 +84,9 @@ class _Route:
     machine: MachineKey
     channel: str
     format: Format
-    sids: dict[str, int]  # metric name -> series id, for names already validated on this topic
+    # metric name -> series id, for names already validated on this topic; None until the first (a state or
+    # count topic never has one: no empty dict for each)
+    sids: dict[str, int] | None
 
 
 class BatchBuilder:
@@ -279,8 +281,8 @@ class Decoder:
     def _route(self, topic: str) -> _Route:
         route = self._routes.get(topic)
         if route is None:
-            machine, channel = self.topics.parse(topic)
-            route = _Route(machine, channel, self._format(topic), {})
+            machine, channel = self.topics.parse_uncached(topic)  # the route is the topic's cache
+            route = _Route(machine, channel, self._format(topic), None)
             if len(self._routes) < 200_000:
                 self._routes[topic] = route
         return route
@@ -373,6 +375,8 @@ class Decoder:
                 f"max_series={reg.max_series}"
             )
         ids = [reg.series_id(route.machine, name) for name in names]
+        if route.sids is None:
+            route.sids = {}
         route.sids.update(zip(names, ids, strict=True))  # validated: later messages take the fast path
         return ids
 
@@ -386,6 +390,8 @@ class Decoder:
         if type(values) is not dict or not values or len(data) > 3:
             return None
         sids = route.sids
+        if sids is None:
+            return None
         ids = []
         for name, v in values.items():
             tv = type(v)
@@ -565,6 +571,8 @@ class DecoderRouter:
         self._subscriptions = subs
         self._routes = {}
         self._fallback = self._by_spec.get(DECODERS["auto"]) or _import(DECODERS["auto"])(self.ctx)
+        # every topic goes to one decoder when all subscriptions have the fallback's: no cache per topic
+        self._only = self._fallback if all(d is self._fallback for _, d in subs) else None
 
     @property
     def decoders(self) -> dict[str, MessageDecoder]:
@@ -596,6 +604,8 @@ class DecoderRouter:
                 restore(state.sub(spec))
 
     def decode(self, topic: str, payload: bytes, arrival_ns: int, out: BatchBuilder) -> int:
+        if self._only is not None:
+            return self._only.decode(topic, payload, arrival_ns, out)
         dec = self._routes.get(topic)
         if dec is None:
             dec = next((d for f, d in self._subscriptions if topic_matches(f, topic)), self._fallback)

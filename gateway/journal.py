@@ -96,7 +96,7 @@ def encode_input(batch: DecodedBatch, now_ns: int, registry: SeriesRegistry, mac
         "mb": machine_base,
         "sb": series_base,
         "machines": [[k.site, k.area, k.line, k.machine] for k in registry.machine_list[machine_base:]],
-        "series": [registry.series_machine[series_base:], registry.metrics[series_base:]],
+        "series": [registry.series_machine_ids()[series_base:].tolist(), registry.metrics[series_base:]],
         "states": [[mids(e.machine), e.ts_ns, _STATES.index(e.state), e.reason] for e in batch.states],
         "counts": [[mids(e.machine), e.ts_ns, e.total, e.good] for e in batch.counts],
         # where the states and counts arrived (detect rows / messages before each)

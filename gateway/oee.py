@@ -255,18 +255,22 @@ class OeeRecord:
 
 
 class _Tumbling:
-    __slots__ = ("label", "length_ns")
+    __slots__ = ("_last", "label", "length_ns")
 
     shift: str | None = None
 
     def __init__(self, label: str, length_ns: int) -> None:
         self.label = label
         self.length_ns = length_ns
+        self._last = (0, length_ns)
 
     def window_from(self, t: int) -> tuple[int, int]:
-        """The earliest window whose end is after ``t``."""
+        """The earliest window whose end is after ``t`` (the same tuple as the last call's when it is the
+        same window: every machine's open window shares its bounds' int objects)."""
         start = t - t % self.length_ns
-        return start, start + self.length_ns
+        if start != self._last[0]:
+            self._last = (start, start + self.length_ns)
+        return self._last
 
 
 class _Shift:

@@ -60,6 +60,15 @@ class TopicParser:
         hit = self._cache.get(topic)
         if hit is not None:
             return hit
+        result = self.parse_uncached(topic)
+        if len(self._cache) < self._cache_size:
+            self._cache[topic] = result
+        return result
+
+    def parse_uncached(self, topic: str) -> tuple[MachineKey, str]:
+        """:meth:`parse` without the topic cache, for a caller that caches what it makes of a topic itself
+        (the decoder's routes: a second cache of every topic cost ~100 bytes per topic). The machine is
+        still the one :class:`MachineKey` of its machine."""
         parts = topic.split("/")
         if len(parts) != len(self._parts):
             raise DecodeError(
@@ -84,7 +93,4 @@ class TopicParser:
             raise DecodeError(f"topic {topic!r}: unknown channel {channel!r}; expected one of {list(CHANNELS)}",
                               reason="topic")
         key = MachineKey(values["site"], values["area"], values["line"], values["machine"])
-        result = (self._machines.setdefault(key, key) if len(self._machines) < self._cache_size else key, channel)
-        if len(self._cache) < self._cache_size:
-            self._cache[topic] = result
-        return result
+        return (self._machines.setdefault(key, key) if len(self._machines) < self._cache_size else key, channel)

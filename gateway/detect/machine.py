@@ -212,7 +212,7 @@ class MachineModel:
         self.g_state = np.zeros((0, K.N_G))
         self.g_members = np.zeros(0, np.float64)
         self._machine_ids: dict[object, int] = {}
-        self._machine_series: list[list[int]] = []
+        self._machine_series: list[list[int]] = []  # per machine: its first K.N_SIB series (the siblings)
         self._group_ids: dict[tuple[str, str, str], int] = {}
         self._buffers: dict[str, npt.NDArray[Any]] = {}  # name -> the buffer a per-series array is a view of
         # per machine: its part of the plant, a site × area (peer groups never span two), which shares no
@@ -273,7 +273,8 @@ class MachineModel:
                     free = np.flatnonzero(row < 0)
                     if free.shape[0] and b not in row:
                         row[free[0]] = b
-            members.append(sid)
+            if len(members) < K.N_SIB:  # only the first are ever siblings: no list of every series
+                members.append(sid)
             if isinstance(key, MachineKey) and metrics is not None and sid < len(metrics):
                 gk = (key.site, key.area, metrics[sid])
                 g = self._group_ids.setdefault(gk, len(self._group_ids))
@@ -435,7 +436,8 @@ class MachineModel:
             self.machine_id(MachineKey(*k) if len(k) == 4 else (str(k[0]), int(k[1])))
         self._group_ids = {(str(a), str(b), str(c)): i for i, (a, b, c) in enumerate(state.meta["groups"])}
         for sid, mid in enumerate(self.s_mach.tolist()):
-            self._machine_series[mid].append(sid)
+            if len(self._machine_series[mid]) < K.N_SIB:
+                self._machine_series[mid].append(sid)
 
 
 def subset_breaks(kept: I64, mach: I64, ts_ns: I64, breaks: I64) -> I64:

@@ -198,7 +198,8 @@ class TestEncoder:
         tags = enc.tags(MachineKey(site="z", area="y", line="x", machine="w"))
         keys = [kv.split("=")[0] for kv in tags.split(",")]
         assert keys == sorted(keys) == ["area", "line", "machine", "site"]
-        assert enc.tags(MachineKey(site="z", area="y", line="x", machine="w")) is tags  # cached
+        assert enc.tags(MachineKey(site="z", area="y", line="x", machine="w")) == tags
+        assert len(enc._head_of) == 1  # escaped once: cut from the machine's cached line head
 
     def test_point_generic(self) -> None:
         enc = LineProtocolEncoder(SeriesRegistry())

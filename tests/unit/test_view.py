@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.detect.fusion import EVENT_NAMES, AnomalyEvents
 from gateway.errors import ConfigError
 from gateway.pipeline import Pipeline
-from gateway.view import PlantView, SeriesRings
+from gateway.view import MachineRings, PlantView, SeriesRings
 from tests.fakes import RecordingSink
 
 S = 10**9
@@ -50,6 +51,28 @@ def test_ring_grows_and_memory_is_as_documented() -> None:
     assert rings.read(79_999)[1][-1] == 1.0
 
 
+@pytest.mark.parametrize("bound", [1, 3, 100])
+def test_machine_rings_keep_the_last_rows_of_each_machine_as_a_deque_does(bound: int) -> None:
+    rng = np.random.default_rng(bound)
+    rings = MachineRings(bound, {"n": np.int64, "x": np.float64}, capacity=2)
+    model: dict[int, deque[tuple[int, float]]] = {}
+    n = 0
+    for _ in range(60):  # batches of up to 3 bounds, machines appearing as the plant grows
+        owners = rng.integers(0, 1 + n // 20, rng.integers(0, 3 * bound + 2))
+        rows = [(n + i, float(rng.standard_normal())) for i in range(owners.shape[0])]
+        n += len(rows)
+        rings.push(owners, {"n": [r[0] for r in rows], "x": [r[1] for r in rows]})
+        for o, r in zip(owners.tolist(), rows, strict=True):
+            model.setdefault(o, deque(maxlen=bound)).append(r)
+        for o in range(1 + n // 20 + 2):
+            want = list(model.get(o, ()))
+            assert rings.rows(o) == {"n": [r[0] for r in want], "x": [r[1] for r in want]}
+        idx, newest = rings.newest(1 + n // 20)
+        assert idx == sorted(model)
+        assert newest["n"] == [model[o][-1][0] for o in idx]
+    assert rings.columns["n"].shape[0] == min(bound, max(len(q) for q in model.values()))
+
+
 def test_http_ring_keys_validated(tmp_path: Path) -> None:
     path = tmp_path / "gw.toml"
     path.write_text("[http]\nring_size = 1\n")
@@ -73,10 +96,11 @@ def test_anomalies_land_on_their_machine() -> None:
                        np.ones(3), np.array([5.0, 6.0, 7.0]), np.zeros(3), np.zeros(3))
     view.observe(DecodedBatch(), [ev], [])
     mv = view.machines[m2]
-    assert len(mv.anomalies) == 2  # the ring is bounded by events=2
-    last = mv.last_anomaly
+    assert len(view.anomalies(mv)) == 2  # the ring is bounded by events=2
+    last = view.last_anomalies()[mv.index]
     assert last is not None
     assert (last.ts, last.metric, last.detector, last.value) == (3.0, "vib", "spike", 7.0)
+    assert view.anomalies_within(3.5, 1.0) == [1]  # the tile's "last hour", all machines at once
     assert m1 not in view.machines
     assert sid_t == 0
 

@@ -70,6 +70,7 @@ _LIMITS = np.array([ISO10816_LIMITS_MM_S[c] for c in _CLASSES], dtype=np.float64
 _ZONE_LETTERS = np.array(["A", "B", "C", "D", ""], dtype="<U1")
 _NO_ZONE = -1
 _NO_END = -(2**63)
+_LONG_AGO = -(2**62)  # no sample in zone C or D yet
 
 
 class FeaturesConfig(BaseModel):
@@ -86,6 +87,9 @@ class FeaturesConfig(BaseModel):
     default_vibration_class: VibrationClass = "II"
     velocity_metrics: list[str] = Field(default_factory=lambda: ["*velocity*", "*vel*mm_s*", "vibration_mm_s"])
     remove_mean: bool = True
+    # a series' zone C/D report repeats only after this long without a sample in C or D (a stop reads zone A
+    # but is no better condition: a machine that runs in zone C is reported once, not at every start)
+    severity_rearm_s: float = Field(default=86400.0, gt=0)
 
     @field_validator("velocity_metrics")
     @classmethod
@@ -350,33 +354,44 @@ class SeverityMonitor:
     """ISO 10816-1 severity of scalar velocity-RMS telemetry (e.g. ``vibration_mm_s`` from a sensor).
 
     Reports a sample when its series enters zone C ("restricted long-term operation") or zone D
-    ("damage"), latched: the same series reports again only after it has been back in zone A, so a
-    value dithering around a boundary reports once. Zone boundaries come from the machine's class
-    (``[machines."<m>"] vibration_class``, default ``[features] default_vibration_class``).
+    ("damage"), latched: an episode of a series is its samples in C or D with less than
+    ``severity_rearm_s`` (a day) between one and the next, and it reports its first C and its first D.
+    A stop (zone A) ends no episode: a machine whose running vibration sits in zone C reports once, not at
+    every start, and again once it has been out of C and D for a day. Zone boundaries come from the
+    machine's class (``[machines."<m>"] vibration_class``, default ``[features] default_vibration_class``).
 
     >>> import numpy as np
     >>> from gateway.batch import MachineKey
     >>> mon = SeverityMonitor(FeaturesConfig(), {})
     >>> v = np.array([1.0, 2.0, 3.0, 2.9, 3.1, 8.0, 7.5, 0.5, 3.0])  # class II: 1.12 / 2.8 / 7.1
-    >>> ev = mon.process(np.zeros(9, np.int64), np.arange(9), v, ["vibration_mm_s"], [MachineKey("s", "a", "l", "m")])
-    >>> ev.ts_ns.tolist(), ev.zone.tolist()
-    ([2, 5, 8], [2, 3, 2])
+    >>> day = 86_400 * 10**9
+    >>> ts = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8]) * 3600 * 10**9  # hourly
+    >>> ev = mon.process(np.zeros(9, np.int64), ts, v, ["vibration_mm_s"], [MachineKey("s", "a", "l", "m")])
+    >>> (ev.ts_ns // (3600 * 10**9)).tolist(), ev.zone.tolist()  # C at 2 h, D at 5 h; C at 8 h is the same episode
+    ([2, 5], [2, 3])
+    >>> ev = mon.process(np.zeros(1, np.int64), ts[8:] + 2 * day, v[8:], ["vibration_mm_s"],
+    ...                  [MachineKey("s", "a", "l", "m")])
+    >>> ev.zone.tolist()  # two days later: a new episode
+    [2]
     """
 
     def __init__(self, config: FeaturesConfig, machines: Mapping[str, HasVibrationClass]) -> None:
         self._zones = FeatureExtractor(config, machines)  # shares the velocity-metric and class rules
         self._class: I64 = np.zeros(0, np.int64)  # per series id: class index, or _NO_ZONE
-        self._latch: I64 = np.zeros(0, np.int64)  # per series id: worst zone since it was last in A
+        self._latch: I64 = np.zeros(0, np.int64)  # per series id: worst zone of its current episode
+        self._last: I64 = np.zeros(0, np.int64)  # per series id: time of its last sample in C or D (ns)
+        self._rearm_ns = int(config.severity_rearm_s * 1e9)
 
     def snapshot(self) -> State:
-        """Class and latch per series id (see :mod:`gateway.checkpoint`)."""
-        return State({}, {"class": self._class.copy(), "latch": self._latch.copy()})
+        """Class, latch and last C/D time per series id (see :mod:`gateway.checkpoint`)."""
+        return State({}, {"class": self._class.copy(), "latch": self._latch.copy(), "last": self._last.copy()})
 
     def restore(self, state: State) -> None:
         cls, latch = np.array(state.array("class"), np.int64), np.array(state.array("latch"), np.int64)
-        if cls.shape != latch.shape or cls.ndim != 1:
+        last = np.array(state.array("last"), np.int64)
+        if cls.shape != latch.shape or cls.shape != last.shape or cls.ndim != 1:
             raise ValueError("severity state arrays do not match")
-        self._class, self._latch = cls, latch
+        self._class, self._latch, self._last = cls, latch, last
 
     def _classes(self, n: int, metrics: Sequence[str], machine_of: Sequence[MachineKey]) -> I64:
         known = self._class.shape[0]
@@ -384,6 +399,7 @@ class SeverityMonitor:
             new = [self._zones._class_code(metrics[s], machine_of[s]) for s in range(known, n)]
             self._class = np.concatenate([self._class, np.asarray(new, np.int64)])
             self._latch = np.concatenate([self._latch, np.zeros(n - known, np.int64)])
+            self._last = np.concatenate([self._last, np.full(n - known, _LONG_AGO, np.int64)])
         return self._class
 
     def process(
@@ -399,25 +415,34 @@ class SeverityMonitor:
         if sel.shape[0] == 0:
             return empty
         order = sel[np.argsort(series[sel], kind="stable")]  # by series, arrival order within one
+        code = (values[order][:, None] > _LIMITS[classes[series[order]]]).sum(axis=1)
+        order = order[code >= 2]  # only samples in C or D start, extend or worsen an episode
+        if order.shape[0] == 0:
+            return empty
+        code = code[code >= 2]
         s = series[order]
-        v = values[order]
+        t = ts_ns[order]
         limits = _LIMITS[classes[s]]
-        code = (v[:, None] > limits).sum(axis=1)
-        # Latch = worst zone since the series was last in zone A: a running max that restarts at every A.
         start = np.r_[True, s[1:] != s[:-1]]
-        seg = np.cumsum(start | (code == 0))
         first = np.flatnonzero(start)
-        carried = np.where(code[first] == 0, 0, self._latch[s[first]])  # the previous batch's latch
+        prev_t = np.empty_like(t)
+        prev_t[1:] = t[:-1]
+        prev_t[first] = self._last[s[first]]
+        new_episode = (t - prev_t) > self._rearm_ns
+        # latch = worst zone since the episode began: a running max that restarts at every new episode
+        seg = np.cumsum(start | new_episode)
+        carried = np.where(new_episode[first], 0, self._latch[s[first]])  # the previous batch's latch
         key = seg * 4 + code
         key[first] = np.maximum(key[first], seg[first] * 4 + carried)
         latch = np.maximum.accumulate(key) - seg * 4
         prev = np.empty_like(latch)
         prev[1:] = latch[:-1]
         prev[first] = carried
-        prev[(code == 0) & ~start] = 0
-        hit = np.flatnonzero((latch > prev) & (latch >= 2))
+        prev[new_episode & ~start] = 0
+        hit = np.flatnonzero(latch > prev)
         last = np.r_[first[1:] - 1, s.shape[0] - 1]
         self._latch[s[last]] = latch[last]
+        self._last[s[last]] = np.maximum(t[last], self._last[s[last]])
         by_arrival = np.argsort(order[hit], kind="stable")
         hit = hit[by_arrival]
         idx = order[hit]

@@ -244,6 +244,24 @@ def test_severity_monitor_latches_and_ignores_batch_size() -> None:
     assert sorted((s, z) for s, _, z in whole) == [(0, 2), (0, 3), (1, 2), (1, 3)]  # once per zone per machine
 
 
+def test_a_machine_running_in_zone_c_reports_once_not_at_every_start() -> None:
+    """Runs of 3 h in zone C (class II: 2.8-7.1 mm/s) with 1 h stops (zone A) between, at 10-second
+    samples for two days: one report; after a day without C, a new one."""
+    from gateway.batch import MachineKey
+
+    t = np.arange(2 * 8640)
+    running = (t % 1440) < 1080
+    values = np.where(running, 3.2, 0.05)
+    ts = t * 10 * 10**9
+    mon = SeverityMonitor(FeaturesConfig(), {})
+    ev = mon.process(np.zeros(t.size, np.int64), ts, values, ["vibration_mm_s"], [MachineKey("s", "a", "l", "m")])
+    assert ev.ts_ns.tolist() == [0]
+    later = ts[-1] + 2 * 86_400 * 10**9
+    ev = mon.process(np.zeros(1, np.int64), np.array([later]), np.array([3.2]), ["vibration_mm_s"],
+                     [MachineKey("s", "a", "l", "m")])
+    assert ev.ts_ns.tolist() == [later]
+
+
 def test_severity_monitor_skips_non_velocity_metrics() -> None:
     import numpy as np
 
@@ -297,13 +315,17 @@ def test_a_redelivered_block_is_not_taken_twice() -> None:
 
 
 def test_severity_latch_round_trip() -> None:
-    v = np.array([1.0, 2.0, 3.0, 2.9, 3.1, 8.0, 7.5, 0.5, 3.0])
+    """The episode (worst zone, last time in C or D) survives a checkpoint: a restored monitor reports
+    what an uninterrupted one does, a new episode only a day after the last sample in C or D."""
+    day = 86_400 * 10**9
+    v = np.array([1.0, 2.0, 3.0, 2.9, 3.1, 8.0, 7.5, 0.5, 3.0, 3.0])
+    ts = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 8 + 2 * day])  # the last: two days after the one before
     args = (["vibration_mm_s"], [PUMP])
     never = SeverityMonitor(FeaturesConfig(), {})
-    whole = never.process(np.zeros(9, np.int64), np.arange(9), v, *args).ts_ns.tolist()
+    whole = never.process(np.zeros(10, np.int64), ts, v, *args).ts_ns.tolist()
     first = SeverityMonitor(FeaturesConfig(), {})
-    head = first.process(np.zeros(4, np.int64), np.arange(4), v[:4], *args).ts_ns.tolist()
+    head = first.process(np.zeros(4, np.int64), ts[:4], v[:4], *args).ts_ns.tolist()
     second = SeverityMonitor(FeaturesConfig(), {})
     second.restore(first.snapshot())
-    tail = second.process(np.zeros(5, np.int64), np.arange(4, 9), v[4:], *args).ts_ns.tolist()
-    assert head + tail == whole == [2, 5, 8]
+    tail = second.process(np.zeros(6, np.int64), ts[4:], v[4:], *args).ts_ns.tolist()
+    assert head + tail == whole == [2, 5, 8 + 2 * day]  # C, D; back in C at 8 is the same episode

@@ -17,8 +17,10 @@ order, later rules overriding earlier ones. Only the keys a rule actually sets o
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -188,6 +190,62 @@ class ResolvedProfile:
 _PARAM_KEYS = ("ewma", "cusum", "western_electric", "robust", "flatline", "spike")
 
 
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's ``--cpus``, a
+    systemd ``CPUQuota=``), which the affinity does not show. Quotas are read from the process's cgroup
+    and its ancestors (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), rounded up.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     root = Path(d)
+    ...     (root / "gw.slice").mkdir()
+    ...     _ = (root / "gw.slice" / "cpu.max").write_text("150000 100000\\n")
+    ...     _ = (root / "self").write_text("0::/gw.slice\\n")
+    ...     usable_cpus(root, root / "self") == min(2, len(os.sched_getaffinity(0)))
+    True
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return cpus
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2
+            base, files = cgroup_root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # v1
+            base = next((cgroup_root / n for n in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (cgroup_root / n).is_dir()),
+                        cgroup_root / "cpu")
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        here = base / path.lstrip("/")
+        for d in (here, *here.parents):
+            quota = _quota(d, files)
+            if quota is not None:
+                cpus = min(cpus, max(1, math.ceil(quota)))
+            if d == base or base not in d.parents:
+                break
+    return cpus
+
+
+def _quota(d: Path, files: tuple[str, ...]) -> float | None:
+    """CPUs of the quota set in cgroup directory ``d`` (None: none set, or unreadable)."""
+    try:
+        if len(files) == 1:
+            limit, period = (d / files[0]).read_text().split()[:2]
+        else:
+            limit, period = ((d / f).read_text().strip() for f in files)
+        if limit in ("max", "-1") or float(period) <= 0:
+            return None
+        return float(limit) / float(period)
+    except (OSError, ValueError):
+        return None
+
+
 class DetectionConfig(_Section):
     """The ``[detect]`` section.
 
@@ -248,7 +306,7 @@ class DetectionConfig(_Section):
         """
         if self.threads:
             return self.threads
-        return max(1, len(os.sched_getaffinity(0)) - 2)
+        return max(1, usable_cpus() - 2)
 
     machine: MachineModelParams = MachineModelParams()
     likelihood: LikelihoodParams = LikelihoodParams()

@@ -301,3 +301,34 @@ class TestCli:
         assert settings["influx"]["token"] == "***"
         assert settings["mqtt"]["port"] == 1884
         assert out.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "cap"),
+    [
+        ("0::/\n", {}, None),  # v2, no quota anywhere
+        ("0::/a/b\n", {"a/b/cpu.max": "max 100000\n"}, None),  # v2, unlimited
+        ("0::/a/b\n", {"a/b/cpu.max": "50000 100000\n"}, 1),  # v2, half a CPU: rounded up
+        ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n"}, 1),  # a parent's quota
+        ("4:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "100000\n",
+                                       "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ("4:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "-1\n",
+                                       "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
+        ("0::/a\n", {"a/cpu.max": "garbage\n"}, None),  # unreadable: ignored
+    ],
+)
+def test_usable_cpus_honours_a_cgroup_cpu_quota(
+    tmp_path: Path, proc: str, files: dict[str, str], cap: int | None
+) -> None:
+    """`[detect] threads = 0` counts the CPUs a container or a systemd CPUQuota= leaves the process, not the
+    host's: affinity capped by the cgroup quota of the process's cgroup or an ancestor."""
+    from gateway.detect.config import usable_cpus
+
+    (tmp_path / "self").write_text(proc)
+    for rel, text in files.items():
+        f = tmp_path / "root" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    (tmp_path / "root").mkdir(exist_ok=True)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path / "root", tmp_path / "self") == (affinity if cap is None else min(cap, affinity))

@@ -209,6 +209,7 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = 
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return cpus
+    files: tuple[str, ...]
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:

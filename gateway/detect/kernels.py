@@ -401,6 +401,7 @@ def step_batch(
     # per row: its error and the last one's are against two levels (a jump, or a level opened by samples that were
     # far from every level): their difference is no noise
     straddle = np.zeros(n_rows, np.bool_)
+    late = np.zeros(n_rows)  # per row: the last sample's spike statistic, known only now (see S_XL)
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
     # the exp() terms of the last few sample intervals: ~10 per distinct dt instead of ~25 per sample
@@ -500,9 +501,9 @@ def step_batch(
             # switch to it; the next sample tells: back in the level it left, the last one is scored against its
             # two neighbours, d = x - (before + after) / 2, in that level's fast noise (var(d) = 1.5 σ²), at least
             # the series' typical step (a noisy level split in two close ones underestimates both halves' noise)
-            iso = 0.0
             if st[S_XL] > 0.0 and best == int(st[S_XL]) - 1 and lev[best, L_N] > grace and lev[best, L_DV] > 0.0:
-                iso = abs(st[S_PREV] - 0.5 * (st[S_XB] + xv)) / math.sqrt(1.5 * max(lev[best, L_DV], st[S_SCALE] ** 2))
+                noise = max(lev[best, L_DV], st[S_SCALE] ** 2)
+                late[i] = abs(st[S_PREV] - 0.5 * (st[S_XB] + xv)) / math.sqrt(1.5 * noise)
             st[S_XL] = 0.0
             jumped = best != int(st[S_LEVEL]) and st[S_LEVEL] >= 0.0 and st[S_N] > 0.0 and \
                 abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st[S_SCALE], grace)
@@ -511,7 +512,6 @@ def step_batch(
                 st[S_XB] = st[S_PREV]
                 st[S_VAR] = 1.0  # the noise ratio is the new level's to learn (its last value was the old one's)
                 straddle[i] = True
-            out[i, 0] = iso
             if best != int(st[S_LEVEL]):
                 _start_visit(st)
                 # (a jump beyond z_join σ of the new level: not a drift across levels or chatter between close ones)
@@ -713,10 +713,11 @@ def step_batch(
                 relearn = cus >= ch
             st[S_CHI] = hi
             st[S_CLO] = lo
-            # jump CUSUM (lag model in use, its load input settled): the error against its local trend's
-            # one-step forecast, in that forecast error's long-run σ (learned in steady state) widened by the
-            # misfit's share (v1, as in _lag_v01) of the response's own departure from its trend; it restarts
-            # when the model in use changes, and sums once the trend has learned over HP_N samples
+            # jump CUSUM (lag model in use): the error against its local trend's one-step forecast, in that
+            # forecast error's long-run σ (learned in steady state) widened by the misfit's share (v1, as in
+            # _lag_v01) of the response's own departure from its trend; it restarts when the model in use
+            # changes, sums once the trend has learned over HP_N samples, and holds off (sums at zero, the trend
+            # still learning) while its load input is still to move
             jump = 0.0
             if best_j >= 0 and st[S_USE] == best_j + 1.0 and lev[k, L_N] > grace and lev[k, L_DV] > 0.0:
                 # a re-fit of the model is no change of the data: its trend moves with the prediction
@@ -792,7 +793,7 @@ def step_batch(
             if p_same > 1e-12:
                 need = max(stuck_min, math.log(stuck_p) / math.log(min(p_same, 0.999999)) + 1.0)
             warm = nseen > grace
-            out[i, 0] = max(az, z_loc, out[i, 0]) if warm else 0.0
+            out[i, 0] = max(az, z_loc, late[i]) if warm else 0.0
             out[i, 1] = max(cus, jump) / ch if warm else 0.0
             out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0

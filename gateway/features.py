@@ -415,14 +415,14 @@ class SeverityMonitor:
         if sel.shape[0] == 0:
             return empty
         order = sel[np.argsort(series[sel], kind="stable")]  # by series, arrival order within one
-        code = (values[order][:, None] > _LIMITS[classes[series[order]]]).sum(axis=1)
-        order = order[code >= 2]  # only samples in C or D start, extend or worsen an episode
-        if order.shape[0] == 0:
+        limits = _LIMITS[classes[series[order]]]
+        code = (values[order][:, None] > limits).sum(axis=1)
+        hi = code >= 2  # only samples in C or D start, extend or worsen an episode
+        if not hi.any():
             return empty
-        code = code[code >= 2]
+        order, code, limits = order[hi], code[hi], limits[hi]
         s = series[order]
         t = ts_ns[order]
-        limits = _LIMITS[classes[s]]
         start = np.r_[True, s[1:] != s[:-1]]
         first = np.flatnonzero(start)
         prev_t = np.empty_like(t)
@@ -442,7 +442,7 @@ class SeverityMonitor:
         hit = np.flatnonzero(latch > prev)
         last = np.r_[first[1:] - 1, s.shape[0] - 1]
         self._latch[s[last]] = latch[last]
-        self._last[s[last]] = np.maximum(t[last], self._last[s[last]])
+        self._last[s[last]] = np.maximum(np.maximum.reduceat(t, first), self._last[s[last]])  # the newest
         by_arrival = np.argsort(order[hit], kind="stable")
         hit = hit[by_arrival]
         idx = order[hit]

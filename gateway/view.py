@@ -246,8 +246,7 @@ class _Codes(Generic[_K]):
         return c
 
 
-_STATE_NAMES: list[str] = []  # state name by code, shared by every ring (the machine states: a handful)
-_STATE_CODES: dict[str, int] = {}
+_STATES: _Codes[str] = _Codes()  # state name by code, shared by every ring (the machine states: a handful)
 
 
 class StateRing:
@@ -269,12 +268,8 @@ class StateRing:
         self._reasons: list[str | None] | None = None
 
     def push(self, ts: float, state: str, reason: str | None, bound: int) -> None:
-        code = _STATE_CODES.get(state)
-        if code is None:
-            code = _STATE_CODES[state] = len(_STATE_NAMES)
-            _STATE_NAMES.append(state)
         self._ts.append(ts)
-        self._code.append(code)
+        self._code.append(_STATES.code(state))
         if reason is not None and self._reasons is None:
             self._reasons = [None] * (len(self._ts) - 1)
         if self._reasons is not None:
@@ -291,7 +286,7 @@ class StateRing:
     def __iter__(self) -> Iterator[StateChange]:
         reasons = self._reasons if self._reasons is not None else [None] * len(self._ts)
         for t, c, why in zip(self._ts, self._code, reasons, strict=True):
-            yield StateChange(t, _STATE_NAMES[c], why)
+            yield StateChange(t, _STATES.values[c], why)
 
 
 def _nan(x: float | None) -> float:

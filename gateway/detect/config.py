@@ -211,10 +211,10 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = 
         return cpus
     files: tuple[str, ...]
     for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
             continue
-        _, controllers, path = parts
+        _, controllers, path = fields
         if controllers == "":  # v2
             base, files = cgroup_root, ("cpu.max",)
         elif "cpu" in controllers.split(","):  # v1
@@ -223,13 +223,11 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = 
             files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
         else:
             continue
-        here = base / path.lstrip("/")
-        for d in (here, *here.parents):
-            quota = _quota(d, files)
+        parts = Path(path.lstrip("/")).parts
+        for depth in range(len(parts), -1, -1):  # the process's own cgroup, then each ancestor up to the root
+            quota = _quota(base.joinpath(*parts[:depth]), files)
             if quota is not None:
                 cpus = min(cpus, max(1, math.ceil(quota)))
-            if d == base or base not in d.parents:
-                break
     return cpus
 
 

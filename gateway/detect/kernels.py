@@ -828,16 +828,20 @@ def step_batch(
                 st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + ar * (math.log(ds) - math.log(st[S_SCALE])))
             if use_group and best_j >= 0:
                 # inverse-variance weight: a peer in a transient (σ widened by the response still to come)
-                # says little about the hall; in steady state it counts fully
-                wg = _alpha_a(dec[D_GROUP], 1e300) / g_members[g] * min(1.0, e2_sel / (sd_sel * sd_sel + 1e-300))
+                # says little about the hall; in steady state it counts fully. A sample its own model puts
+                # beyond clip σ (a dropout, a spike, a fault) says little either (Huber weight): the hall's
+                # common mode is what the peers agree on, not one machine's fault
+                wg = _alpha_a(dec[D_GROUP], 1e300) / g_members[g] * min(1.0, e2_sel / (sd_sel * sd_sel + 1e-300)) \
+                    * min(1.0, clip / (az + 1e-300))
                 gs = g_state[g, G_S]
                 dv = d_raw - g_state[g, G_C]
                 if g_state[g, G_N] < min_group:
                     g_state[g, G_C] += dv / (g_state[g, G_N] + 1.0)
                     g_state[g, G_S] = max(gs, abs(dv))
-                else:
-                    g_state[g, G_C] += wg * max(-3.0 * gs, min(3.0 * gs, dv))
-                    g_state[g, G_S] += wg * (1.25 * abs(dv) - gs)
+                else:  # (the spread learns from the clipped deviation too: an outlier widens no clip)
+                    dvc = max(-3.0 * gs, min(3.0 * gs, dv))
+                    g_state[g, G_C] += wg * dvc
+                    g_state[g, G_S] += wg * (1.25 * abs(dvc) - gs)
                 g_state[g, G_N] += 1.0
             if relearn:
                 _start_visit(st)

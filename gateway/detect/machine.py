@@ -26,7 +26,9 @@ lower is used (chosen per series, online):
   lowest level) through 10 and 40 min (a machine switched off drops its base load too; a fit starts anew
   when its sibling's lowest level changes), minus the peers' common mode: the robust mean error of the
   same metric on the other machines of the same site and area (the hall's ambient daily cycle and
-  wander), used when the group has ``min_peers`` machines. The sibling's *level mean* is the input, not
+  wander), used when the group has ``min_peers`` machines; a peer's sample its own model puts beyond
+  ``clip`` σ (a dropout, a spike, a fault) counts only by a Huber weight, so one machine's fault does
+  not move its peers' scores. The sibling's *level mean* is the input, not
   its raw reading, so a fault of the sibling sensor does not leak into this metric. The fit's error σ
   widens while the response to a load change is still to come: σ² = max(E2, v0 + v1·r²), ``r`` the part
   of the response still ahead (a fixed lag basis misfits a transient by a fraction of its size), ``E2``

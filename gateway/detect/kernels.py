@@ -759,10 +759,13 @@ def step_batch(
             # variance of its fast part, blind to a slow misfit or an offset (those are the CUSUM's). It is
             # compared, in the series' own units, with the same in the current level over the long run (noise
             # depends on the level; z's σ would change with the model in use): a short EWMA of the ratio. The
-            # level's reference averages from its warm-up on and learns only while the short EWMA is below
-            # var_learn: hours of tripled noise stay an alarm. Nothing is learned while the visit's offset is, nor
-            # from a difference that straddles two levels or two models (a jump to another level, or the model in
-            # use changed).
+            # level's reference averages from its warm-up on, then learns every difference (clipped at clip² times
+            # itself) over the level's memory: tripled noise stays an alarm for hours, a lasting change becomes the
+            # level's normal (a reference that learned only while the ratio was low kept the quiet moments' noise
+            # and alarmed for good where a machine's products differ in noise). A lone series (no sibling to say
+            # what its machine does) learns only while the short EWMA is below var_learn: its noise change stays
+            # news while it lasts. Nothing is learned while the visit's offset is, nor from a difference that
+            # straddles two levels or two models (a jump to another level, or the model in use changed).
             ar = _alpha_a(a_lev, nseen)
             if st[S_N] > 0.0 and not visiting and not straddle[i] and st[S_USE] == best_j + 1.0:
                 de = e_sel - st[S_EP]
@@ -772,7 +775,7 @@ def step_batch(
                     lev[k, L_DV] = ref + (d2 - ref) / (lev[k, L_N] + 1.0) if ref > 0.0 else d2 + 1e-300
                 else:
                     st[S_VAR] += va * (min(d2 / ref, 36.0) - st[S_VAR])
-                    if st[S_VAR] < var_learn:
+                    if not alone or st[S_VAR] < var_learn:
                         lev[k, L_DV] += _alpha_a(a_lev, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
             st[S_EP] = e_sel
             st[S_USE] = best_j + 1.0

@@ -61,10 +61,11 @@ __all__ = [
 ]
 
 FORMAT = "factory-gateway-checkpoint"
-VERSION = 5  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
+VERSION = 6  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
 # 3: its lag fits keep the lower triangle of their normal matrix only; 4: series keep which level is
 # their stopped one (S_LOWK, in place of the indicator), lag fits the one they learned with (J_LOWK);
-# 5: series keep the level their last sample jumped from and the reading before it (S_XL, S_XB)
+# 5: series keep the level their last sample jumped from and the reading before it (S_XL, S_XB); 6: lag fits
+# keep their last inputs (J_UP, J_LOWP)
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

@@ -121,7 +121,9 @@ J_HRR = J_HR + 1
 J_HE = J_HRR + 1
 J_HER = J_HE + 1
 J_LOWK = J_HER + 1  # the sibling's S_LOWK the fit learned with: its stopped indicator means that level
-N_J = J_LOWK + 1
+J_UP = J_LOWK + 1  # the inputs (level mean, stopped indicator) at the last sample: a change of them
+J_LOWP = J_UP + 1  # happened somewhere in the interval since, half way in expectation
+N_J = J_LOWP + 1
 
 # per-group (site × area × metric) common mode
 G_C = 0
@@ -610,9 +612,13 @@ def step_batch(
                         lag[J_LP + q] = u if q < N_ON_U else low
                     lag[J_E2] = sd_own * sd_own
                     lag[J_ABS] = 1e300
-                else:
+                else:  # the lags of the input over the interval: its old value, its new one from half way
+                    um = 0.5 * (u + lag[J_UP])
+                    lm = 0.5 * (low + lag[J_LOWP])
                     for q in range(N_LAG):
-                        lag[J_LP + q] += dec[D_LAG + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
+                        lag[J_LP + q] += dec[D_LAG + q] * ((um if q < N_ON_U else lm) - lag[J_LP + q])
+                lag[J_UP] = u
+                lag[J_LOWP] = low
                 # what the slopes solved so far predict, where a re-solve below may move them (otherwise
                 # the prediction is exactly that)
                 keep_p = 0.0

@@ -40,15 +40,30 @@ LOCAL_ALPHA = 0.2  # weight of the local error mean: 5 samples, shorter than any
 # its size, the peers' common mode the hall's ambient to a fraction of a degree) on top of the sensor
 # noise, as large as the faults sought and as slow; a sensor fault is abrupt. So a lag-modelled series'
 # CUSUM is a jump CUSUM: its error minus the one-step forecast of a local linear trend (Brown's double
-# exponential smoothing over HP_N samples, which follows a misfit's level and slope), in that forecast
-# error's own long-run σ. HP_N = 16: over 16 samples a 2.5 σ step (the middle of the 2-3 σ steps to
-# find) sums to 4.9 ≈ h = 5 with allowance 1 σ before the trend absorbs it (3 σ: 7.3; 2 σ: 2.7).
-HP_N = 16.0
-HP_A = 1.0 / HP_N
-_B = 1.0 - HP_A
-# its forecast is Σ w_j x_{t-1-j}, w_j = α β^(j-1) ((1 + β) - α (j + 1)): an iid error's forecast error
-# has variance σ² (1 + Σ w_j²)
-HP_GAIN = 1.0 + sum((HP_A * _B ** (j - 1) * ((1.0 + _B) - HP_A * (j + 1))) ** 2 for j in range(4000))
+# exponential smoothing over HP_T_S seconds, which follows a misfit's level and slope), in that forecast
+# error's own long-run σ. HP_T_S = 160 s, a third of the shortest lag (7.5 min), so the trend follows a
+# thermal response's curve; at 10-second samples that is 16 of them, over which a 2.5 σ step (the middle
+# of the 2-3 σ steps to find) sums to 4.9 ≈ h = 5 with allowance 1 σ before the trend absorbs it (3 σ:
+# 7.3; 2 σ: 2.7). Its weight per sample is dt / HP_T_S, at most HP_A_MAX (a trend needs 2 samples).
+HP_T_S = 160.0
+HP_A_MAX = 0.5
+
+
+def hp_gain(a: float) -> float:
+    """Variance of the trend's one-step forecast error for iid errors of variance 1, at weight ``a``.
+
+    The forecast is Σ w_j x_{t-1-j}, w_j = a β^(j-1) ((1 + β) - a (j + 1)), β = 1 - a, so the error's
+    variance is 1 + Σ w_j², summed here in closed form (geometric series in β²).
+
+    >>> round(hp_gain(1 / 16), 6), round(hp_gain(0.375), 6)
+    (1.082743, 1.689577)
+    """
+    b = 1.0 - a
+    q = b * b
+    omq = a * (2.0 - a)  # 1 - q
+    d = 2.0 * b
+    return 1.0 + (a * a / q) * (d * d / omq - 2.0 * d * a * q / omq ** 2 + a * a * q * (1.0 + q) / omq ** 3)
+
 RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
@@ -78,7 +93,7 @@ S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
 S_ZV = 21  # EWMA of z² (clipped)
 S_EP = 22  # last error of the model in use (its units; for the noise of consecutive differences)
 S_EL = 23  # short EWMA of that error (LOCAL_ALPHA): what it is locally, its slow misfit included
-S_H1 = 24  # the lag model's error, smoothed once and twice over HP_N samples (its local level and trend)
+S_H1 = 24  # the lag model's error, smoothed once and twice over HP_T_S (its local level and trend)
 S_H2 = 25
 S_R1 = 26  # the same for its response still to come, r
 S_R2 = 27
@@ -146,8 +161,13 @@ D_FIT = N_LAG  # e^{-dt/t_fit} (1 at dt = 0): the lag fit's forgetting
 D_LEVEL = N_LAG + 1  # 1 - e^{-dt/t_level} (0 at dt = 0): levels, error and noise references
 D_HOLD = N_LAG + 2  # e^{-dt/t_level} (1 at dt = 0): the misfit's variance fit
 D_GROUP = N_LAG + 3  # 1 - e^{-dt/t_group} (0 at dt = 0): the peers' common mode
-N_D = N_LAG + 4
+D_HPA = N_LAG + 4  # the jump CUSUM trend's weight dt / HP_T_S (at most HP_A_MAX; dt < 1 ms counts as 1 ms)
+D_HPG = N_LAG + 5  # its forecast error's variance gain, hp_gain(D_HPA)
+N_D = N_LAG + 6
 DT_CACHE = 4  # intervals remembered: a plant samples at a few fixed intervals, and a machine's metrics share one
+
+
+_hp_gain = njit(cache=True, nogil=True)(hp_gain)
 
 
 @njit(cache=True, nogil=True)
@@ -159,6 +179,9 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     row[D_LEVEL] = 1.0 - math.exp(-dt / t_level) if dt > 0.0 else 0.0
     row[D_HOLD] = math.exp(-dt / t_level) if dt > 0.0 else 1.0
     row[D_GROUP] = 1.0 - math.exp(-dt / t_group) if dt > 0.0 else 0.0
+    a = min(HP_A_MAX, max(dt, 1e-3) / HP_T_S)
+    row[D_HPA] = a
+    row[D_HPG] = _hp_gain(a)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -722,8 +745,8 @@ def step_batch(
             # jump CUSUM (lag model in use): the error against its local trend's one-step forecast, in that
             # forecast error's long-run σ (learned in steady state) widened by the misfit's share (v1, as in
             # _lag_v01) of the response's own departure from its trend; it restarts when the model in use
-            # changes, sums once the trend has learned over HP_N samples, and holds off (sums at zero, the trend
-            # still learning) while its load input is still to move
+            # changes, sums once the trend has learned over its memory (HP_T_S), and holds off (sums at zero, the
+            # trend still learning) while its load input is still to move
             jump = 0.0
             if best_j >= 0 and st[S_USE] == best_j + 1.0 and lev[k, L_N] > grace and lev[k, L_DV] > 0.0:
                 # a re-fit of the model is no change of the data: its trend moves with the prediction
@@ -731,24 +754,27 @@ def step_batch(
                 st[S_H2] -= refit_p
                 st[S_R1] += refit_r
                 st[S_R2] += refit_r
-                de = d_raw - (st[S_H1] * (1.0 + _B) - st[S_H2]) / _B
-                dr = r_sel - (st[S_R1] * (1.0 + _B) - st[S_R2]) / _B
+                ha = dec[D_HPA]
+                hb = 1.0 - ha
+                n_h = 1.0 / ha  # samples of the trend's memory
+                de = d_raw - (st[S_H1] * (1.0 + hb) - st[S_H2]) / hb
+                dr = r_sel - (st[S_R1] * (1.0 + hb) - st[S_R2]) / hb
                 if st[S_HVN] == 0.0:
-                    st[S_HV] = lev[k, L_DV] * HP_GAIN
+                    st[S_HV] = lev[k, L_DV] * dec[D_HPG]
                 tv = v1_sel * dr * dr
                 dz = de / math.sqrt(st[S_HV] + tv)
                 dz = max(-clip * 2.0, min(clip * 2.0, dz))
                 if not settled:  # the load input is still to move: no sums, but the trend keeps learning
                     st[S_HHI] = 0.0
                     st[S_HLO] = 0.0
-                elif st[S_HN] >= HP_N:  # the trend has learned over its memory: sum
+                elif st[S_HN] >= n_h:  # the trend has learned over its memory: sum
                     st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], dz, ck, ch)
                     if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
                         st[S_HVN] += 1.0
-                        # (its start, the level's noise through the trend's gain, counts as HP_N samples)
-                        st[S_HV] += _alpha_a(a_lev, st[S_HVN] + HP_N) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
+                        # (its start, the level's noise through the trend's gain, counts as the trend's memory)
+                        st[S_HV] += _alpha_a(a_lev, st[S_HVN] + n_h) * (min(de * de, 9.0 * st[S_HV]) - st[S_HV])
                 st[S_HN] += 1.0
-                ha = max(HP_A, 1.0 / st[S_HN])  # a plain mean while young
+                ha = max(ha, 1.0 / st[S_HN])  # a plain mean while young
                 st[S_H1] += ha * (d_raw - st[S_H1])
                 st[S_H2] += ha * (st[S_H1] - st[S_H2])
                 st[S_R1] += ha * (r_sel - st[S_R1])

@@ -268,14 +268,16 @@ def test_a_machine_first_seen_stopped_teaches_its_temperature_fit_what_stopped_m
         assert np.sqrt(np.mean(err**2)) < 0.25, (with_states, np.sqrt(np.mean(err**2)))  # was 0.43-0.48
 
 
-def test_the_jump_cusums_first_sample_moves_its_prior_by_one_part_in_hp_n_plus_one() -> None:
-    """The jump CUSUM's σ² starts from its level's noise (HP_GAIN × L_DV, worth HP_N samples): its first
-    learned sample moves it 1/(HP_N + 1) of the way, not all the way (one squared error, often ~0, made
-    every sample a 5 σ jump for the next minutes)."""
+def test_the_jump_cusums_first_sample_moves_its_prior_by_one_part_in_its_memory_plus_one() -> None:
+    """The jump CUSUM's σ² starts from its level's noise (hp_gain × L_DV, worth the trend's memory of
+    n = HP_T_S / dt samples): its first learned sample moves it 1/(n + 1) of the way, not all the way (one
+    squared error, often ~0, made every sample a 5 σ jump for the next minutes). 60-second samples here: the
+    trend's weight is 60 / 160, its memory 2.7 samples."""
     from gateway.detect import kernels as K
 
     n = 1440
     power, temp, _ = _first_seen_at_night(np.random.default_rng(5), n)
+    a = min(K.HP_A_MAX, 60.0 / K.HP_T_S)
     mm = MachineModel(MachineModelParams(), grace=30)
     prior = None
     for i in range(n):
@@ -283,10 +285,11 @@ def test_the_jump_cusums_first_sample_moves_its_prior_by_one_part_in_hp_n_plus_o
                machines=[KEY, KEY], metrics=["power_kw", "spindle_temp_c"])
         st = mm.s_state[1]
         if st[K.S_HVN] == 0.0 and st[K.S_HN] > 0.0:  # the prior the next sample starts from: its noise now
-            prior = float(mm.s_lev[1, int(st[K.S_LEVEL]), K.L_DV]) * K.HP_GAIN
+            prior = float(mm.s_lev[1, int(st[K.S_LEVEL]), K.L_DV]) * K.hp_gain(a)
         elif st[K.S_HVN] == 1.0:
             assert prior is not None
-            assert float(st[K.S_HV]) >= prior * K.HP_N / (K.HP_N + 1.0) - 1e-300, (prior, float(st[K.S_HV]))
+            keep = (1.0 / a) / (1.0 / a + 1.0)
+            assert float(st[K.S_HV]) >= prior * keep - 1e-300, (prior, float(st[K.S_HV]))
             return
     raise AssertionError("the jump CUSUM never learned")
 

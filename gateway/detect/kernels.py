@@ -35,7 +35,8 @@ RESOLVE_EVERY = 16.0
 RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
 VISIT_MEMORY = 30.0  # visits remembered by a level's spread of visit offsets
-LOCAL_ALPHA = 0.2  # weight of the local error mean: 5 samples, shorter than any thermal change of misfit
+LOCAL_T_S = 50.0  # memory of the local error mean: 5 samples at 10 s, shorter than any thermal change of misfit
+LOCAL_A_MAX = 0.5  # (its weight dt / LOCAL_T_S, at most this: a mean of at least 2 samples)
 # The lag model's error has a slow misfit (a fixed lag basis fits a thermal response to a fraction of
 # its size, the peers' common mode the hall's ambient to a fraction of a degree) on top of the sensor
 # noise, as large as the faults sought and as slow; a sensor fault is abrupt. So a lag-modelled series'
@@ -92,7 +93,7 @@ S_ZP = 19  # last clipped z (for the lag-1 autocorrelation)
 S_ZZ = 20  # EWMA of z_t · z_{t-1} (clipped)
 S_ZV = 21  # EWMA of z² (clipped)
 S_EP = 22  # last error of the model in use (its units; for the noise of consecutive differences)
-S_EL = 23  # short EWMA of that error (LOCAL_ALPHA): what it is locally, its slow misfit included
+S_EL = 23  # short EWMA of that error (over LOCAL_T_S): what it is locally, its slow misfit included
 S_H1 = 24  # the lag model's error, smoothed once and twice over HP_T_S (its local level and trend)
 S_H2 = 25
 S_R1 = 26  # the same for its response still to come, r
@@ -163,7 +164,8 @@ D_HOLD = N_LAG + 2  # e^{-dt/t_level} (1 at dt = 0): the misfit's variance fit
 D_GROUP = N_LAG + 3  # 1 - e^{-dt/t_group} (0 at dt = 0): the peers' common mode
 D_HPA = N_LAG + 4  # the jump CUSUM trend's weight dt / HP_T_S (at most HP_A_MAX; dt < 1 ms counts as 1 ms)
 D_HPG = N_LAG + 5  # its forecast error's variance gain, hp_gain(D_HPA)
-N_D = N_LAG + 6
+D_LOC = N_LAG + 6  # the local error mean's weight dt / LOCAL_T_S (at most LOCAL_A_MAX; dt < 1 ms as 1 ms)
+N_D = N_LAG + 7
 DT_CACHE = 4  # intervals remembered: a plant samples at a few fixed intervals, and a machine's metrics share one
 
 
@@ -182,6 +184,7 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     a = min(HP_A_MAX, max(dt, 1e-3) / HP_T_S)
     row[D_HPA] = a
     row[D_HPG] = _hp_gain(a)
+    row[D_LOC] = min(LOCAL_A_MAX, max(dt, 1e-3) / LOCAL_T_S)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -815,8 +818,8 @@ def step_batch(
             # e - its short EWMA has variance σ²·2/(2-α) for independent noise of σ² = the difference variance
             z_loc = 0.0
             if not visiting and lev[k, L_N] > grace and lev[k, L_DV] > 0.0 and st[S_N] > 0.0:
-                z_loc = abs(e_sel - st[S_EL]) / math.sqrt(lev[k, L_DV] * 2.0 / (2.0 - LOCAL_ALPHA))
-            st[S_EL] = e_sel if st[S_N] == 0.0 else st[S_EL] + LOCAL_ALPHA * (e_sel - st[S_EL])
+                z_loc = abs(e_sel - st[S_EL]) / math.sqrt(lev[k, L_DV] * 2.0 / (2.0 - dec[D_LOC]))
+            st[S_EL] = e_sel if st[S_N] == 0.0 else st[S_EL] + dec[D_LOC] * (e_sel - st[S_EL])
             zl = max(-clip, min(clip, z))
             st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
             st[S_ZV] += ar * (zl * zl - st[S_ZV])

@@ -41,8 +41,8 @@ The standardised error ``z`` of the model in use feeds four statistics, each a d
 ======================  =====================================================  ======================
 detector                statistic                                              alarm (score 0.5) at
 ======================  =====================================================  ======================
-``residual_spike``      ``|z|``, or the error against its 5-sample local      ``z_spike`` σ
-                        mean in the level's fast noise, or (one sample
+``residual_spike``      ``|z|``, or the error against its local mean (50 s,   ``z_spike`` σ
+                        at least 2 samples) in the level's fast noise, or (one sample
                         late) an isolated excursion to another level
 ``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
                         ``cusum_k`` (own-level model); for a series the lag

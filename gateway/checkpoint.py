@@ -65,7 +65,7 @@ VERSION = 6  # 2: the machine model keeps its state events by arrival (m_evt), t
 # 3: its lag fits keep the lower triangle of their normal matrix only; 4: series keep which level is
 # their stopped one (S_LOWK, in place of the indicator), lag fits the one they learned with (J_LOWK);
 # 5: series keep the level their last sample jumped from and the reading before it (S_XL, S_XB); 6: lag fits
-# keep their last inputs (J_UP, J_LOWP)
+# keep their last inputs (J_UP, J_LOWP), series their resolution (S_RES)
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

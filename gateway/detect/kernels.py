@@ -106,7 +106,8 @@ S_HVN = 32  # samples S_HV has learned from
 S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input and a member of its peer group
 S_XL = 34  # 1 + the level the last sample left (0: it stayed in its level), and the reading before it (if the
 S_XB = 35  # next sample is back in that level, the last one may have been an isolated excursion: a spike)
-N_S = 36
+S_RES = 36  # the series' resolution: the smallest change between two readings seen (0: none yet)
+N_S = 37
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -229,11 +230,13 @@ def _merge_close(st: Any, lev: Any, k: int, z_merge: float) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _level_sd(lev: Any, k: int, scale: float, grace: float) -> float:
-    """Noise σ of level ``k``; a young level (fewer than ``grace`` samples) is at least 2 typical steps."""
-    sd = math.sqrt(lev[k, L_VAR] + (1e-6 * lev[k, L_MEAN]) ** 2 + 1e-18)
+def _level_sd(lev: Any, k: int, st: Any, grace: float) -> float:
+    """Noise σ of level ``k`` of the series ``st``: at least its resolution (a reading is known to one step
+    of its sensor: a quiet level read by a coarse sensor is a constant that flips by a step now and then);
+    a young level (fewer than ``grace`` samples) at least 2 typical steps."""
+    sd: float = max(math.sqrt(lev[k, L_VAR] + (1e-6 * lev[k, L_MEAN]) ** 2 + 1e-18), st[S_RES])
     if lev[k, L_N] < grace:
-        sd = max(sd, 2.0 * scale)
+        sd = max(sd, 2.0 * st[S_SCALE])
     return sd
 
 
@@ -484,10 +487,10 @@ def step_batch(
                 if lev[best, L_N] == 0.0:
                     lev[best, L_MEAN] = xv
                     lev[best, L_VAR] = st[S_SCALE] ** 2
-                bestz = abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st[S_SCALE], grace)
+                bestz = abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st, grace)
             else:
                 for k in range(nl):
-                    sd = _level_sd(lev, k, st[S_SCALE], grace)
+                    sd = _level_sd(lev, k, st, grace)
                     zk = abs(xv - lev[k, L_MEAN]) / sd
                     if zk < bestz:
                         bestz = zk
@@ -534,7 +537,7 @@ def step_batch(
                 late[i] = abs(st[S_PREV] - 0.5 * (st[S_XB] + xv)) / math.sqrt(1.5 * noise)
             st[S_XL] = 0.0
             jumped = best != int(st[S_LEVEL]) and st[S_LEVEL] >= 0.0 and st[S_N] > 0.0 and \
-                abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st[S_SCALE], grace)
+                abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st, grace)
             if jumped:  # (not chatter between close levels: a jump beyond z_join σ)
                 st[S_XL] = st[S_LEVEL] + 1.0
                 st[S_XB] = st[S_PREV]
@@ -545,7 +548,7 @@ def step_batch(
                 # (a jump beyond z_join σ of the new level: not a drift across levels or chatter between close ones)
                 if st[S_USE] == 0.0 and st[S_N] > grace and jumped:
                     switched = True
-            st[S_PRE] = xv - lev[best, L_MEAN] if bestz <= z_join else bestz * _level_sd(lev, best, st[S_SCALE], grace)
+            st[S_PRE] = xv - lev[best, L_MEAN] if bestz <= z_join else bestz * _level_sd(lev, best, st, grace)
             st[S_LEVEL] = best
             st[S_U] = lev[best, L_MEAN] + st[S_VISIT]
             # the stopped indicator: the state channel's stopped regime, else the lowest level (also while it
@@ -593,7 +596,8 @@ def step_batch(
             dec = dt_tab[slot]
             a_lev = dec[D_LEVEL]
             # own-level model
-            sd_own = _level_sd(lev, k, st[S_SCALE], grace)
+            res2 = st[S_RES] * st[S_RES]  # no noise statistic is finer than the series' resolution
+            sd_own = _level_sd(lev, k, st, grace)
             mu = lev[k, L_MEAN] + st[S_VISIT]
             e_own = xv - mu
             visiting = st[S_VN] < visit_n and lev[k, L_N] > grace  # this visit's offset is still learned
@@ -669,7 +673,7 @@ def step_batch(
                     v = v0j + v1j * r2
                     if v > varj:
                         varj = v
-                sdj = math.sqrt(varj + 1e-18)
+                sdj = math.sqrt(max(varj, res2) + 1e-18)
                 if lag[J_N] > grace and lag[J_ABS] < best_abs:
                     best_abs = lag[J_ABS]
                     best_j = j
@@ -765,7 +769,7 @@ def step_batch(
                 if st[S_HVN] == 0.0:
                     st[S_HV] = lev[k, L_DV] * dec[D_HPG]
                 tv = v1_sel * dr * dr
-                dz = de / math.sqrt(st[S_HV] + tv)
+                dz = de / math.sqrt(max(st[S_HV], res2) + tv)
                 dz = max(-clip * 2.0, min(clip * 2.0, dz))
                 if not settled:  # the load input is still to move: no sums, but the trend keeps learning
                     st[S_HHI] = 0.0
@@ -809,7 +813,7 @@ def step_batch(
                 if lev[k, L_N] <= grace or ref <= 0.0:
                     lev[k, L_DV] = ref + (d2 - ref) / (lev[k, L_N] + 1.0) if ref > 0.0 else d2 + 1e-300
                 else:
-                    st[S_VAR] += va * (min(d2 / ref, 36.0) - st[S_VAR])
+                    st[S_VAR] += va * (min(d2 / max(ref, res2), 36.0) - st[S_VAR])
                     if not alone or st[S_VAR] < var_learn:
                         lev[k, L_DV] += _alpha_a(a_lev, lev[k, L_N] - grace) * (min(d2, clip * clip * ref) - ref)
             st[S_EP] = e_sel
@@ -818,7 +822,7 @@ def step_batch(
             # e - its short EWMA has variance σ²·2/(2-α) for independent noise of σ² = the difference variance
             z_loc = 0.0
             if not visiting and lev[k, L_N] > grace and lev[k, L_DV] > 0.0 and st[S_N] > 0.0:
-                z_loc = abs(e_sel - st[S_EL]) / math.sqrt(lev[k, L_DV] * 2.0 / (2.0 - dec[D_LOC]))
+                z_loc = abs(e_sel - st[S_EL]) / math.sqrt(max(lev[k, L_DV], res2) * 2.0 / (2.0 - dec[D_LOC]))
             st[S_EL] = e_sel if st[S_N] == 0.0 else st[S_EL] + dec[D_LOC] * (e_sel - st[S_EL])
             zl = max(-clip, min(clip, z))
             st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
@@ -864,6 +868,7 @@ def step_batch(
             ds = abs(xv - st[S_PREV]) if st[S_N] > 0.0 else 0.0
             if ds > 0.0:  # noise scale from the typical step (log-domain EWMA: robust to jumps)
                 st[S_SCALE] = math.exp(math.log(st[S_SCALE]) + ar * (math.log(ds) - math.log(st[S_SCALE])))
+                st[S_RES] = ds if st[S_RES] == 0.0 else min(st[S_RES], ds)
             if use_group and best_j >= 0:
                 # inverse-variance weight: a peer in a transient (σ widened by the response still to come)
                 # says little about the hall; in steady state it counts fully. A sample its own model puts

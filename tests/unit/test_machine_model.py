@@ -549,3 +549,29 @@ def test_a_coarse_sensor_s_flip_by_one_step_is_no_spike() -> None:
     scores = _coarse_sensor_machine()
     assert int((scores["residual_spike"][8640:] >= 0.5).sum()) == 0
     assert int((scores["residual_cusum"][8640:] >= 0.5).sum()) == 0
+
+
+def test_a_coarse_sensor_s_long_runs_are_no_stuck_sensor_and_a_frozen_reading_still_is() -> None:
+    """Stopped, the coarse vibration sensor of _coarse_sensor_machine repeats its reading for minutes. Every
+    run shorter than an alarm teaches the level's repeat rate (only each run's first stuck_min samples did:
+    the rate read as ~0.9, and 107 samples of the second day alarmed as stuck); a reading frozen while the
+    machine runs (its noise 5 steps) is still a stuck sensor within minutes."""
+    scores = _coarse_sensor_machine()
+    assert int((scores["stuck"][8640:] >= 0.5).sum()) == 0
+    rng = np.random.default_rng(4)
+    n = 2 * 8640
+    run = (np.arange(n) % 1440) < 1080
+    power = np.round(np.where(run, 8.0, 0.4) + rng.normal(0, 0.05, n), 2)
+    vib = np.round(np.where(run, 1.0 + rng.normal(0, 0.05, n), 0.05 + rng.normal(0, 0.002, n)), 2)
+    at = 8640 + 1440 * 2 + 300  # running
+    vib[at: at + 300] = vib[at]
+    mm = MachineModel(MachineModelParams(), grace=30)
+    flagged: list[int] = []
+    for a in range(0, n, 360):
+        sl = slice(a, min(n, a + 360))
+        m = sl.stop - a
+        r = mm.run(np.tile(np.array([0, 1], np.int64), m), np.repeat(np.arange(a, a + m, dtype=np.int64) * DT_NS, 2),
+                   np.column_stack([power[sl], vib[sl]]).reshape(-1), machines=[KEY, KEY],
+                   metrics=["power_kw", "vibration_mm_s"])
+        flagged += (a + np.flatnonzero(r.scores["stuck"][1::2] >= 0.5)).tolist()
+    assert any(at < i < at + 60 for i in flagged), [i - at for i in flagged if i > at - 100][:5]

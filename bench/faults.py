@@ -4,6 +4,7 @@ many points fire when nothing is wrong.
 Usage::
 
     python bench/faults.py [--seeds 1,2,3] [--modes state,nostate] [--machines 24] [--days 3]
+                           [--interval 10] [--machines-per-area 8] [--resolution METRIC=STEP,...]
                            [--config FILE.toml] [--json FILE]
 
 For each seed and mode the plant of ``devices/plant.py`` (24 machines x 3 days at 10 s from a Monday,
@@ -12,6 +13,11 @@ or without (``nostate``) its state channel, and run through the gateway exactly 
 ``factory-gateway replay`` does (``gateway.server.replay``), with the default ``GatewayConfig`` (or
 ``--config``) and only ``buffer.enabled = false``; a capturing sink keeps the ``anomaly`` lines of the
 line protocol. Nothing of the detectors is imported: the bench measures whatever they are.
+
+The plant as it is elsewhere: ``--interval`` samples every N seconds (plants log at 1-60 s),
+``--machines-per-area`` sets the peer groups (a hall of 3 machines or of 24), ``--resolution`` rounds
+readings to their sensors' steps (``spindle_temp_c=0.1,vibration_mm_s=0.01,power_kw=0.01``: coarse
+sensors, whose quiet levels read as constants that flip by one step).
 
 Scoring (:func:`score`):
 
@@ -176,10 +182,12 @@ async def _replay(cfg: GatewayConfig, path: Path) -> tuple[CaptureSink, Any]:
     return sink, pipeline.stats
 
 
-def run_one(seed: int, mode: str, machines: int, days: float, cfg: GatewayConfig, workdir: Path) -> dict[str, Any]:
-    """Generate, replay through the gateway and score one plant; returns the score with run details."""
+def run_one(seed: int, mode: str, machines: int, days: float, cfg: GatewayConfig, workdir: Path,
+            **extra: Any) -> dict[str, Any]:
+    """Generate, replay through the gateway and score one plant (``extra``: more :class:`PlantConfig`
+    fields); returns the score with run details."""
     t0 = time.perf_counter()
-    plant = generate_plant(PlantConfig(machines=machines, days=days, seed=seed))
+    plant = generate_plant(PlantConfig(machines=machines, days=days, seed=seed, **extra))
     path = workdir / f"plant-{seed}-{mode}.jsonl"
     messages = write_replay(plant, path, state_channel=mode == "state")
     t1 = time.perf_counter()
@@ -256,6 +264,24 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _resolution(text: str) -> dict[str, float]:
+    """``metric=step,...``
+
+    >>> _resolution("spindle_temp_c=0.1, vibration_mm_s=0.01")
+    {'spindle_temp_c': 0.1, 'vibration_mm_s': 0.01}
+    """
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        metric, sep, step = part.partition("=")
+        try:
+            out[metric.strip()] = float(step) if sep else float("nan")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected metric=step") from None
+        if not sep or not out[metric.strip()] > 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected metric=step with step > 0")
+    return out
+
+
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -270,11 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", type=_modes, default=list(MODES), help="state,nostate (default both)")
     ap.add_argument("--machines", type=int, default=24)
     ap.add_argument("--days", type=float, default=3.0, help="days from Monday 00:00 UTC; the first is warm-up")
+    ap.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
+    ap.add_argument("--machines-per-area", type=int, default=8, help="machines of a hall: a peer group (default 8)")
+    ap.add_argument("--resolution", type=_resolution, default={},
+                    help="sensor steps, metric=step,... (default: readings to 3 decimals)")
     ap.add_argument("--config", type=Path, help="gateway TOML to use instead of the default GatewayConfig")
     ap.add_argument("--json", type=Path, help="write every figure (and the fault labels) here")
     a = ap.parse_args(argv)
     if a.days <= WARMUP_S / 86_400.0:
         ap.error("--days must be more than the 1-day warm-up")
+    extra = {"interval_s": a.interval, "machines_per_area": a.machines_per_area, "resolution": a.resolution}
+    try:
+        PlantConfig(**extra)  # type: ignore[arg-type]
+    except ValueError as exc:
+        ap.error(str(exc))
     try:
         cfg = load_config(a.config) if a.config else GatewayConfig()
     except ConfigError as exc:
@@ -287,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fgw-faults-") as tmp:
         for mode in a.modes:
             for seed in a.seeds:
-                r = run_one(seed, mode, a.machines, a.days, cfg, Path(tmp))
+                r = run_one(seed, mode, a.machines, a.days, cfg, Path(tmp), **extra)
                 print_run(r)
                 results.append(r)
     summary = summarise(results)
@@ -295,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"\n{len(results)} runs in {elapsed:.0f} s")
     if a.json:
-        a.json.write_text(json.dumps({"config": str(a.config) if a.config else "default", "runtime_s": elapsed,
-                                      "summary": summary, "runs": results}, indent=2))
+        a.json.write_text(json.dumps({"config": str(a.config) if a.config else "default", "plant": extra,
+                                      "runtime_s": elapsed, "summary": summary, "runs": results}, indent=2))
     return 0
 
 

@@ -26,7 +26,7 @@ days and shift events), and the same configuration always gives the same plant.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +110,16 @@ class PlantConfig:
     """What to generate. ``start_s`` must be a midnight UTC; the default is Monday 2025-12-01.
 
     ``inject_faults=False`` gives the same plant, the same fault labels and the values without the
-    faults (a reference: the difference of the two is exactly the injected fault).
+    faults (a reference: the difference of the two is exactly the injected fault). ``resolution`` maps a
+    metric to its sensor's step (readings are multiples of it; default: 3 decimals), as a coarse sensor
+    reads: a quiet level then is a constant that flips by one step now and then.
+
+    >>> PlantConfig(resolution={"vibration_mm_s": 0.01}).resolution["vibration_mm_s"]
+    0.01
+    >>> PlantConfig(resolution={"rpm": 1.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: resolution: rpm is not a metric (spindle_temp_c, vibration_mm_s, power_kw)
     """
 
     machines: int = 24
@@ -122,6 +131,7 @@ class PlantConfig:
     machines_per_area: int = 8
     metrics: tuple[str, ...] = METRICS
     inject_faults: bool = True
+    resolution: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.machines < 1:
@@ -136,6 +146,11 @@ class PlantConfig:
             raise ValueError(f"start_s must be a midnight UTC (a multiple of 86400), got {self.start_s}")
         if set(self.metrics) != set(METRICS) or len(self.metrics) != len(METRICS):
             raise ValueError(f"metrics must be an ordering of {', '.join(METRICS)}, got {self.metrics}")
+        for metric, step in self.resolution.items():
+            if metric not in METRICS:
+                raise ValueError(f"resolution: {metric} is not a metric ({', '.join(METRICS)})")
+            if not step > 0:
+                raise ValueError(f"resolution: {metric} must be > 0, got {step}")
 
     @property
     def samples(self) -> int:
@@ -503,6 +518,9 @@ def generate_plant(cfg: PlantConfig | None = None) -> Plant:
             if fkind in ("stuck", "dropout"):
                 v[k, seg] = magnitude  # exact, not a sum that rounds differently
         values[i] = np.round(v, 3)
+        for metric, step in cfg.resolution.items():
+            q = cfg.metrics.index(metric)
+            values[i, q] = np.round(np.round(values[i, q] / step) * step, 9)
         faults.append(PlantFault(
             spec.name, spec.site, spec.area, spec.line, cfg.metrics[k], fkind, t0, t0 + duration,
             FAULT_WINDOW_S[fkind], sigma, magnitude,

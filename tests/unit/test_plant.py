@@ -263,3 +263,18 @@ def test_cli_writes_replay_and_faults(tmp_path: Path, capsys: pytest.CaptureFixt
     labels = [orjson.loads(x) for x in faults.read_text().splitlines()]
     assert [f["kind"] for f in labels] == ["step", "drift"]
     assert "2 machines" in capsys.readouterr().out
+
+
+def test_coarse_sensors_read_multiples_of_their_step_and_the_rest_is_the_same_plant() -> None:
+    fine = generate_plant(PlantConfig(machines=2, days=1.25, interval_s=60.0, seed=3))
+    coarse = generate_plant(PlantConfig(machines=2, days=1.25, interval_s=60.0, seed=3,
+                                        resolution={"vibration_mm_s": 0.01, "spindle_temp_c": 0.1}))
+    for metric, step in (("vibration_mm_s", 0.01), ("spindle_temp_c", 0.1)):
+        k = coarse.metrics.index(metric)
+        q = coarse.values[:, k] / step
+        assert np.allclose(q, np.round(q), atol=1e-6)
+        assert np.abs(coarse.values[:, k] - fine.values[:, k]).max() <= step / 2 + 1e-9
+    k = coarse.metrics.index("power_kw")
+    assert np.array_equal(coarse.values[:, k], fine.values[:, k])
+    assert coarse.faults == fine.faults
+    assert coarse.states == fine.states

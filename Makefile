@@ -22,5 +22,7 @@ test: setup lint
 test-chaos: setup
 	.venv/bin/python -m pytest -q -m chaos -p no:cacheprovider
 
+# The benches; the bench extra adds River (bench/detectors.py's HalfSpaceTrees baseline).
 bench: setup
+	@.venv/bin/python -m pip install -q -e ".[bench]" >>.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
 	.venv/bin/python bench/run.py

@@ -848,11 +848,13 @@ def step_batch(
                     lev[k, L_VAR] += an * (min(e_own * e_own, (clip * sd_own) ** 2) - lev[k, L_VAR]) \
                         if lev[k, L_N] > grace else (e_own * e_own - lev[k, L_VAR]) / (lev[k, L_N] + 1.0)
                 lev[k, L_N] += 1.0
-                # every run shorter than an alarm teaches the repeat rate: a coarse sensor reading a quiet level
-                # repeats for long, and learned from the runs' first stuck_min samples only its rate read as
-                # ~0.9 and its long runs as stuck. (A lone series keeps that rule: its calibrated scores made
-                # the rarer stuck alarms more surprising, NAB's rogue_agent_key_updown 31 -> 51 false positives.)
-                if st[S_N] > 0.0 and (not alone or st[S_RUN] < stuck_min):
+                # every run shorter than an alarm teaches a learned level its repeat rate: a coarse sensor reading
+                # a quiet level repeats for long, and learned from the runs' first stuck_min samples only its
+                # rate read as ~0.9 and its long runs as stuck. A young level (its weights 1/n) keeps that rule,
+                # or a sensor stuck early would teach itself that repeats are normal; so does a lone series (its
+                # calibrated scores made the rarer stuck alarms more surprising: NAB's rogue_agent_key_updown
+                # 31 -> 51 false positives).
+                if st[S_N] > 0.0 and ((not alone and lev[k, L_N] > grace) or st[S_RUN] < stuck_min):
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
             # (a check every 16th sample; a machine's series only: a lone series' levels are bins of whatever it
             # measures, not regimes, and merged they reopen: NAB's cpu_utilization 3 -> 22 false positives)

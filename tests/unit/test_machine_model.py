@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devices.plant import Plant
 from gateway.batch import MachineKey, StateEvent
 from gateway.detect.machine import MachineModel, MachineModelParams
 from gateway.schema import MachineState
@@ -370,11 +371,8 @@ def test_a_sibling_s_odd_far_reading_pauses_the_jump_cusum_without_restarting_it
     assert any(at + 2 <= i < at + 62 for i in flagged), [i - at for i in flagged if i > at - 600]
 
 
-def _plant_z(p: object, values: np.ndarray, span: int = 60) -> np.ndarray:
+def _plant_z(p: Plant, values: np.ndarray, span: int = 60) -> np.ndarray:
     """The machine model's z of every sample of a generated plant (no state channel), shaped like ``values``."""
-    from devices.plant import Plant
-
-    assert isinstance(p, Plant)
     n_m, n_k, n = values.shape
     keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
     names = [keys[s // n_k] for s in range(n_m * n_k)]
@@ -575,3 +573,20 @@ def test_a_coarse_sensor_s_long_runs_are_no_stuck_sensor_and_a_frozen_reading_st
                    metrics=["power_kw", "vibration_mm_s"])
         flagged += (a + np.flatnonzero(r.scores["stuck"][1::2] >= 0.5)).tolist()
     assert any(at < i < at + 60 for i in flagged), [i - at for i in flagged if i > at - 100][:5]
+
+
+def test_a_sensor_stuck_in_a_young_level_does_not_teach_itself_that_repeats_are_normal() -> None:
+    """A machine's first minutes (its levels young, learning at weights 1/n): the power reading freezes
+    from the 10th sample for 30 samples. A young level learns its repeat rate from runs' first stuck_min
+    samples only, so the run is a stuck sensor after 10 samples (learned from the whole run, the repeat
+    rate grew with it and the run never reached its own alarm length)."""
+    rng = np.random.default_rng(2)
+    n = 60
+    power = np.round(8.0 + rng.normal(0, 0.05, n), 3)
+    power[10:40] = power[10]
+    vib = np.round(1.0 + rng.normal(0, 0.05, n), 3)
+    mm = MachineModel(MachineModelParams(), grace=30)
+    r = mm.run(np.tile(np.array([0, 1], np.int64), n), np.repeat(np.arange(n, dtype=np.int64) * DT_NS, 2),
+               np.column_stack([power, vib]).reshape(-1), machines=[KEY, KEY], metrics=["power_kw", "vibration_mm_s"])
+    stuck = r.scores["stuck"][0::2]
+    assert (stuck[19:40] >= 0.5).any(), stuck[10:40].round(2)

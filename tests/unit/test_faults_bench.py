@@ -111,3 +111,28 @@ def test_summary_over_seeds() -> None:
     s = bench.summarise(runs)["state"]
     assert (s["caught_pct"], s["fa_per_machine_day"], s["meets_target"]) == (75, 0.75, False)
     assert s["caught_per_kind_pct"] == {"step": 75.0}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("spindle_temp_c=0.1,vibration_mm_s=0.01", {"spindle_temp_c": 0.1, "vibration_mm_s": 0.01}),
+    (" power_kw = 0.5 ", {"power_kw": 0.5}),
+    ("", {}),
+])
+def test_resolution_option_parses(text: str, expected: dict[str, float]) -> None:
+    assert bench._resolution(text) == expected
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--resolution", "spindle_temp_c"], "'spindle_temp_c': expected metric=step with step > 0"),
+    (["--resolution", "power_kw=-1"], "'power_kw=-1': expected metric=step with step > 0"),
+    (["--resolution", "power_kw=x"], "'power_kw=x': expected metric=step"),
+    (["--resolution", "rpm=1"], "resolution: rpm is not a metric"),
+    (["--interval", "0"], "interval_s must be > 0"),
+])
+def test_bad_plant_options_are_refused_with_the_option_and_why(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

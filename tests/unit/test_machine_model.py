@@ -371,14 +371,15 @@ def test_a_sibling_s_odd_far_reading_pauses_the_jump_cusum_without_restarting_it
     assert any(at + 2 <= i < at + 62 for i in flagged), [i - at for i in flagged if i > at - 600]
 
 
-def _plant_z(p: Plant, values: np.ndarray, span: int = 60) -> np.ndarray:
-    """The machine model's z of every sample of a generated plant (no state channel), shaped like ``values``."""
+def _plant_run(p: Plant, values: np.ndarray, span: int = 60) -> dict[str, np.ndarray]:
+    """The machine model's z (``"z"``) and scores of every sample of a generated plant (no state channel),
+    each shaped like ``values``, fed ``span`` timestamps a batch."""
     n_m, n_k, n = values.shape
     keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
     names = [keys[s // n_k] for s in range(n_m * n_k)]
     mets = [p.metrics[s % n_k] for s in range(n_m * n_k)]
     mm = MachineModel(MachineModelParams(), grace=30)
-    z = np.empty_like(values)
+    out: dict[str, np.ndarray] = {}
     sid = np.tile(np.arange(n_m * n_k, dtype=np.int64), span)
     for a in range(0, n, span):
         b = min(n, a + span)
@@ -386,8 +387,28 @@ def _plant_z(p: Plant, values: np.ndarray, span: int = 60) -> np.ndarray:
         ts = np.repeat((p.ts_s[a:b] * 1e9).astype(np.int64), n_m * n_k)
         x = values[:, :, a:b].reshape(n_m * n_k, m).T.reshape(-1)
         r = mm.run(sid[: m * n_m * n_k], ts, x, machines=names, metrics=mets, machine_list=keys)
-        z[:, :, a:b] = r.zscore.reshape(m, n_m, n_k).transpose(1, 2, 0)
-    return z
+        for name, v in (("z", r.zscore), *r.scores.items()):
+            out.setdefault(name, np.empty_like(values))[:, :, a:b] = v.reshape(m, n_m, n_k).transpose(1, 2, 0)
+    return out
+
+
+def _pair(first: np.ndarray, second: np.ndarray, metrics: tuple[str, str], dt_ns: int = DT_NS,
+          chunk: int = 360) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two series of one machine sampled together every ``dt_ns`` from 0, fed ``chunk`` samples a batch: the
+    z (``"z"``) and scores of each."""
+    n = first.shape[0]
+    sid = np.tile(np.array([0, 1], np.int64), n)
+    ts = np.repeat(np.arange(n, dtype=np.int64) * dt_ns, 2)
+    x = np.column_stack([first, second]).reshape(-1)
+    mm = MachineModel(MachineModelParams(), grace=30)
+    out: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
+    for a in range(0, 2 * n, 2 * chunk):
+        r = mm.run(sid[a:a + 2 * chunk], ts[a:a + 2 * chunk], x[a:a + 2 * chunk], machines=[KEY, KEY],
+                   metrics=list(metrics))
+        for name, v in (("z", r.zscore), *r.scores.items()):
+            out[0].setdefault(name, []).append(v[0::2])
+            out[1].setdefault(name, []).append(v[1::2])
+    return ({k: np.concatenate(v) for k, v in out[0].items()}, {k: np.concatenate(v) for k, v in out[1].items()})
 
 
 def test_one_machine_s_dropout_does_not_move_its_peers_scores() -> None:
@@ -403,7 +424,7 @@ def test_one_machine_s_dropout_does_not_move_its_peers_scores() -> None:
     at = int(np.searchsorted(p.ts_s, p.ts_s[0] + 86400.0 + 10 * 3600.0))
     broken = p.values.copy()
     broken[0, k, at: at + 20] = 0.0
-    clean, faulty = _plant_z(p, p.values), _plant_z(p, broken)
+    clean, faulty = _plant_run(p, p.values)["z"], _plant_run(p, broken)["z"]
     assert abs(faulty[0, k, at]) > 5.0  # the dropout itself is far out
     moved = np.abs(faulty[1:, k, at: at + 60] - clean[1:, k, at: at + 60]).max()
     assert moved < 0.2, moved
@@ -426,16 +447,9 @@ def test_noise_that_doubles_for_good_is_an_alarm_for_hours_then_the_level_s_norm
         power += [0.4 + rng.normal(0, 0.01, 60), 8.0 + rng.normal(0, 0.05, 240)]
         vib += [0.05 + rng.normal(0, 0.005, 60), 1.0 + rng.normal(0, sd, 240)]
     n = 3 * day
-    x = np.column_stack([np.concatenate(power)[:n], np.concatenate(vib)[:n]]).reshape(-1)
-    sid = np.tile(np.array([0, 1], np.int64), n)
-    ts = np.repeat(np.arange(n, dtype=np.int64) * DT_NS, 2)
-    mm = MachineModel(MachineModelParams(), grace=30)
-    scores = []
-    for a in range(0, 2 * n, 720):
-        r = mm.run(sid[a:a + 720], ts[a:a + 720], np.round(x[a:a + 720], 3), machines=[KEY, KEY],
-                   metrics=["power_kw", "vibration_mm_s"])
-        scores.append(r.scores["residual_variance"][1::2])
-    alarmed = np.concatenate(scores) >= 0.5
+    _, scores = _pair(np.round(np.concatenate(power)[:n], 3), np.round(np.concatenate(vib)[:n], 3),
+                      ("power_kw", "vibration_mm_s"))
+    alarmed = scores["residual_variance"] >= 0.5
     assert alarmed[day: day + 1080].mean() > 0.1  # the change is news
     assert alarmed[2 * day:].mean() < 0.01, alarmed[2 * day:].mean()
     lone = _run(np.concatenate(vib)[:n].round(3), batch=360)["residual_variance"] >= 0.5
@@ -466,16 +480,7 @@ def _switching_machine(dt: int, days: int = 3, seed: int = 3) -> tuple[list[floa
     at_s = np.arange(n) * dt
     power = 0.4 + 7.0 * on[at_s] + rng.normal(0, 0.05, n)
     temp = 22.0 + 30.0 * lagged[at_s] + rng.normal(0, 0.15, n)
-    sid = np.tile(np.array([0, 1], np.int64), n)
-    ts = np.repeat(at_s.astype(np.int64) * 10**9, 2)
-    x = np.round(np.column_stack([power, temp]).reshape(-1), 3)
-    mm = MachineModel(MachineModelParams(), grace=30)
-    out: dict[str, list[np.ndarray]] = {}
-    for a in range(0, 2 * n, 240):
-        r = mm.run(sid[a:a + 240], ts[a:a + 240], x[a:a + 240], machines=[KEY, KEY], metrics=["power_kw", "temp_c"])
-        for name, v in (("z", r.zscore), *r.scores.items()):
-            out.setdefault(name, []).append(v[1::2])
-    return switches, {name: np.concatenate(v) for name, v in out.items()}
+    return switches, _pair(np.round(power, 3), np.round(temp, 3), ("power_kw", "temp_c"), dt * 10**9)[1]
 
 
 def test_a_load_switch_between_two_samples_moves_the_temperature_s_prediction_by_half_an_interval() -> None:
@@ -502,45 +507,28 @@ def test_a_fault_free_plant_sampled_every_minute_raises_few_temperature_alarms()
     alarms = {"residual_cusum": 0, "residual_spike": 0}
     for seed in (1, 2):
         p = generate_plant(PlantConfig(machines=8, days=2, interval_s=60.0, seed=seed, inject_faults=False))
-        n_m, n_k, n = p.values.shape
-        keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
-        names = [keys[s // n_k] for s in range(n_m * n_k)]
-        mets = [p.metrics[s % n_k] for s in range(n_m * n_k)]
         k = p.metrics.index("spindle_temp_c")
-        mm = MachineModel(MachineModelParams(), grace=30)
-        sid = np.tile(np.arange(n_m * n_k, dtype=np.int64), 60)
-        for a in range(0, n, 60):
-            m = min(n, a + 60) - a
-            ts = np.repeat((p.ts_s[a: a + m] * 1e9).astype(np.int64), n_m * n_k)
-            x = p.values[:, :, a: a + m].reshape(n_m * n_k, m).T.reshape(-1)
-            r = mm.run(sid[: m * n_m * n_k], ts, x, machines=names, metrics=mets, machine_list=keys)
-            if a >= 1440:
-                for name in alarms:
-                    alarms[name] += int((r.scores[name].reshape(m, n_m, n_k)[:, :, k] >= 0.5).sum())
+        scores = _plant_run(p, p.values)
+        for name in alarms:
+            alarms[name] += int((scores[name][:, k, 1440:] >= 0.5).sum())
     assert alarms["residual_cusum"] < 10, alarms
     assert alarms["residual_spike"] < 32, alarms
 
 
-def _coarse_sensor_machine(days: int = 2, seed: int = 4) -> dict[str, np.ndarray]:
+def _coarse_sensor_machine(days: int = 2, seed: int = 4, freeze: tuple[int, int] | None = None) -> dict[
+        str, np.ndarray]:
     """A machine at 10-second samples, 3 h running and 1 h stopped, read by coarse sensors (0.01 kW, 0.01
     mm/s): stopped, the vibration (0.05 mm/s, σ 0.002) reads 0.05 for long runs and flips by a step now and
-    then. The vibration's scores."""
+    then. ``freeze = (at, n)`` holds the vibration's reading at sample ``at`` for ``n`` samples. The
+    vibration's scores."""
     rng = np.random.default_rng(seed)
     n = days * 8640
     run = (np.arange(n) % 1440) < 1080
     power = np.round(np.where(run, 8.0, 0.4) + rng.normal(0, 0.05, n), 2)
     vib = np.round(np.where(run, 1.0 + rng.normal(0, 0.05, n), 0.05 + rng.normal(0, 0.002, n)), 2)
-    sid = np.tile(np.array([0, 1], np.int64), n)
-    ts = np.repeat(np.arange(n, dtype=np.int64) * DT_NS, 2)
-    x = np.column_stack([power, vib]).reshape(-1)
-    mm = MachineModel(MachineModelParams(), grace=30)
-    out: dict[str, list[np.ndarray]] = {}
-    for a in range(0, 2 * n, 720):
-        r = mm.run(sid[a:a + 720], ts[a:a + 720], x[a:a + 720], machines=[KEY, KEY],
-                   metrics=["power_kw", "vibration_mm_s"])
-        for name, v in r.scores.items():
-            out.setdefault(name, []).append(v[1::2])
-    return {name: np.concatenate(v) for name, v in out.items()}
+    if freeze is not None:
+        vib[freeze[0]: freeze[0] + freeze[1]] = vib[freeze[0]]
+    return _pair(power, vib, ("power_kw", "vibration_mm_s"))[1]
 
 
 def test_a_coarse_sensor_s_flip_by_one_step_is_no_spike() -> None:
@@ -559,22 +547,8 @@ def test_a_coarse_sensor_s_long_runs_are_no_stuck_sensor_and_a_frozen_reading_st
     machine runs (its noise 5 steps) is still a stuck sensor within minutes."""
     scores = _coarse_sensor_machine()
     assert int((scores["stuck"][8640:] >= 0.5).sum()) == 0
-    rng = np.random.default_rng(4)
-    n = 2 * 8640
-    run = (np.arange(n) % 1440) < 1080
-    power = np.round(np.where(run, 8.0, 0.4) + rng.normal(0, 0.05, n), 2)
-    vib = np.round(np.where(run, 1.0 + rng.normal(0, 0.05, n), 0.05 + rng.normal(0, 0.002, n)), 2)
     at = 8640 + 1440 * 2 + 300  # running
-    vib[at: at + 300] = vib[at]
-    mm = MachineModel(MachineModelParams(), grace=30)
-    flagged: list[int] = []
-    for a in range(0, n, 360):
-        sl = slice(a, min(n, a + 360))
-        m = sl.stop - a
-        r = mm.run(np.tile(np.array([0, 1], np.int64), m), np.repeat(np.arange(a, a + m, dtype=np.int64) * DT_NS, 2),
-                   np.column_stack([power[sl], vib[sl]]).reshape(-1), machines=[KEY, KEY],
-                   metrics=["power_kw", "vibration_mm_s"])
-        flagged += (a + np.flatnonzero(r.scores["stuck"][1::2] >= 0.5)).tolist()
+    flagged = np.flatnonzero(_coarse_sensor_machine(freeze=(at, 300))["stuck"] >= 0.5).tolist()
     assert any(at < i < at + 60 for i in flagged), [i - at for i in flagged if i > at - 100][:5]
 
 
@@ -588,8 +562,5 @@ def test_a_sensor_stuck_in_a_young_level_does_not_teach_itself_that_repeats_are_
     power = np.round(8.0 + rng.normal(0, 0.05, n), 3)
     power[10:40] = power[10]
     vib = np.round(1.0 + rng.normal(0, 0.05, n), 3)
-    mm = MachineModel(MachineModelParams(), grace=30)
-    r = mm.run(np.tile(np.array([0, 1], np.int64), n), np.repeat(np.arange(n, dtype=np.int64) * DT_NS, 2),
-               np.column_stack([power, vib]).reshape(-1), machines=[KEY, KEY], metrics=["power_kw", "vibration_mm_s"])
-    stuck = r.scores["stuck"][0::2]
+    stuck = _pair(power, vib, ("power_kw", "vibration_mm_s"))[0]["stuck"]
     assert (stuck[19:40] >= 0.5).any(), stuck[10:40].round(2)

@@ -163,9 +163,9 @@ D_FIT = N_LAG  # e^{-dt/t_fit} (1 at dt = 0): the lag fit's forgetting
 D_LEVEL = N_LAG + 1  # 1 - e^{-dt/t_level} (0 at dt = 0): levels, error and noise references
 D_HOLD = N_LAG + 2  # e^{-dt/t_level} (1 at dt = 0): the misfit's variance fit
 D_GROUP = N_LAG + 3  # 1 - e^{-dt/t_group} (0 at dt = 0): the peers' common mode
-D_HPA = N_LAG + 4  # the jump CUSUM trend's weight dt / HP_T_S (at most HP_A_MAX; dt < 1 ms counts as 1 ms)
+D_HPA = N_LAG + 4  # the jump CUSUM trend's weight dt / HP_T_S (at most HP_A_MAX)
 D_HPG = N_LAG + 5  # its forecast error's variance gain, hp_gain(D_HPA)
-D_LOC = N_LAG + 6  # the local error mean's weight dt / LOCAL_T_S (at most LOCAL_A_MAX; dt < 1 ms as 1 ms)
+D_LOC = N_LAG + 6  # the local error mean's weight dt / LOCAL_T_S (at most LOCAL_A_MAX)
 N_D = N_LAG + 7
 DT_CACHE = 4  # intervals remembered: a plant samples at a few fixed intervals, and a machine's metrics share one
 
@@ -182,10 +182,11 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     row[D_LEVEL] = 1.0 - math.exp(-dt / t_level) if dt > 0.0 else 0.0
     row[D_HOLD] = math.exp(-dt / t_level) if dt > 0.0 else 1.0
     row[D_GROUP] = 1.0 - math.exp(-dt / t_group) if dt > 0.0 else 0.0
-    a = min(HP_A_MAX, max(dt, 1e-3) / HP_T_S)
+    dt_w = max(dt, 1e-3)  # (the memories in time: an interval under 1 ms counts as 1 ms)
+    a = min(HP_A_MAX, dt_w / HP_T_S)
     row[D_HPA] = a
     row[D_HPG] = _hp_gain(a)
-    row[D_LOC] = min(LOCAL_A_MAX, max(dt, 1e-3) / LOCAL_T_S)
+    row[D_LOC] = min(LOCAL_A_MAX, dt_w / LOCAL_T_S)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -31,7 +31,7 @@ LAG_TAUS_S = (450.0, 900.0, 1800.0, 3600.0, 600.0, 2400.0)
 N_ON_U = 4  # the first N_ON_U lags filter the level mean, the others the stopped indicator
 # The fit's memory is a day: solving its normal equations every 16th sample (and every sample while
 # young) gives the same predictions to well within the noise, at a fraction of the cost.
-RESOLVE_EVERY = 16.0
+RESOLVE_EVERY = 16  # (a power of two: the check is a mask, not a float modulo, ~5 % of the step's time)
 RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
 VISIT_MEMORY = 30.0  # visits remembered by a level's spread of visit offsets
@@ -244,23 +244,33 @@ def _level_sd(lev: Any, k: int, st: Any, grace: float) -> float:
 @njit(cache=True, nogil=True, inline="always")
 def _resolves(lag: Any) -> bool:
     """Whether :func:`_lag_predict` solves the fit's normal equations again for this sample."""
-    n = lag[J_N]
-    return not (n > RESOLVE_YOUNG and n % RESOLVE_EVERY != 0.0)
+    n = lag[J_N]  # (a count: a whole number)
+    return n <= RESOLVE_YOUNG or (int(n) & (RESOLVE_EVERY - 1)) == 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lag_held(lag: Any) -> float:
+    """The prediction of the slopes solved last (what :func:`_lag_predict` gives between re-solves)."""
+    wsum = lag[J_W]
+    if wsum <= 0.0:
+        return 0.0
+    pred = lag[J_SY] / wsum
+    for q in range(N_LAG):
+        pred += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / wsum)
+    return float(pred)
 
 
 @njit(cache=True, nogil=True)
 def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
     """Least-squares prediction from the forgotten sums: centred normal equations with a small ridge,
-    solved by Cholesky (sums decay uniformly, so no excitation means no wind-up, unlike RLS)."""
+    solved by Cholesky (sums decay uniformly, so no excitation means no wind-up, unlike RLS). Between
+    re-solves (:func:`_resolves`) the held slopes' (:func:`_lag_held`, which the step calls inline then)."""
     wsum = lag[J_W]
     if wsum <= 0.0:
         return 0.0
     my = lag[J_SY] / wsum
     if not _resolves(lag):
-        pred = my
-        for q in range(N_LAG):
-            pred += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / wsum)
-        return float(pred)
+        return float(_lag_held(lag))
     for q in range(N_LAG):  # the lower triangle of the centred matrix (what the Cholesky below reads)
         mq = lag[J_SX + q] / wsum
         for r in range(q + 1):
@@ -411,6 +421,7 @@ def step_batch(
     var_learn = 1.0 + 4.0 * math.sqrt(2.0 * va / (2.0 - va))
     stuck_p = prm[8]
     stuck_min = prm[9]
+    log_stuck_p = math.log(stuck_p)
     t_fit = prm[10]
     t_group = prm[11]
     min_group = prm[12]
@@ -656,11 +667,12 @@ def step_batch(
                 keep_r = 0.0
                 resolve = lag[J_W] > 0.0 and _resolves(lag)
                 if resolve:
-                    keep_p = lag[J_SY] / lag[J_W]
+                    keep_p = _lag_held(lag)
                     for q in range(N_LAG):
-                        keep_p += lag[J_BETA + q] * (lag[J_LP + q] - lag[J_SX + q] / lag[J_W])
                         keep_r += lag[J_BETA + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
-                pred = _lag_predict(lag, cmat, beta)
+                    pred = _lag_predict(lag, cmat, beta)
+                else:  # (inline: the call costs more than this sum, 15 samples in 16)
+                    pred = _lag_held(lag)
                 ej = xv - cg - pred
                 rj = 0.0  # the response still to come: where the current input would settle the prediction
                 for q in range(N_LAG):
@@ -833,8 +845,8 @@ def step_batch(
             st[S_RUN] = st[S_RUN] + 1.0 if same else 1.0
             p_same = lev[k, L_SAME]
             need = stuck_min
-            if p_same > 1e-12:
-                need = max(stuck_min, math.log(stuck_p) / math.log(min(p_same, 0.999999)) + 1.0)
+            if p_same > 1e-12 and st[S_RUN] >= stuck_min:  # (a shorter run is short of any need: no log)
+                need = max(stuck_min, log_stuck_p / math.log(min(p_same, 0.999999)) + 1.0)
             warm = nseen > grace
             out[i, 0] = max(az, z_loc, late[i]) if warm else 0.0
             out[i, 1] = max(cus, jump) / ch if warm else 0.0
@@ -859,7 +871,7 @@ def step_batch(
                     lev[k, L_SAME] += an * ((1.0 if same else 0.0) - lev[k, L_SAME])
             # (a check every 16th sample; a machine's series only: a lone series' levels are bins of whatever it
             # measures, not regimes, and merged they reopen: NAB's cpu_utilization 3 -> 22 false positives)
-            if regime < 0 and not alone and lev[k, L_N] > grace and lev[k, L_N] % 16.0 == 0.0:
+            if regime < 0 and not alone and lev[k, L_N] > grace and (int(lev[k, L_N]) & 15) == 0:
                 _merge_close(st, lev, k, 0.5 * z_join)
                 k = int(st[S_LEVEL])
             pre = abs(st[S_PRE])

@@ -441,10 +441,10 @@ def step_batch(
     npend = np.zeros(n_m, np.int64)
     nb = brk.shape[0]
     b = 0  # next group break
-    # per row: its error and the last one's are against two levels (a jump, or a level opened by samples that were
-    # far from every level): their difference is no noise
-    straddle = np.zeros(n_rows, np.bool_)
-    late = np.zeros(n_rows)  # per row: the last sample's spike statistic, known only now (see S_XL)
+    # per position in ``order``: its error and the last one's are against two levels (a jump, or a level opened by
+    # samples that were far from every level): their difference is no noise
+    straddle = np.zeros(n, np.bool_)
+    late = np.zeros(n)  # per position: the last sample's spike statistic, known only now (see S_XL)
     cmat = np.empty((N_LAG, N_LAG))
     beta = np.empty(N_LAG)
     # the exp() terms of the last few sample intervals: ~10 per distinct dt instead of ~25 per sample
@@ -533,7 +533,7 @@ def step_batch(
                         lev[k, L_NV] = 0.0
                         lev[k, L_DV] = 0.0
                         st[S_PENDN] = 0.0
-                        straddle[i] = True
+                        straddle[ii] = True
                         best = k
                         bestz = abs(xv - lev[k, L_MEAN]) / sc
                     elif best < 0:
@@ -546,7 +546,7 @@ def step_batch(
             # the series' typical step (a noisy level split in two close ones underestimates both halves' noise)
             if st[S_XL] > 0.0 and best == int(st[S_XL]) - 1 and lev[best, L_N] > grace and lev[best, L_DV] > 0.0:
                 noise = max(lev[best, L_DV], st[S_SCALE] ** 2)
-                late[i] = abs(st[S_PREV] - 0.5 * (st[S_XB] + xv)) / math.sqrt(1.5 * noise)
+                late[ii] = abs(st[S_PREV] - 0.5 * (st[S_XB] + xv)) / math.sqrt(1.5 * noise)
             st[S_XL] = 0.0
             jumped = best != int(st[S_LEVEL]) and st[S_LEVEL] >= 0.0 and st[S_N] > 0.0 and \
                 abs(xv - st[S_PREV]) > z_join * _level_sd(lev, best, st, grace)
@@ -554,7 +554,7 @@ def step_batch(
                 st[S_XL] = st[S_LEVEL] + 1.0
                 st[S_XB] = st[S_PREV]
                 st[S_VAR] = 1.0  # the noise ratio is the new level's to learn (its last value was the old one's)
-                straddle[i] = True
+                straddle[ii] = True
             if best != int(st[S_LEVEL]):
                 _start_visit(st)
                 # (a jump beyond z_join σ of the new level: not a drift across levels or chatter between close ones)
@@ -819,7 +819,7 @@ def step_batch(
             # news while it lasts. Nothing is learned while the visit's offset is, nor from a difference that
             # straddles two levels or two models (a jump to another level, or the model in use changed).
             ar = _alpha_a(a_lev, nseen)
-            if st[S_N] > 0.0 and not visiting and not straddle[i] and st[S_USE] == best_j + 1.0:
+            if st[S_N] > 0.0 and not visiting and not straddle[ii] and st[S_USE] == best_j + 1.0:
                 de = e_sel - st[S_EP]
                 d2 = 0.5 * de * de
                 ref = lev[k, L_DV]
@@ -848,7 +848,7 @@ def step_batch(
             if p_same > 1e-12 and st[S_RUN] >= stuck_min:  # (a shorter run is short of any need: no log)
                 need = max(stuck_min, log_stuck_p / math.log(min(p_same, 0.999999)) + 1.0)
             warm = nseen > grace
-            out[i, 0] = max(az, z_loc, late[i]) if warm else 0.0
+            out[i, 0] = max(az, z_loc, late[ii]) if warm else 0.0
             out[i, 1] = max(cus, jump) / ch if warm else 0.0
             out[i, 2] = st[S_VAR] if warm and nseen > 1.0 / va and lev[k, L_N] > grace + 1.0 / va else 0.0
             out[i, 3] = st[S_RUN] / need if warm and st[S_RUN] >= need else 0.0

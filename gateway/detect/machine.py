@@ -204,6 +204,9 @@ class MachineModel:
 
     # a batch this large or larger is split between the threads (below it a thread costs more than it saves)
     parallel_min_rows = 4096
+    # a large batch runs in parts of about this many rows, one after another (a plant part is never split): the
+    # state of one part's series then stays in the CPU's caches (10,000 series × 100 samples: ~30 % faster)
+    run_rows = 65_536
 
     def __init__(self, params: MachineModelParams, grace: int = 30, threads: int = 1) -> None:
         self.params = params
@@ -371,20 +374,28 @@ class MachineModel:
                              self.s_state, self.s_lev, self.s_lag, self.s_sib, self.s_group, self.m_state,
                              self.m_evt, self.g_state, self.g_members, self._prm, raw, expected, z, lone)
 
-            parts = self._parts(mach, ev[:, 0]) if self.threads > 1 and n >= self.parallel_min_rows else []
-            if len(parts) < 2:
+            threads = self.threads if n >= self.parallel_min_rows else 1
+            work = self._parts(mach, ev[:, 0], threads, n // self.run_rows)
+            if not work:
                 step(np.arange(n), ev, pos, done)
-            else:  # the parts share no state: each on a thread (the step releases the GIL), this one included
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="machine-model")
-                dones = [done[em].copy() for _, em in parts]
-                futures = [self._pool.submit(step, rows, ev[em], pos[em], d)
-                           for (rows, em), d in zip(parts[1:], dones[1:], strict=True)]
-                step(parts[0][0], ev[parts[0][1]], pos[parts[0][1]], dones[0])
+            else:  # the parts share no state: each thread's in turn (the step releases the GIL), this one's included
+                dones = [[done[em].copy() for _, em in runs] for runs in work]
+
+                def steps(runs: list[tuple[I64, npt.NDArray[np.bool_]]], ds: list[I64]) -> None:
+                    for (rows, em), d in zip(runs, ds, strict=True):
+                        step(rows, ev[em], pos[em], d)
+
+                futures = []
+                if len(work) > 1:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="machine-model")
+                    futures = [self._pool.submit(steps, runs, ds) for runs, ds in zip(work[1:], dones[1:], strict=True)]
+                steps(work[0], dones[0])
                 for f in futures:
                     f.result()
-                for (_, em), d in zip(parts, dones, strict=True):
-                    done[em] = d
+                for runs, ds in zip(work, dones, strict=True):
+                    for (_, em), d in zip(runs, ds, strict=True):
+                        done[em] = d
             self.pending = ev[done == 0]
         p = self.params
         scores = {
@@ -403,27 +414,37 @@ class MachineModel:
             self._pool = None
         self.threads = threads
 
-    def _parts(self, mach: I64, ev_mach: I64) -> list[tuple[I64, npt.NDArray[np.bool_]]]:
-        """Split a batch between ``threads`` by plant part: ``(rows, event mask)`` per thread with rows.
+    def _parts(self, mach: I64, ev_mach: I64, threads: int,
+               runs: int) -> list[list[tuple[I64, npt.NDArray[np.bool_]]]]:
+        """Split a batch by plant part into at least ``runs`` runs (as the parts allow) dealt to ``threads``:
+        per thread with rows, its runs' ``(rows, event mask)``; ``[]`` when one run would do.
 
-        Parts are dealt by their row counts, largest first, in contiguous runs of about equal load (one
-        vectorised pass; a part is never split), so which thread runs which part changes nothing but time.
+        Parts are dealt by their row counts, largest first, into contiguous runs of about equal load (a part
+        is never split), and the runs in contiguous blocks to the threads, so where a part runs changes
+        nothing but time.
         """
         if len(self._machine_part) > self.m_part.shape[0]:  # machines numbered since (or restored)
             self.m_part = np.array(self._machine_part, np.int64)
         n_parts = len(self._part_ids)
         part_of_row = self.m_part[mach]
         load = np.bincount(part_of_row, minlength=n_parts)
-        if np.count_nonzero(load) < 2:
+        n_runs = min(max(threads, runs), int(np.count_nonzero(load)), 4096)
+        if n_runs < 2:
             return []
         by_load = np.argsort(-load, kind="stable")
         before = np.cumsum(load[by_load]) - load[by_load]
-        worker = np.empty(n_parts, np.int64)
-        worker[by_load] = np.minimum(self.threads - 1, before * self.threads // int(load.sum()))
-        w_row = worker[part_of_row]
-        w_ev = worker[self.m_part[ev_mach]]
-        return [(rows, w_ev == w) for w in range(self.threads) if (rows := np.flatnonzero(w_row == w)).shape[0]]
-
+        run = np.empty(n_parts, np.int64)
+        run[by_load] = np.minimum(n_runs - 1, before * n_runs // int(load.sum()))
+        run_of_row = run[part_of_row].astype(np.uint16)  # (16 bits: a radix sort)
+        order = np.argsort(run_of_row, kind="stable")  # rows by run, ascending within each
+        ends = np.cumsum(np.bincount(run_of_row, minlength=n_runs))
+        run_of_ev = run[self.m_part[ev_mach]]
+        work: list[list[tuple[I64, npt.NDArray[np.bool_]]]] = [[] for _ in range(threads)]
+        for r in range(n_runs):
+            rows = order[(ends[r - 1] if r else 0):ends[r]]
+            if rows.shape[0]:
+                work[r * threads // n_runs].append((rows, run_of_ev == r))
+        return [w for w in work if w]
     def reset(self) -> None:
         """Forget everything."""
         if self._pool is not None:

@@ -169,7 +169,8 @@ def test_scores_do_not_depend_on_where_batches_are_cut() -> None:
 
 
 def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
-    """A plant of three areas, run on one thread and split over three (also after a restart from a snapshot).
+    """A plant of three areas, run on one thread and split over three (also after a restart from a snapshot),
+    and its parts run one after another on one thread or on two.
 
     Each part of the plant (a site × area) runs on its own thread; state events arrive with their spans, a
     few of them late (older than the machine's current state); and the same without a state channel."""
@@ -184,16 +185,18 @@ def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
     events = [(m, t, st, i % 7 == 0) for i, (m, t, st) in
               enumerate((m, t, st) for m in range(n_m) for t, st, _ in p.states[m])]
 
-    def run(threads: int, restart_at: int = -1, with_states: bool = True) -> tuple[
+    def run(threads: int, restart_at: int = -1, with_states: bool = True, run_rows: int = 1 << 40) -> tuple[
             list[np.ndarray], dict[str, np.ndarray]]:
         mm = MachineModel(MachineModelParams(), grace=30, threads=threads)
         mm.parallel_min_rows = 1
+        mm.run_rows = run_rows  # (1: a run per part)
         out = []
         for a in range(0, n, 30):
             if a == restart_at:  # a restart from a checkpoint, onto threads
                 saved = mm.snapshot()
                 mm = MachineModel(MachineModelParams(), grace=30, threads=threads)
                 mm.parallel_min_rows = 1
+                mm.run_rows = run_rows
                 mm.restore(saved)
             b = min(n, a + 30)
             lo, hi = p.ts_s[a], p.ts_s[b] if b < n else np.inf
@@ -218,6 +221,8 @@ def test_threads_give_the_same_scores_and_state_bit_for_bit() -> None:
         (*run(1), *run(3)),
         (*run(1), *run(3, restart_at=half)),
         (*run(1, with_states=False), *run(3, restart_at=half, with_states=False)),
+        (*run(1), *run(1, run_rows=1)),
+        (*run(1), *run(2, run_rows=1)),
     ):
         for a, b in zip(one, three, strict=True):
             assert a.tobytes() == b.tobytes()

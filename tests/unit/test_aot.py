@@ -183,6 +183,7 @@ from gateway.detect import kernels
 n = 600_000
 rng = np.random.default_rng(0)
 mm = MachineModel(MachineModelParams(), grace=30)
+mm.run_rows = n  # (one step call, not one per run of parts)
 sid, ts, x = rng.integers(0, 2000, n), np.arange(n, dtype=np.int64) * 10**8, rng.normal(0, 1, n)
 took = []
 compiled = kernels.step_batch

@@ -10,7 +10,8 @@ detection outside every window costs fp × a scaled sigmoid of its distance past
 (-fp before the first window). One threshold is swept over the whole corpus; the normalised score is
 100·(raw − null)/(perfect − null), null never fires, perfect fires at each window's first row.
 
-Usage: ``python bench/nab.py [--data DIR] [--results DIR] [--detector NAME] [--raw-scores] [--lofo]``
+Usage: ``python bench/nab.py [--data DIR] [--results DIR] [--detector NAME] [--raw-scores] [--config FILE]
+[--lofo]``
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detector", default=None, help="score one named detector instead of the fused set")
     ap.add_argument("--raw-scores", action="store_true",
                     help="score the fused score of every row, not only the rows where an anomaly point is written")
+    ap.add_argument("--config", type=Path, default=None, help="a gateway TOML whose [detect] section to use")
     ap.add_argument("--lofo", action="store_true",
                     help="also score leave-one-file-out (each file at the threshold swept on the others)")
     args = ap.parse_args(argv)
@@ -256,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     results = args.results
     if results is None:
+        from gateway.config import load_config
         from gateway.detect.offline import run_detect
 
         tmp = tempfile.TemporaryDirectory(prefix="nab-")
         results = Path(tmp.name)
         t0 = time.perf_counter()
-        n = run_detect(data, results, args.detector, events=not args.raw_scores)
+        detect = load_config(args.config).detect if args.config else None
+        n = run_detect(data, results, args.detector, events=not args.raw_scores, config=detect)
         print(f"ran detector {args.detector or 'fused'} on {n} files in {time.perf_counter() - t0:.1f} s")
     names, stamps, scores, windows = load(data, results)
     sanity(names, stamps, windows)

@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument("--detector", default=None, help="one detector instead of the fused set")
     det.add_argument("--events", action="store_true",
                      help="the fused score only on rows where an anomaly point would be written, else 0")
+    det.add_argument("--config", type=Path, default=None, help="a gateway config whose [detect] section to use")
     return p
 
 
@@ -99,7 +100,13 @@ def _detect(args: argparse.Namespace) -> int:
     if not args.input.is_dir():
         print(f"--input: {args.input} is not a directory", file=sys.stderr)
         return 2
-    n = run_detect(args.input, args.output, args.detector, events=args.events)
+    detect = None
+    if args.config is not None:
+        cfg = _load(args.config)
+        if cfg is None:
+            return 2
+        detect = cfg.detect
+    n = run_detect(args.input, args.output, args.detector, events=args.events, config=detect)
     print(f"scored {n} files into {args.output}", file=sys.stderr)
     return 0 if n else 1
 

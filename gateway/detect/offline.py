@@ -74,11 +74,13 @@ def score_series(
     return out
 
 
-def run_detect(input_dir: Path, output_dir: Path, detector: str | None = None, *, events: bool = False) -> int:
+def run_detect(input_dir: Path, output_dir: Path, detector: str | None = None, *, events: bool = False,
+               config: DetectionConfig | None = None) -> int:
     """Score every ``*.csv`` under ``input_dir`` (recursively) into the same tree under ``output_dir``.
 
     Returns the number of files written. ``detector`` is one of :data:`DETECTOR_NAMES` or None for
-    the fused score; ``events`` writes the fused score only where an anomaly point would be written.
+    the fused score; ``events`` writes the fused score only where an anomaly point would be written;
+    ``config`` is the ``[detect]`` section (default: the defaults).
     """
     if detector is not None and detector not in DETECTOR_NAMES:
         raise ValueError(f"unknown detector {detector!r}; allowed: {', '.join(DETECTOR_NAMES)}")
@@ -93,7 +95,7 @@ def run_detect(input_dir: Path, output_dir: Path, detector: str | None = None, *
         val_text = [r[1] if len(r) > 1 else "" for r in body]
         values = np.array([_float(v) for v in val_text], np.float64)
         ts = np.array([_ts_ns(t) for t in ts_text], np.int64)
-        scores = score_series(values, ts, detector, metric=path.stem, events=events and detector is None)
+        scores = score_series(values, ts, detector, config, metric=path.stem, events=events and detector is None)
         target = output_dir / path.relative_to(input_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("w", newline="") as fh:

@@ -5,7 +5,7 @@ Usage::
 
     python bench/faults.py [--seeds 1,2,3] [--modes state,nostate] [--machines 24] [--days 3]
                            [--interval 10] [--machines-per-area 8] [--resolution METRIC=STEP,...]
-                           [--config FILE.toml] [--json FILE]
+                           [--sensors all|faulty] [--config FILE.toml] [--json FILE]
 
 For each seed and mode the plant of ``devices/plant.py`` (24 machines x 3 days at 10 s from a Monday,
 shift calendars, regimes, one labelled fault per machine) is written as a replay file, with (``state``)
@@ -17,7 +17,8 @@ line protocol. Nothing of the detectors is imported: the bench measures whatever
 The plant as it is elsewhere: ``--interval`` samples every N seconds (plants log at 1-60 s),
 ``--machines-per-area`` sets the peer groups (a hall of 3 machines or of 24), ``--resolution`` rounds
 readings to their sensors' steps (``spindle_temp_c=0.1,vibration_mm_s=0.01,power_kw=0.01``: coarse
-sensors, whose quiet levels read as constants that flip by one step).
+sensors, whose quiet levels read as constants that flip by one step), ``--sensors faulty`` has each
+machine send only the metric its fault is on (machines with one sensor: every series lone).
 
 Scoring (:func:`score`):
 
@@ -183,13 +184,14 @@ async def _replay(cfg: GatewayConfig, path: Path) -> tuple[CaptureSink, Any]:
 
 
 def run_one(seed: int, mode: str, machines: int, days: float, cfg: GatewayConfig, workdir: Path,
-            **extra: Any) -> dict[str, Any]:
-    """Generate, replay through the gateway and score one plant (``extra``: more :class:`PlantConfig`
-    fields); returns the score with run details."""
+            sensors: str = "all", **extra: Any) -> dict[str, Any]:
+    """Generate, replay through the gateway and score one plant (``sensors``: see
+    :func:`devices.plant.replay_records`; ``extra``: more :class:`PlantConfig` fields); returns the score
+    with run details."""
     t0 = time.perf_counter()
     plant = generate_plant(PlantConfig(machines=machines, days=days, seed=seed, **extra))
     path = workdir / f"plant-{seed}-{mode}.jsonl"
-    messages = write_replay(plant, path, state_channel=mode == "state")
+    messages = write_replay(plant, path, state_channel=mode == "state", sensors=sensors)
     t1 = time.perf_counter()
     sink, stats = asyncio.run(_replay(cfg, path))
     t2 = time.perf_counter()
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machines-per-area", type=int, default=8, help="machines of a hall: a peer group (default 8)")
     ap.add_argument("--resolution", type=_resolution, default={},
                     help="sensor steps, metric=step,... (default: readings to 3 decimals)")
+    ap.add_argument("--sensors", choices=("all", "faulty"), default="all",
+                    help="faulty: each machine sends only the metric its fault is on (single-sensor machines: "
+                    "every series lone)")
     ap.add_argument("--config", type=Path, help="gateway TOML to use instead of the default GatewayConfig")
     ap.add_argument("--json", type=Path, help="write every figure (and the fault labels) here")
     a = ap.parse_args(argv)
@@ -322,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fgw-faults-") as tmp:
         for mode in a.modes:
             for seed in a.seeds:
-                r = run_one(seed, mode, a.machines, a.days, cfg, Path(tmp), **extra)
+                r = run_one(seed, mode, a.machines, a.days, cfg, Path(tmp), a.sensors, **extra)
                 print_run(r)
                 results.append(r)
     summary = summarise(results)
@@ -330,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"\n{len(results)} runs in {elapsed:.0f} s")
     if a.json:
-        a.json.write_text(json.dumps({"config": str(a.config) if a.config else "default", "plant": extra,
+        a.json.write_text(json.dumps({"config": str(a.config) if a.config else "default",
+                                      "plant": {**extra, "sensors": a.sensors},
                                       "runtime_s": elapsed, "summary": summary, "runs": results}, indent=2))
     return 0
 

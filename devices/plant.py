@@ -531,12 +531,15 @@ def generate_plant(cfg: PlantConfig | None = None) -> Plant:
                  [kinds[i % len(kinds)] for i in range(cfg.machines)], physics)
 
 
-def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0) -> Iterator[dict[str, Any]]:
+def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0,
+                   sensors: str = "all") -> Iterator[dict[str, Any]]:
     """The plant as broker messages in time order: ``{"topic": ..., "payload": {...}}`` dicts.
 
     Per machine and ``span_s`` span, its state changes in that span (when ``state_channel``), then one
     columnar telemetry message; all machines' span k come before span k+1, as a broker would deliver
-    devices that publish a state change at once and their telemetry in blocks.
+    devices that publish a state change at once and their telemetry in blocks. ``sensors="faulty"``:
+    each machine sends only the metric its fault is on (machines with a single sensor: every series
+    alone on its machine, no sibling to model it by).
 
     Parameters
     ----------
@@ -546,6 +549,8 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0) 
         Also yield the ``.../state`` messages (``{"ts", "state", "reason"}``).
     span_s
         Seconds of telemetry per columnar message.
+    sensors
+        ``"all"`` (every metric) or ``"faulty"`` (only the one with the machine's fault).
 
     Yields
     ------
@@ -558,7 +563,14 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0) 
     >>> recs = list(replay_records(p, state_channel=False, span_s=3600.0))
     >>> len(recs), len(recs[0]["payload"]["ts"]), sorted(recs[0]["payload"]["values"])
     (60, 60, ['power_kw', 'spindle_temp_c', 'vibration_mm_s'])
+    >>> [sorted(r["payload"]["values"]) for r in replay_records(p, state_channel=False, sensors="faulty")][:2]
+    [['spindle_temp_c'], ['vibration_mm_s']]
     """
+    if sensors not in ("all", "faulty"):
+        raise ValueError(f"sensors must be 'all' or 'faulty', got {sensors!r}")
+    faulty = {f.machine: f.metric for f in plant.faults}
+    sent = [[k for k, name in enumerate(plant.metrics) if sensors == "all" or faulty.get(s.name) == name]
+            for s in plant.specs]
     ts = plant.ts_s
     bounds = np.arange(ts[0], ts[-1] + span_s, span_s)
     edges = [*np.searchsorted(ts, bounds - 1e-6).tolist(), len(ts)]
@@ -579,15 +591,16 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0) 
             if b > a:
                 yield {"topic": topics[m][0], "payload": {
                     "ts": ts_list[a:b],
-                    "values": {name: columns[m][k][a:b] for k, name in enumerate(plant.metrics)},
+                    "values": {plant.metrics[k]: columns[m][k][a:b] for k in sent[m]},
                 }}
 
 
-def write_replay(plant: Plant, path: Path, *, state_channel: bool, span_s: float = 600.0) -> int:
+def write_replay(plant: Plant, path: Path, *, state_channel: bool, span_s: float = 600.0,
+                 sensors: str = "all") -> int:
     """Write :func:`replay_records` as JSON lines (what ``factory-gateway replay --input`` reads)."""
     n = 0
     with open(path, "wb") as fh:
-        for rec in replay_records(plant, state_channel=state_channel, span_s=span_s):
+        for rec in replay_records(plant, state_channel=state_channel, span_s=span_s, sensors=sensors):
             fh.write(orjson.dumps(rec) + b"\n")
             n += 1
     return n

@@ -128,6 +128,7 @@ def test_resolution_option_parses(text: str, expected: dict[str, float]) -> None
     (["--resolution", "power_kw=x"], "'power_kw=x': expected metric=step"),
     (["--resolution", "rpm=1"], "resolution: rpm is not a metric"),
     (["--interval", "0"], "interval_s must be > 0"),
+    (["--sensors", "some"], "argument --sensors: invalid choice: 'some'"),
 ])
 def test_bad_plant_options_are_refused_with_the_option_and_why(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]

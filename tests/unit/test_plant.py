@@ -245,6 +245,24 @@ def test_replay_records_decode_without_rejects() -> None:
     assert len(no_state) == 6 * 2 * 24 * 6  # machines x days x hours x 10-min spans
 
 
+def test_single_sensor_machines_send_the_faulty_metric_only() -> None:
+    p = generate_plant(SMALL)
+    faulty = {f.machine: f.metric for f in p.faults}
+    recs = list(replay_records(p, state_channel=True, sensors="faulty"))
+    tele = [r for r in recs if r["topic"].endswith("/telemetry")]
+    assert {r["topic"].split("/")[4]: tuple(r["payload"]["values"]) for r in tele} == \
+        {m: (metric,) for m, metric in faulty.items()}
+    full = list(replay_records(p, state_channel=False))
+    assert len(full) == len(tele)  # the same messages, with the faulty metric's readings only
+    for one, every in zip(tele, full, strict=True):
+        metric = faulty[one["topic"].split("/")[4]]
+        assert (one["topic"], one["payload"]["ts"]) == (every["topic"], every["payload"]["ts"])
+        assert one["payload"]["values"][metric] == every["payload"]["values"][metric]
+    assert sum(r["topic"].endswith("/state") for r in recs) == sum(len(s) for s in p.states)
+    with pytest.raises(ValueError, match="sensors must be 'all' or 'faulty'"):
+        next(replay_records(p, state_channel=False, sensors="some"))
+
+
 def test_spans_interleave_machines() -> None:
     p = generate_plant(PlantConfig(machines=3, days=1.0, interval_s=60.0))
     recs = list(replay_records(p, state_channel=False))

@@ -78,13 +78,9 @@ def test_agent_example_loads() -> None:
 
 
 def test_readme_shows_the_example_config_verbatim() -> None:
-    import importlib.util
+    from tests.scripts import load_script
 
-    spec = importlib.util.spec_from_file_location("sync_readme", ROOT / "deploy" / "dev" / "sync_readme.py")
-    assert spec is not None
-    assert spec.loader is not None
-    sync = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync)
+    sync = load_script("deploy/dev/sync_readme.py", "sync_readme")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     example = (ROOT / "configs" / "gateway.example.toml").read_text(encoding="utf-8")
     assert sync.synced(readme, example) == readme, (

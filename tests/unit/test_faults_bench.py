@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from devices.plant import PlantFault
+from tests.scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "faults.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_faults", _PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_script("bench/faults.py", "bench_faults")
 P = bench.AnomalyPoint
 DAY = 86_400.0
 

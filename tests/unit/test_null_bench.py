@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import pytest
 
 from gateway.detect import DetectionConfig
 from gateway.detect.likelihood import LikelihoodParams
+from tests.scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "null.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_null", _PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_null"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("bench/null.py", "bench_null")
 
 
 def test_counts_each_sensors_points_and_the_laws_differ() -> None:

@@ -9,22 +9,22 @@ and the score is the tail probability ``p`` of the current smoothed value. One t
 fits many series.
 
 Here the smoothed raw score is an EWMA over ``average`` samples, taken back to its statistic's own scale,
-``t = -ln(1 - score)`` (every raw score is ``squash``-ed, so ``t`` is proportional to the CUSUM's sum, the
-spike's |z|, the noise ratio's excess). Numenta takes ``p`` from a Gaussian of ``t``'s mean and variance;
-but the statistics are not Gaussian: a CUSUM is 0 most of the time and its excursions have an
-exponential tail, a noise ratio is skewed, and a Gaussian tail on them made pure noise alarm every few
-hundred samples. So ``p`` is taken the way peaks-over-threshold methods do (SPOT, Siffer et al., KDD
-2017): the tail starts ``tail_from`` σ above ``t``'s mean, ``u = mean + tail_from·sd`` (``sd`` at least
-``sd_floor``), and beyond it is exponential (a generalised Pareto tail of shape 0), ``p = π·exp(-(t - u)/β)``
-with ``π`` the rate of samples beyond ``u`` and ``β`` their mean excess, all learned over ``memory``
-samples (running means while younger; ``β`` starts at ``sd``, as one excess). An exponential tail is what a
-CUSUM has and heavier than a Gaussian's, so a Gaussian statistic is judged conservatively: an 8 σ spike in
-noise is still ``p`` ≈ 1e-9. ``p`` is capped at 1 (``t`` at or below ``u``: score 0 up to ``u``'s
-neighbourhood). The calibrated score is ``1 - 2**(-log p / log p_alarm)``: 0.5 at ``p = p_alarm``, 0.75 at
-``p_alarm²``, as the ``stuck`` detector maps its run probability. Each sample is scored against the state
-before it, then learned. It is 0 for the first ``grace`` samples of a series (the detectors' raw scores
-are 0 then, so they are not learned either) and the next ``warm_up`` (learned only); a NaN raw score (a
-detector still warming up) scores 0 and is not learned.
+``t = -ln(1 - score)`` (every raw score is ``squash``-ed, so ``t`` is proportional to the CUSUM's sum,
+the spike's |z|, the noise ratio's excess). Numenta takes ``p`` from a Gaussian of the smoothed score's
+mean and variance (``law = "gaussian"``); but the statistics are not Gaussian: a CUSUM is 0 most of the
+time and its excursions have an exponential tail, a noise ratio is skewed, and a Gaussian tail on them
+made pure noise alarm every few hundred samples. So ``p`` is taken the way peaks-over-threshold methods
+do (SPOT, Siffer et al., KDD 2017): the tail starts ``tail_from`` σ above ``t``'s mean, ``u = mean +
+tail_from·sd`` (``sd`` at least ``sd_floor``), and beyond it is exponential (a generalised Pareto tail of
+shape 0), ``p = π·exp(-(t - u)/β)`` with ``π`` the rate of samples beyond ``u`` and ``β`` their mean
+excess, all learned over ``memory`` samples (running means while younger; ``β`` starts at ``sd``, as one
+excess). An exponential tail is what a CUSUM has and heavier than a Gaussian's, so a Gaussian statistic
+is judged conservatively: an 8 σ spike in noise is still ``p`` ≈ 1e-8. At or below ``u`` the score is 0.
+The calibrated score is ``1 - 2**(-log p / log p_alarm)``: 0.5 at ``p = p_alarm``, 0.75 at ``p_alarm²``,
+as the ``stuck`` detector maps its run probability. Each sample is scored against the state before it,
+then learned. It is 0 for the first ``grace`` samples of a series (the detectors' raw scores are 0 then,
+so they are not learned either) and the next ``warm_up`` (learned only); a NaN raw score (a detector
+still warming up) scores 0 and is not learned.
 
 >>> import numpy as np
 >>> from gateway.detect.base import BatchLayout, squash

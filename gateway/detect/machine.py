@@ -445,6 +445,7 @@ class MachineModel:
             if rows.shape[0]:
                 work[r * threads // n_runs].append((rows, run_of_ev == r))
         return [w for w in work if w]
+
     def reset(self) -> None:
         """Forget everything."""
         if self._pool is not None:

@@ -721,7 +721,7 @@ def step_batch(
                         lag[qq + r] = lag[qq + r] * lam + w * fq * lag[J_LP + r]
                 lag[J_N] += 1.0
                 aj = _alpha_a(a_lev, lag[J_N])
-                lag[J_E2] += aj * (min(ej * ej, (clip * sdj) ** 2) - lag[J_E2]) if lag[J_N] > grace \
+                lag[J_E2] += aj * (min(ej * ej, clip * clip * lag[J_E2]) - lag[J_E2]) if lag[J_N] > grace \
                     else (ej * ej - lag[J_E2]) / lag[J_N]
                 ab = abs(ej)
                 lag[J_ABS] = ab if lag[J_ABS] > 1e299 else lag[J_ABS] + aj * (ab - lag[J_ABS])

@@ -569,3 +569,41 @@ def test_a_sensor_stuck_in_a_young_level_does_not_teach_itself_that_repeats_are_
     vib = np.round(1.0 + rng.normal(0, 0.05, n), 3)
     stuck = _pair(power, vib, ("power_kw", "vibration_mm_s"))[0]["stuck"]
     assert (stuck[19:40] >= 0.5).any(), stuck[10:40].round(2)
+
+
+def test_a_first_start_does_not_teach_the_lag_fit_its_runaway_errors() -> None:
+    """A plant first seen stopped, with a state channel: at each machine's first start its temperature's lag fit
+    has never seen its load move, and its prediction runs away for a minute (tens of °C). Its error variance E2
+    (the floor of z's σ) learned those errors clipped at 3 σ of the transient-widened σ (itself from E2 and the
+    transient's share), so E2 stayed several times the fit's error for the next day (seed 2, m001 of the
+    24-machine plant: σ 2.04 °C against an rms error of 0.39): a step read as a fraction of its size. E2 now
+    clips at 3 times its own σ, like the model's other learned spreads."""
+    import gateway.detect.kernels as K
+    from devices.plant import PlantConfig, generate_plant
+
+    p = generate_plant(PlantConfig(machines=8, days=1.6, seed=2, machines_per_area=8))
+    n_m, n_k, n = p.values.shape
+    keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
+    names = [keys[s // n_k] for s in range(n_m * n_k)]
+    mets = [p.metrics[s % n_k] for s in range(n_m * n_k)]
+    mm = MachineModel(MachineModelParams(), grace=30)
+    span = 60
+    expected = np.empty((n, n_m * n_k))
+    for a in range(0, n, span):
+        b = min(n, a + span)
+        lo, hi = p.ts_s[a], p.ts_s[b] if b < n else np.inf
+        states = [StateEvent(keys[m], int(t * 1e9), st) for m in range(n_m) for t, st, _ in p.states[m] if lo <= t < hi]
+        r = mm.run(np.tile(np.arange(n_m * n_k, dtype=np.int64), b - a),
+                   np.repeat((p.ts_s[a:b] * 1e9).astype(np.int64), n_m * n_k),
+                   p.values[:, :, a:b].reshape(n_m * n_k, b - a).T.reshape(-1),
+                   machines=names, metrics=mets, states=states, machine_list=keys)
+        expected[a:b] = r.expected.reshape(b - a, -1)
+    k = p.metrics.index("spindle_temp_c")
+    ratios = []
+    for m in range(n_m):
+        j = m * n_k + k
+        use = int(mm.s_state[j, K.S_USE]) - 1
+        assert use >= 0  # the lag model is in use
+        err = p.values[m, k, 8640:] - expected[8640:, j]  # its errors on the second day
+        ratios.append(float(np.sqrt(mm.s_lag[j, use, K.J_E2] / np.mean(err**2))))
+    assert max(ratios) < 3.0, np.round(ratios, 2)

@@ -721,6 +721,8 @@ def step_batch(
                         lag[qq + r] = lag[qq + r] * lam + w * fq * lag[J_LP + r]
                 lag[J_N] += 1.0
                 aj = _alpha_a(a_lev, lag[J_N])
+                # (clipped at clip times its own σ: clipped at the transient-widened sdj, a first start's runaway
+                # prediction kept it inflated for a day)
                 lag[J_E2] += aj * (min(ej * ej, clip * clip * lag[J_E2]) - lag[J_E2]) if lag[J_N] > grace \
                     else (ej * ej - lag[J_E2]) / lag[J_N]
                 ab = abs(ej)

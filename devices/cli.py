@@ -5,7 +5,8 @@
     factory-devices plant --machines 24 --days 3 --seed 1 --out plant.jsonl --faults faults.jsonl
 
 ``plant`` writes a generated plant (``devices/plant.py``) as a file for ``factory-gateway replay --input``
-and its fault labels as JSON lines; ``--no-state`` leaves out the state channel.
+and its fault labels as JSON lines; ``--no-state`` leaves out the state channel, ``--sensors faulty`` sends
+only each machine's faulty metric (single-sensor machines).
 
 ``simulate`` reports progress on stderr every ``--progress`` seconds. Bad arguments (and a bad agent
 config) exit with status 2 and a message naming the option or key; a broker that cannot be reached
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     plant.add_argument("--interval", type=_positive(float), default=10.0, help="seconds between samples (default 10)")
     plant.add_argument("--seed", type=_non_negative_int, default=1, help="RNG seed (default 1)")
     plant.add_argument("--no-state", action="store_true", help="leave out the state channel")
+    plant.add_argument("--sensors", choices=("all", "faulty"), default="all",
+                       help="faulty: each machine sends only the metric its fault is on (single-sensor machines)")
     plant.add_argument("--out", type=Path, required=True, help="replay file (JSON lines of topic + payload)")
     plant.add_argument("--faults", type=Path, help="write the fault labels as JSON lines")
     return parser
@@ -392,7 +395,7 @@ def _plant(args: argparse.Namespace) -> int:
     cfg = PlantConfig(machines=args.machines, days=args.days, interval_s=args.interval, seed=args.seed)
     plant = generate_plant(cfg)
     try:
-        records = write_replay(plant, args.out, state_channel=not args.no_state)
+        records = write_replay(plant, args.out, state_channel=not args.no_state, sensors=args.sensors)
         if args.faults is not None:
             args.faults.write_text(plant.faults_jsonl())
     except OSError as exc:

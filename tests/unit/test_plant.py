@@ -281,6 +281,9 @@ def test_cli_writes_replay_and_faults(tmp_path: Path, capsys: pytest.CaptureFixt
     labels = [orjson.loads(x) for x in faults.read_text().splitlines()]
     assert [f["kind"] for f in labels] == ["step", "drift"]
     assert "2 machines" in capsys.readouterr().out
+    assert devices_main([*argv[:-4], "--sensors", "faulty", "--out", str(out)]) == 0
+    sent = {tuple(orjson.loads(x)["payload"]["values"]) for x in out.read_bytes().splitlines()}
+    assert sent == {(labels[0]["metric"],), (labels[1]["metric"],)}
 
 
 def test_coarse_sensors_read_multiples_of_their_step_and_the_rest_is_the_same_plant() -> None:

@@ -243,14 +243,14 @@ def _level_sd(lev: Any, k: int, st: Any, grace: float) -> float:
 
 @njit(cache=True, nogil=True, inline="always")
 def _resolves(lag: Any) -> bool:
-    """Whether :func:`_lag_predict` solves the fit's normal equations again for this sample."""
+    """Whether the step solves the fit's normal equations again for this sample (:func:`_lag_solve`)."""
     n = lag[J_N]  # (a count: a whole number)
     return n <= RESOLVE_YOUNG or (int(n) & (RESOLVE_EVERY - 1)) == 0
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _lag_held(lag: Any) -> float:
-    """The prediction of the slopes solved last (what :func:`_lag_predict` gives between re-solves)."""
+    """The prediction of the slopes solved last (between re-solves)."""
     wsum = lag[J_W]
     if wsum <= 0.0:
         return 0.0
@@ -261,16 +261,14 @@ def _lag_held(lag: Any) -> float:
 
 
 @njit(cache=True, nogil=True)
-def _lag_predict(lag: Any, c: Any, beta: Any) -> float:
-    """Least-squares prediction from the forgotten sums: centred normal equations with a small ridge,
-    solved by Cholesky (sums decay uniformly, so no excitation means no wind-up, unlike RLS). Between
-    re-solves (:func:`_resolves`) the held slopes' (:func:`_lag_held`, which the step calls inline then)."""
+def _lag_solve(lag: Any, c: Any, beta: Any) -> float:
+    """Solve the slopes again and predict: least squares from the forgotten sums, centred normal equations
+    with a small ridge, by Cholesky (sums decay uniformly, so no excitation means no wind-up, unlike RLS).
+    Between re-solves (:func:`_resolves`) the step predicts with the held slopes (:func:`_lag_held`)."""
     wsum = lag[J_W]
     if wsum <= 0.0:
         return 0.0
     my = lag[J_SY] / wsum
-    if not _resolves(lag):
-        return float(_lag_held(lag))
     for q in range(N_LAG):  # the lower triangle of the centred matrix (what the Cholesky below reads)
         mq = lag[J_SX + q] / wsum
         for r in range(q + 1):
@@ -670,7 +668,7 @@ def step_batch(
                     keep_p = _lag_held(lag)
                     for q in range(N_LAG):
                         keep_r += lag[J_BETA + q] * ((u if q < N_ON_U else low) - lag[J_LP + q])
-                    pred = _lag_predict(lag, cmat, beta)
+                    pred = _lag_solve(lag, cmat, beta)
                 else:  # (inline: the call costs more than this sum, 15 samples in 16)
                     pred = _lag_held(lag)
                 ej = xv - cg - pred

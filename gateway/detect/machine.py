@@ -379,23 +379,21 @@ class MachineModel:
             if not work:
                 step(np.arange(n), ev, pos, done)
             else:  # the parts share no state: each thread's in turn (the step releases the GIL), this one's included
-                dones = [[done[em].copy() for _, em in runs] for runs in work]
 
-                def steps(runs: list[tuple[I64, npt.NDArray[np.bool_]]], ds: list[I64]) -> None:
-                    for (rows, em), d in zip(runs, ds, strict=True):
+                def steps(runs: list[tuple[I64, npt.NDArray[np.bool_]]]) -> None:
+                    for rows, em in runs:
+                        d = done[em]  # (a copy: the runs' events are disjoint, so are their writes back)
                         step(rows, ev[em], pos[em], d)
+                        done[em] = d
 
                 futures = []
                 if len(work) > 1:
                     if self._pool is None:
                         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="machine-model")
-                    futures = [self._pool.submit(steps, runs, ds) for runs, ds in zip(work[1:], dones[1:], strict=True)]
-                steps(work[0], dones[0])
+                    futures = [self._pool.submit(steps, runs) for runs in work[1:]]
+                steps(work[0])
                 for f in futures:
                     f.result()
-                for runs, ds in zip(work, dones, strict=True):
-                    for (_, em), d in zip(runs, ds, strict=True):
-                        done[em] = d
             self.pending = ev[done == 0]
         p = self.params
         scores = {

@@ -53,7 +53,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from devices.plant import FAULT_KINDS, WARMUP_S, PlantConfig, PlantFault, generate_plant, write_replay  # noqa: E402
+from devices.plant import (  # noqa: E402
+    FAULT_KINDS,
+    SENSORS,
+    WARMUP_S,
+    PlantConfig,
+    PlantFault,
+    generate_plant,
+    write_replay,
+)
 from gateway.config import GatewayConfig, load_config  # noqa: E402
 from gateway.errors import ConfigError  # noqa: E402
 from gateway.server import replay  # noqa: E402
@@ -302,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machines-per-area", type=int, default=8, help="machines of a hall: a peer group (default 8)")
     ap.add_argument("--resolution", type=_resolution, default={},
                     help="sensor steps, metric=step,... (default: readings to 3 decimals)")
-    ap.add_argument("--sensors", choices=("all", "faulty"), default="all",
+    ap.add_argument("--sensors", choices=SENSORS, default="all",
                     help="faulty: each machine sends only the metric its fault is on (single-sensor machines: "
                     "every series lone)")
     ap.add_argument("--config", type=Path, help="gateway TOML to use instead of the default GatewayConfig")

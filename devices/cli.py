@@ -36,7 +36,7 @@ from devices.fleet import (
     password_from_env,
     run_fleet,
 )
-from devices.machine import DEFAULT_FAULT_DURATION_S, FaultKind, FaultPlan, FaultRecord, ScheduledFault
+from devices.machine import DEFAULT_FAULT_DURATION_S, SENSORS, FaultKind, FaultPlan, FaultRecord, ScheduledFault
 
 __all__ = ["SimulationProgress", "build_parser", "main", "parse_fault_at"]
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     plant.add_argument("--interval", type=_positive(float), default=10.0, help="seconds between samples (default 10)")
     plant.add_argument("--seed", type=_non_negative_int, default=1, help="RNG seed (default 1)")
     plant.add_argument("--no-state", action="store_true", help="leave out the state channel")
-    plant.add_argument("--sensors", choices=("all", "faulty"), default="all",
+    plant.add_argument("--sensors", choices=SENSORS, default="all",
                        help="faulty: each machine sends only the metric its fault is on (single-sensor machines)")
     plant.add_argument("--out", type=Path, required=True, help="replay file (JSON lines of topic + payload)")
     plant.add_argument("--faults", type=Path, help="write the fault labels as JSON lines")

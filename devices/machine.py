@@ -38,6 +38,7 @@ from gateway.schema import (
 __all__ = [
     "DEFAULT_FAULT_DURATION_S",
     "METRICS",
+    "SENSORS",
     "Channel",
     "Emission",
     "FaultKind",
@@ -57,6 +58,7 @@ TEMP = "spindle_temp_c"
 VIB = "vibration_mm_s"
 POWER = "power_kw"
 METRICS = (TEMP, VIB, POWER)
+SENSORS = ("all", "faulty")  # which sensors a plant recording sends: every one, or each machine's faulty one only
 
 # Dwell times in model seconds: (distribution, mean, lognormal sigma).
 _DWELL: dict[MachineState, tuple[str, float, float]] = {

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from devices.machine import METRICS, MachineSpec
+from devices.machine import METRICS, SENSORS, MachineSpec
 from gateway.schema import MachineState
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "FAULT_KINDS",
     "FAULT_WINDOW_S",
     "REGIMES",
+    "SENSORS",
     "SHIFT_PATTERNS",
     "WARMUP_S",
     "MachinePhysics",
@@ -566,8 +567,8 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0,
     >>> [sorted(r["payload"]["values"]) for r in replay_records(p, state_channel=False, sensors="faulty")][:2]
     [['spindle_temp_c'], ['vibration_mm_s']]
     """
-    if sensors not in ("all", "faulty"):
-        raise ValueError(f"sensors must be 'all' or 'faulty', got {sensors!r}")
+    if sensors not in SENSORS:
+        raise ValueError(f"sensors must be {' or '.join(map(repr, SENSORS))}, got {sensors!r}")
     faulty = {f.machine: f.metric for f in plant.faults}
     sent = [[k for k, name in enumerate(plant.metrics) if sensors == "all" or faulty.get(s.name) == name]
             for s in plant.specs]

@@ -132,27 +132,13 @@ def test_series_with_siblings_have_no_calibration_state_in_a_checkpoint() -> Non
 
 def _noise_sensors(law: str, seed: int = 0) -> list[int]:
     """Anomaly points of four single-sensor machines (lone series) over 3 days at 10 s, nothing wrong with
-    them: white noise, the same read to 0.1, a day and a night level, and a skewed (log-normal) reading."""
-    from gateway.batch import MachineKey
-    from gateway.detect.fusion import EVENT_NAMES
+    them: white noise, the same read to 0.1, a day and a night level, and a skewed (log-normal) reading
+    (``bench/null.py``'s 10-s cases, counted as it counts them)."""
+    from tests.scripts import load_script
 
-    rng = np.random.default_rng(seed)
-    n, k = 3 * 8640, 4
-    t = np.arange(n) * 10
-    x = np.column_stack([rng.normal(50, 2, n), np.round(rng.normal(50, 2, n), 1),
-                         40 + 10 * (np.sin(2 * np.pi * t / 86400) > 0) + rng.normal(0, 1, n),
-                         np.exp(rng.normal(1, 0.4, n))])
-    ts = (1_764_547_200 + t) * 10**9
-    eng = AnomalyEngine(DetectionConfig(likelihood=LikelihoodParams(law=law)))  # type: ignore[arg-type]
-    machines = [MachineKey("p", "a", "l", f"m{i}") for i in range(k)]
-    fused = EVENT_NAMES.index("fused")
-    hits = [0] * k
-    for a in range(0, n, 500):
-        b = min(n, a + 500)
-        ev = eng.process(np.tile(np.arange(k, dtype=np.int64), b - a), np.repeat(ts[a:b], k), x[a:b].reshape(-1),
-                         ["temp_c"] * k, machines)
-        for c, s in zip(ev.code.tolist(), ev.series.tolist(), strict=True):
-            hits[s] += c == fused
+    null = load_script("bench/null.py", "bench_null")
+    cfg = DetectionConfig(likelihood=LikelihoodParams(law=law))  # type: ignore[arg-type]
+    hits: list[int] = null.count(null.fast_cases(np.random.default_rng(seed)), 10, cfg, 500)
     return hits
 
 

@@ -376,14 +376,16 @@ def test_a_sibling_s_odd_far_reading_pauses_the_jump_cusum_without_restarting_it
     assert any(at + 2 <= i < at + 62 for i in flagged), [i - at for i in flagged if i > at - 600]
 
 
-def _plant_run(p: Plant, values: np.ndarray, span: int = 60) -> dict[str, np.ndarray]:
-    """The machine model's z (``"z"``) and scores of every sample of a generated plant (no state channel),
-    each shaped like ``values``, fed ``span`` timestamps a batch."""
+def _plant_run(p: Plant, values: np.ndarray, span: int = 60, *, states: bool = False,
+               mm: MachineModel | None = None) -> dict[str, np.ndarray]:
+    """The machine model's z (``"z"``), prediction (``"expected"``) and scores of every sample of a generated
+    plant, each shaped like ``values``, fed ``span`` timestamps a batch; ``states``: with its state channel
+    (each span's events with it); ``mm``: the model to run (default a new one)."""
     n_m, n_k, n = values.shape
     keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
     names = [keys[s // n_k] for s in range(n_m * n_k)]
     mets = [p.metrics[s % n_k] for s in range(n_m * n_k)]
-    mm = MachineModel(MachineModelParams(), grace=30)
+    mm = MachineModel(MachineModelParams(), grace=30) if mm is None else mm
     out: dict[str, np.ndarray] = {}
     sid = np.tile(np.arange(n_m * n_k, dtype=np.int64), span)
     for a in range(0, n, span):
@@ -391,8 +393,11 @@ def _plant_run(p: Plant, values: np.ndarray, span: int = 60) -> dict[str, np.nda
         m = b - a
         ts = np.repeat((p.ts_s[a:b] * 1e9).astype(np.int64), n_m * n_k)
         x = values[:, :, a:b].reshape(n_m * n_k, m).T.reshape(-1)
-        r = mm.run(sid[: m * n_m * n_k], ts, x, machines=names, metrics=mets, machine_list=keys)
-        for name, v in (("z", r.zscore), *r.scores.items()):
+        lo, hi = p.ts_s[a], p.ts_s[b] if b < n else np.inf
+        events = [StateEvent(keys[q], int(t * 1e9), st) for q in range(n_m) for t, st, _ in p.states[q]
+                  if lo <= t < hi] if states else []
+        r = mm.run(sid[: m * n_m * n_k], ts, x, machines=names, metrics=mets, machine_list=keys, states=events)
+        for name, v in (("z", r.zscore), ("expected", r.expected), *r.scores.items()):
             out.setdefault(name, np.empty_like(values))[:, :, a:b] = v.reshape(m, n_m, n_k).transpose(1, 2, 0)
     return out
 
@@ -582,28 +587,15 @@ def test_a_first_start_does_not_teach_the_lag_fit_its_runaway_errors() -> None:
     from devices.plant import PlantConfig, generate_plant
 
     p = generate_plant(PlantConfig(machines=8, days=1.6, seed=2, machines_per_area=8))
-    n_m, n_k, n = p.values.shape
-    keys = [MachineKey(s.site, s.area, s.line, s.name) for s in p.specs]
-    names = [keys[s // n_k] for s in range(n_m * n_k)]
-    mets = [p.metrics[s % n_k] for s in range(n_m * n_k)]
+    n_k = p.values.shape[1]
     mm = MachineModel(MachineModelParams(), grace=30)
-    span = 60
-    expected = np.empty((n, n_m * n_k))
-    for a in range(0, n, span):
-        b = min(n, a + span)
-        lo, hi = p.ts_s[a], p.ts_s[b] if b < n else np.inf
-        states = [StateEvent(keys[m], int(t * 1e9), st) for m in range(n_m) for t, st, _ in p.states[m] if lo <= t < hi]
-        r = mm.run(np.tile(np.arange(n_m * n_k, dtype=np.int64), b - a),
-                   np.repeat((p.ts_s[a:b] * 1e9).astype(np.int64), n_m * n_k),
-                   p.values[:, :, a:b].reshape(n_m * n_k, b - a).T.reshape(-1),
-                   machines=names, metrics=mets, states=states, machine_list=keys)
-        expected[a:b] = r.expected.reshape(b - a, -1)
+    expected = _plant_run(p, p.values, states=True, mm=mm)["expected"]
     k = p.metrics.index("spindle_temp_c")
     ratios = []
-    for m in range(n_m):
+    for m in range(p.values.shape[0]):
         j = m * n_k + k
         use = int(mm.s_state[j, K.S_USE]) - 1
         assert use >= 0  # the lag model is in use
-        err = p.values[m, k, 8640:] - expected[8640:, j]  # its errors on the second day
+        err = p.values[m, k, 8640:] - expected[m, k, 8640:]  # its errors on the second day
         ratios.append(float(np.sqrt(mm.s_lag[j, use, K.J_E2] / np.mean(err**2))))
     assert max(ratios) < 3.0, np.round(ratios, 2)

@@ -173,7 +173,7 @@ def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: An
                 if sd < floor:
                     sd = floor
                 u = row[C_MU] + tail_from * sd
-                if row[C_NX] == 0.0:
+                if row[C_NX] == 0.0 and not gaussian:
                     row[C_BX] = sd  # (the prior: one excess of σ)
                 score = 0.0
                 if gaussian and n >= warm:
@@ -191,7 +191,7 @@ def _calibrate(slots: Any, active: Any, offsets: Any, raw: Any, st: Any, prm: An
                 w = 1.0 / n
                 if w < 1.0 / memory:
                     w = 1.0 / memory
-                beyond = t > u
+                beyond = t > u and not gaussian  # (the Gaussian law learns no tail)
                 row[C_PX] += w * ((1.0 if beyond else 0.0) - row[C_PX])
                 if beyond:  # an excess: its mean over as many excesses as the memory holds (the prior one of them)
                     row[C_NX] += 1.0

@@ -134,6 +134,8 @@ def score(
     ...           start_s=0.0, days=2.0, machines=1)
     >>> r["kinds"]["spike"]["caught"], r["kinds"]["spike"]["median_delay_min"], r["false_alarms"]
     (1, 0.5, 1)
+    >>> r["metrics"]
+    {'power_kw': {'caught': 1, 'total': 1}}
     """
     by_series: dict[tuple[str, str], list[AnomalyPoint]] = defaultdict(list)
     for p in points:
@@ -142,13 +144,17 @@ def score(
     for kind in dict.fromkeys([*FAULT_KINDS, *(f.kind for f in faults)]):
         kinds[kind] = {"caught": 0, "total": 0, "delays_min": [], "missed": []}
     excluded: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    metrics: dict[str, dict[str, int]] = {}  # caught of total per metric (a model's weak metric shows here)
     for f in faults:
         k = kinds[f.kind]
         k["total"] += 1
+        m = metrics.setdefault(f.metric, {"caught": 0, "total": 0})
+        m["total"] += 1
         series = by_series.get((f.machine, f.metric), ())
         hits = [p.ts_s for p in series if f.start_ts <= p.ts_s <= f.start_ts + f.window_s]
         if hits:
             k["caught"] += 1
+            m["caught"] += 1
             k["delays_min"].append((min(hits) - f.start_ts) / 60.0)
         else:
             k["missed"].append(f"{f.machine}/{f.metric}")
@@ -173,6 +179,7 @@ def score(
     total = sum(k["total"] for k in kinds.values())
     return {
         "kinds": kinds,
+        "metrics": dict(sorted(metrics.items())),
         "caught": caught,
         "total": total,
         "caught_pct": 100.0 * caught / total if total else None,
@@ -228,6 +235,7 @@ def print_run(r: dict[str, Any]) -> None:
         delay = "-" if k["median_delay_min"] is None else f"{k['median_delay_min']:.1f} min"
         print(f"  {kind:10s} {_pct(k['caught'], k['total']):>14s} {delay:>14s}  {' '.join(k['missed'])}")
     print(f"  {'all':10s} {_pct(r['caught'], r['total']):>14s}")
+    print("  caught by metric: " + ", ".join(f"{m} {v['caught']}/{v['total']}" for m, v in r["metrics"].items()))
     print(f"  false alarms: {r['false_alarms']} in {r['machine_days']:g} machine-days = "
           f"{r['fa_per_machine_day']:.2f} per machine-day")
     print("    by detector: " + (", ".join(f"{d} {n}" for d, n in r["fa_by_detector"].items()) or "none"))
@@ -250,6 +258,10 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 / max(1, sum(r["kinds"][kind]["total"] for r in rs))
                 for kind in rs[0]["kinds"]
             },
+            "caught_per_metric": {
+                metric: [sum(r["metrics"].get(metric, {}).get(c, 0) for r in rs) for c in ("caught", "total")]
+                for metric in sorted({m for r in rs for m in r["metrics"]})
+            },
             "meets_target": caught >= TARGET_CAUGHT_PCT and fa <= TARGET_FA_PER_MACHINE_DAY,
         }
     return out
@@ -265,6 +277,9 @@ def print_summary(summary: dict[str, dict[str, Any]]) -> None:
         per_kind = " ".join(f"{s['caught_per_kind_pct'][k]:7.0f}%" for k in kinds)
         print(f"  {mode:8s} {','.join(map(str, s['seeds'])):8s} {s['caught_pct']:7.1f}% "
               f"{s['fa_per_machine_day']:9.2f}  {per_kind}  {'met' if s['meets_target'] else 'not met'}")
+    for mode, s in summary.items():
+        print(f"  {mode:8s} caught by metric: "
+              + ", ".join(f"{m} {_pct(c, t)}" for m, (c, t) in s["caught_per_metric"].items()))
 
 
 def _int_list(text: str) -> list[int]:

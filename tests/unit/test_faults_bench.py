@@ -89,12 +89,16 @@ def test_capture_sink_keeps_anomaly_lines_and_they_parse() -> None:
 def test_summary_over_seeds() -> None:
     runs = [
         {"mode": "state", "seed": s, "caught_pct": c, "fa_per_machine_day": fa,
-         "kinds": {"step": {"caught": c // 50, "total": 2}}}
+         "kinds": {"step": {"caught": c // 50, "total": 2}},
+         "metrics": {"power_kw": {"caught": 1, "total": 1}, **({"spindle_temp_c": {"caught": 0, "total": 1}}
+                                                                if s == 2 else {})}}
         for s, c, fa in ((1, 100, 0.5), (2, 50, 1.0))
     ]
     s = bench.summarise(runs)["state"]
     assert (s["caught_pct"], s["fa_per_machine_day"], s["meets_target"]) == (75, 0.75, False)
     assert s["caught_per_kind_pct"] == {"step": 75.0}
+    # per metric, summed over the seeds (a metric with no fault in a seed counts nothing there)
+    assert s["caught_per_metric"] == {"power_kw": [2, 2], "spindle_temp_c": [0, 1]}
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -634,6 +634,11 @@ def step_batch(
             e2_sel = 0.0
             settled = False
             alone = True  # no sibling with a sample yet: only the series' own levels explain it
+            # the error every fitted lag model agrees on, in each one's σ: the one nearest 0 where their signs
+            # agree, else 0. A fault of the series' own sensor moves its error against every model of it; a
+            # fault of one input (its sensor steps, the load it reports does not) only against that input's
+            z_all = 0.0
+            n_fit = 0
             for j in range(N_SIB):
                 sb = s_sib[s, j]
                 if sb < 0 or s_state[sb, S_SEEN] == 0.0:  # no sibling, or none that has had a sample yet
@@ -685,6 +690,15 @@ def step_batch(
                     if v > varj:
                         varj = v
                 sdj = math.sqrt(max(varj, res2) + 1e-18)
+                if lag[J_N] > grace:
+                    zj = ej / sdj
+                    if n_fit == 0:
+                        z_all = zj
+                    elif zj * z_all <= 0.0:
+                        z_all = 0.0
+                    elif abs(zj) < abs(z_all):
+                        z_all = zj
+                    n_fit += 1
                 if lag[J_N] > grace and lag[J_ABS] < best_abs:
                     best_abs = lag[J_ABS]
                     best_j = j
@@ -747,14 +761,27 @@ def step_batch(
             zc = zq * math.sqrt((1.0 - rho) / (1.0 + rho))
             hi = st[S_CHI]
             lo = st[S_CLO]
-            # the plain CUSUM is that of a series its own levels explain (no sum while the visit's offset
-            # learns); a lag-modelled series' z carries the fit's slow misfit, so its CUSUM is the jump one
-            if best_j >= 0:
-                hi = 0.0
-                lo = 0.0
             cus = max(hi, lo)
             relearn = False
-            if best_j < 0 and not visiting:
+            if best_j >= 0:
+                # a lag-modelled series' CUSUM sums the error all its fits agree on (z_all), in the same long-run
+                # σ: the intersection of one test per model, so a step or drift of this sensor is found and a
+                # fault of its input is not put on it (the input's own statistics find that). It restarts when
+                # the model in use changes, and holds at zero while the load input is still to move (as the jump
+                # CUSUM below): the thermal response to a new load is where the fits' misfit is largest. Its
+                # slow misfit stays in z (the hall's ambient mostly, bench/README): the long-run σ and the
+                # allowance take it, the jump CUSUM finds the steps it hides
+                if st[S_USE] != best_j + 1.0:
+                    hi = 0.0
+                    lo = 0.0
+                if settled:
+                    za = max(-clip * 2.0, min(clip * 2.0, z_all)) * math.sqrt((1.0 - rho) / (1.0 + rho))
+                    hi, lo, cus = _cusum_step(hi, lo, za, ck, ch)
+                else:
+                    hi = 0.0
+                    lo = 0.0
+                    cus = 0.0
+            elif not visiting:  # a series its own levels explain: no sum while the visit's offset learns
                 hi, lo, cus = _cusum_step(hi, lo, zc, ck, ch)
                 # an alarm says this visit's offset is wrong now (a step, or a drift its running mean followed):
                 # it is learned anew, as a chart restarts after a signal, so the alarm is not repeated for the

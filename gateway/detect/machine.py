@@ -46,33 +46,40 @@ detector                statistic                                              a
                         late) an isolated excursion to another level
 ``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
                         ``cusum_k`` (own-level model); for a series the lag
-                        model explains, the same CUSUM of its error minus a
-                        local linear trend's forecast (a jump CUSUM)
+                        model explains, the larger of the same CUSUM of the
+                        error every fit agrees on and a jump CUSUM (its error
+                        minus a local linear trend's forecast)
 ``residual_variance``   EWMA over ``variance_memory`` samples of the            ``variance_alarm``
                         difference variance ``(e_t - e_{t-1})² / 2`` of the
                         error, as a ratio to the level's day-long one
 ``stuck``               identical readings in a row                            ``log(stuck_p)/log(p)``
 ======================  =====================================================  ======================
 
-The CUSUM's ``z`` is scaled by ``√((1-ρ)/(1+ρ))``, ``ρ`` the day-long lag-1 autocorrelation of ``z``
-(at most 0.95): what a model's slow misfit leaves behind is autocorrelated, and an autocorrelated
-residual sums like an independent one of variance ``(1+ρ)/(1-ρ)``, so unscaled it would cross ``h``
-with no fault. A series the lag model explains (temperature) carries that model's slow misfit, as
-large as the faults sought and as slow (a fixed lag basis fits a response to a fraction of its size;
-the peers' common mode fits the hall's ambient to a fraction of a degree), so its CUSUM is a **jump
-CUSUM**: the error minus the one-step forecast of a local linear trend (Brown's double exponential
-smoothing over 160 s, which follows a misfit's level and slope), in that forecast error's own
-long-run σ, widened while the response to a load change is still moving. A temperature cannot jump; a
-sensor fault does. It sums once the trend has learned over its memory, and restarts when the model in
-use changes; while the load input is still to move (a pending reading of the sibling, or its visit's
-offset still learned) its sums hold off at zero but its trend keeps learning (one odd reading of the
-sibling must not cost the trend its memory); a re-fit of the lag model moves the trend with the
-prediction. The memory is a time, 160 s, a third of the shortest lag (7.5 min), so the trend follows a
-thermal response's curve at any sampling rate: 16 samples at 10 s, over which a 2.5 σ step (the middle of
-the 2-3 σ steps to find) sums to ≈ ``h`` before the trend absorbs it; 2.7 at 60 s (16 samples there
-spanned 16 minutes, and the trend missed the curve of every warm-up: 2.35 false alarms per machine-day
-on a 60-second plant without a state channel, now 1.08; 0.42 -> 0.08 with one). What it cannot see is a slow
-drift of a lag-modelled series smaller than the misfit.
+The CUSUM's ``z`` is scaled by ``√((1-ρ)/(1+ρ))``, ``ρ`` the day-long lag-1 autocorrelation of ``z`` (at
+most 0.95): what a model's slow misfit leaves behind is autocorrelated, and an autocorrelated residual sums
+like an independent one of variance ``(1+ρ)/(1-ρ)``, so unscaled it would cross ``h`` with no fault. A
+series the lag model explains (temperature) carries that model's slow misfit, as large as the faults sought
+and as slow (a fixed lag basis fits a response to a fraction of its size; the peers' common mode fits the
+hall's ambient to a fraction of a degree). Two CUSUMs watch it. The plain one sums the error that **every**
+fitted lag model of the series agrees on (against each sibling input, in each fit's σ: the one nearest zero
+where their signs agree, else zero), in the long-run σ above: a test per model, alarmed only when all would
+be (an intersection-union test, at the level of each). A step or drift of the series' own sensor moves its
+error against every model; a fault of one input (its power sensor steps while the load does not) moves it
+against that input's fit only, and is left to the input's own statistics. It holds at zero while the load
+input is still to move (below), where the fits' misfit is largest, and restarts when the model in use
+changes. The slow misfit still widens its σ, so a step it hides is the second CUSUM's, a **jump CUSUM**: the
+error minus the one-step forecast of a local linear trend (Brown's double exponential smoothing over 160 s,
+which follows a misfit's level and slope), in that forecast error's own long-run σ, widened while the
+response to a load change is still moving. A temperature cannot jump; a sensor fault does. It sums once the
+trend has learned over its memory, and restarts when the model in use changes; while the load input is still
+to move (a pending reading of the sibling, or its visit's offset still learned) its sums hold off at zero
+but its trend keeps learning (one odd reading of the sibling must not cost the trend its memory); a re-fit
+of the lag model moves the trend with the prediction. The memory is a time, 160 s, a third of the shortest
+lag (7.5 min), so the trend follows a thermal response's curve at any sampling rate: 16 samples at 10 s,
+over which a 2.5 σ step (the middle of the 2-3 σ steps to find) sums to ≈ ``h`` before the trend absorbs it;
+2.7 at 60 s (16 samples there spanned 16 minutes, and the trend missed the curve of every warm-up: 2.35
+false alarms per machine-day on a 60-second plant without a state channel, now 1.08; 0.42 -> 0.08 with one).
+What neither CUSUM sees is a slow drift of a lag-modelled series smaller than the misfit.
 
 The noise statistic uses consecutive differences, which are blind to a slow misfit or an offset (those
 are the CUSUM's), in the series' units (``z``'s σ changes with the model in use), and compares them with

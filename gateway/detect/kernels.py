@@ -758,7 +758,8 @@ def step_batch(
             # model's slow misfit leaves) sums like an iid one of variance (1 + ρ) / (1 - ρ)
             rho = st[S_ZZ] / st[S_ZV] if st[S_ZV] > 0.0 else 0.0
             rho = max(0.0, min(RHO_MAX, rho))
-            zc = zq * math.sqrt((1.0 - rho) / (1.0 + rho))
+            rf = math.sqrt((1.0 - rho) / (1.0 + rho))
+            zc = zq * rf
             hi = st[S_CHI]
             lo = st[S_CLO]
             cus = max(hi, lo)
@@ -775,7 +776,7 @@ def step_batch(
                     hi = 0.0
                     lo = 0.0
                 if settled:
-                    za = max(-clip * 2.0, min(clip * 2.0, z_all)) * math.sqrt((1.0 - rho) / (1.0 + rho))
+                    za = max(-clip * 2.0, min(clip * 2.0, z_all)) * rf
                     hi, lo, cus = _cusum_step(hi, lo, za, ck, ch)
                 else:
                     hi = 0.0

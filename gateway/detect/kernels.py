@@ -638,7 +638,7 @@ def step_batch(
             # agree, else 0. A fault of the series' own sensor moves its error against every model of it; a
             # fault of one input (its sensor steps, the load it reports does not) only against that input's
             z_all = 0.0
-            n_fit = 0
+            fitted = False  # (a fit past its grace has given z_all its first value)
             for j in range(N_SIB):
                 sb = s_sib[s, j]
                 if sb < 0 or s_state[sb, S_SEEN] == 0.0:  # no sibling, or none that has had a sample yet
@@ -692,13 +692,13 @@ def step_batch(
                 sdj = math.sqrt(max(varj, res2) + 1e-18)
                 if lag[J_N] > grace:
                     zj = ej / sdj
-                    if n_fit == 0:
+                    if not fitted:
                         z_all = zj
+                        fitted = True
                     elif zj * z_all <= 0.0:
                         z_all = 0.0
                     elif abs(zj) < abs(z_all):
                         z_all = zj
-                    n_fit += 1
                 if lag[J_N] > grace and lag[J_ABS] < best_abs:
                     best_abs = lag[J_ABS]
                     best_j = j

@@ -7,8 +7,8 @@ the default :class:`~gateway.detect.fusion.AnomalyEngine` (or ``--config``'s ``[
 the ``fused`` anomaly points are counted. No anomaly is injected: every point is a false alarm.
 
 - ``5 min × 14 days`` (4032 samples, NAB's cadence): white noise, the same read to integers, a daily sine
-  plus noise (large and small), a clean sine, a day/night square wave, a flat line, a slow random walk plus
-  noise, log-normal and Poisson readings.
+  plus noise (large and small), a clean sine, a day/night square wave, a daily cycle on weekdays only, a
+  flat line, a slow random walk plus noise, log-normal and Poisson readings.
 - ``10 s × 3 days`` (25,920 samples, a plant's cadence): white noise, the same read to 0.1, a day and a
   night level, log-normal readings (four single-sensor machines fed together).
 
@@ -39,10 +39,11 @@ FUSED = EVENT_NAMES.index("fused")
 START_S = 1_764_547_200  # Monday 2025-12-01 00:00 UTC
 
 
-def slow_cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Every 5 minutes for 14 days."""
-    n = 14 * 288
+def slow_cases(rng: np.random.Generator, days: int = 14) -> dict[str, np.ndarray]:
+    """Every 5 minutes for ``days`` days (from a Monday)."""
+    n = days * 288
     day = 2 * np.pi * np.arange(n) * 300 / 86400
+    weekday = (np.arange(n) // 288) % 7 < 5
     return {
         "white noise": rng.normal(50, 5, n),
         "white noise, integers": np.round(rng.normal(50, 5, n)),
@@ -50,6 +51,7 @@ def slow_cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
         "daily sine + small noise": 50 + 20 * np.sin(day) + rng.normal(0, 0.2, n),
         "daily sine, clean": 50 + 20 * np.sin(day),
         "day/night square wave": np.where(np.sin(day) > 0, 80.0, 20.0),
+        "weekday cycle, quiet weekend": 30 + np.where(weekday, 20 * np.sin(day), 0.0) + rng.normal(0, 2, n),
         "flat line": np.full(n, 42.0),
         "random walk + noise": 50 + np.cumsum(rng.normal(0, 1, n)) * 0.1 + rng.normal(0, 1, n),
         "log-normal": np.exp(rng.normal(3, 0.5, n)),

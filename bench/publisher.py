@@ -5,6 +5,9 @@ and sent in large ``sendall`` chunks with a window of unacknowledged messages (P
 reader thread), so a publisher process spends almost no CPU per message and does not compete with the
 gateway on a 2-core box the way a paho publisher would. Several processes can publish at once.
 
+``publish_mosquitto_pub`` plays the devices with the C client instead (Debian's ``mosquitto_pub -l``, one
+process per machine by default, stdin from files written before the clock starts), as issue 14 measured.
+
 The counting subscriber is plain paho (MQTT 5, QoS 1, auto-ack, Receive Maximum 20,000 like the gateway)
 doing nothing but counting: the ceiling the gateway is compared with.
 """
@@ -12,12 +15,18 @@ doing nothing but counting: the ceiling the gateway is compared with.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import shlex
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +38,9 @@ __all__ = [
     "RawPublisher",
     "fixed_rate_messages",
     "machine_topics",
+    "mosquitto_pub_groups",
+    "mosquitto_pub_script",
+    "publish_mosquitto_pub",
     "publish_parallel",
     "telemetry_messages",
 ]
@@ -232,6 +244,125 @@ def publish_parallel(port: int, messages: Sequence[Message], procs: int = 2,
             if p.is_alive() and p.pid is not None:
                 p.kill()
     return PublishResult(sum(g[1] for g in got), min(g[2] for g in got), max(g[3] for g in got))
+
+
+# -- mosquitto_pub publishers (the C client, as issue 14 measured) -------------------------------------------
+def mosquitto_pub_groups(messages: Sequence[Message], procs: int | None = None) -> list[list[tuple[str, list[bytes]]]]:
+    """The payloads by topic (each topic's order kept), topics dealt round-robin to ``procs`` publishers.
+
+    ``mosquitto_pub -l`` publishes to one topic, so a publisher owns whole machines; ``None``: one each.
+
+    >>> msgs = [("a", b"1"), ("b", b"2"), ("c", b"3"), ("a", b"4")]
+    >>> mosquitto_pub_groups(msgs, 2)
+    [[('a', [b'1', b'4']), ('c', [b'3'])], [('b', [b'2'])]]
+    >>> [[t for t, _ in g] for g in mosquitto_pub_groups(msgs)]
+    [['a'], ['b'], ['c']]
+    """
+    if procs is not None and procs < 1:
+        raise ValueError(f"procs: {procs}; at least 1, or None for one process per topic")
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, payload in messages:
+        by_topic.setdefault(topic, []).append(payload)
+    topics = list(by_topic.items())
+    n = len(topics) if procs is None else min(procs, len(topics))
+    return [topics[i::n] for i in range(n)]
+
+
+def mosquitto_pub_script(port: int, files: Sequence[tuple[str, Path]], *, host: str = "127.0.0.1",
+                         max_inflight: int | None = None) -> str:
+    """The ``sh`` script of one publisher: one ``mosquitto_pub -q 1 -l`` per topic, one after another.
+
+    The first connects at once but gets its lines (from its file, through ``cat``) only when the script's
+    stdin, the start barrier, reaches end of file: mosquitto_pub sleeps 100 ms after its CONNACK before it
+    reads, and again after its last PUBACK, so a second topic in the same script costs those 0.2 s.
+
+    >>> print(mosquitto_pub_script(1883, [("t/a", Path("/d/a")), ("t/b", Path("/d/b"))], max_inflight=100))
+    { cat >/dev/null; exec cat /d/a; } | mosquitto_pub -h 127.0.0.1 -p 1883 -q 1 -M 100 -t t/a -l \\
+    && mosquitto_pub -h 127.0.0.1 -p 1883 -q 1 -M 100 -t t/b -l </d/b
+    """
+    base = ["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1"]
+    if max_inflight is not None:
+        base += ["-M", str(max_inflight)]  # mosquitto_pub's default is 20 unacknowledged messages
+    lines = []
+    for i, (topic, path) in enumerate(files):
+        cmd = shlex.join([*base, "-t", topic, "-l"])
+        lines.append(f"{{ cat >/dev/null; exec cat {shlex.quote(str(path))}; }} | {cmd}" if i == 0
+                     else f"&& {cmd} <{shlex.quote(str(path))}")
+    return " \\\n".join(lines)
+
+
+def _client_connections(port: int) -> int | None:
+    """Established TCP connections to ``port`` on this host, seen from the client side (None: unknown)."""
+    try:
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    remote = f":{port:04X}"
+    return sum(1 for r in rows if (f := r.split())[2].endswith(remote) and f[3] == "01")
+
+
+def publish_mosquitto_pub(port: int, messages: Sequence[Message], workdir: Path, procs: int | None = None, *,
+                          max_inflight: int | None = None, timeout: float = 600) -> PublishResult:
+    """Publish ``messages`` with ``mosquitto_pub -q 1 -l`` processes started together; wait until all exit.
+
+    Each process owns whole machines (``mosquitto_pub_groups``); every machine's payloads are written to a
+    file under ``workdir`` before the clock starts, so Python costs no CPU while they publish. A process
+    exits 0 only after its last PUBACK, so exit 0 everywhere means the broker took every message. The result
+    spans the start barrier's release to the last exit (which includes mosquitto_pub's final 100 ms sleep).
+    """
+    if shutil.which("mosquitto_pub") is None:
+        raise RuntimeError("mosquitto_pub not found (Debian's mosquitto-clients)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    scripts = []
+    for i, group in enumerate(mosquitto_pub_groups(messages, procs)):
+        files = []
+        for j, (topic, payloads) in enumerate(group):
+            if any(b"\n" in p or not p for p in payloads):
+                raise ValueError(f"{topic}: mosquitto_pub -l takes one non-empty payload per line")
+            path = workdir / f"pub{i}-{j}.lines"
+            path.write_bytes(b"\n".join(payloads) + b"\n")
+            files.append((topic, path))
+        scripts.append(mosquitto_pub_script(port, files, max_inflight=max_inflight))
+    before = _client_connections(port)
+    barrier_r, barrier_w = os.pipe()
+    running: list[subprocess.Popen[bytes]] = []
+    errs = [(workdir / f"pub{i}.err").open("wb") for i in range(len(scripts))]
+    try:
+        for script, err in zip(scripts, errs, strict=True):
+            running.append(subprocess.Popen(["sh", "-c", script], stdin=barrier_r, stdout=subprocess.DEVNULL,
+                                            stderr=err, start_new_session=True))
+        os.close(barrier_r)
+        barrier_r = -1
+        deadline = time.monotonic() + 30
+        while before is not None and time.monotonic() < deadline:
+            now = _client_connections(port)
+            if now is None or now >= before + len(scripts):
+                break
+            time.sleep(0.02)
+        time.sleep(0.15)  # past mosquitto_pub's 100 ms sleep after the CONNACK: it waits in read(stdin)
+        first = time.time()
+        os.close(barrier_w)  # end of file on every script's stdin: they all start
+        barrier_w = -1
+        end = time.monotonic() + timeout
+        for p in running:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        last = time.time()
+    finally:
+        for fd in (barrier_r, barrier_w):
+            if fd >= 0:
+                os.close(fd)
+        for p in running:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the script's own group: its cat and mosquitto_pub too
+                p.wait()
+        for err in errs:
+            err.close()
+    failed = [(i, p.returncode) for i, p in enumerate(running) if p.returncode != 0]
+    if failed:
+        i, code = failed[0]
+        text = (workdir / f"pub{i}.err").read_text(errors="replace")[-500:]
+        raise RuntimeError(f"{len(failed)} mosquitto_pub script(s) failed, e.g. #{i} exit {code}: {text}")
+    return PublishResult(len(messages), first, last)
 
 
 # -- the counting subscriber (ceiling) --------------------------------------------------------------------

@@ -8,6 +8,8 @@ The broker runs with persistence off (identical for the ceiling and the gateway 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
 import shutil
 import signal
@@ -16,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,11 @@ for p in (str(REPO), str(REPO / "bench")):
 
 from publisher import (  # noqa: E402
     CountingSubscriber,
+    PublishResult,
     RawPublisher,
     fixed_rate_messages,
     machine_topics,
+    publish_mosquitto_pub,
     publish_parallel,
     telemetry_messages,
 )
@@ -40,6 +44,9 @@ from tests.servers import InfluxDB1, Mosquitto  # noqa: E402
 
 POLL_S = 0.2
 COLUMNAR_BATCH = 20000  # row 2 writes 1,000 points per message: larger writes, as in its earlier runs
+
+# Publishes (topic, payload) messages to the broker on a port; returns once the broker acknowledged all.
+Publish = Callable[[int, Sequence[tuple[str, bytes]]], PublishResult]
 
 
 @dataclass
@@ -183,12 +190,16 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
 
 
 # -- row 1 / row 2: throughput ---------------------------------------------------------------------------
-def ceiling(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2) -> dict[str, Any]:
-    """The counting subscriber: messages/s from the first publish to the last message received."""
+def ceiling(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2,
+            publish: Publish | None = None) -> dict[str, Any]:
+    """The counting subscriber: messages/s from the first publish to the last message received.
+
+    ``publish`` replaces the ``procs`` Python publisher processes (e.g. ``mosquitto_pub_publishers``).
+    """
     n = len(messages)
     sub = CountingSubscriber(srv.broker.port, n).start()
     try:
-        pub = publish_parallel(srv.broker.port, messages, procs=procs)
+        pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
         got, nbytes, _first, last = sub.result(timeout=300)
     finally:
         sub.stop()
@@ -197,7 +208,8 @@ def ceiling(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2) -> 
             "msgs_per_s": got / elapsed, "bytes_per_s": nbytes / elapsed, "publisher_msgs_per_s": pub.rate}
 
 
-def ceiling_mosquitto_sub(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2) -> dict[str, Any]:
+def ceiling_mosquitto_sub(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2,
+                          publish: Publish | None = None) -> dict[str, Any]:
     """``mosquitto_sub`` (C, QoS 1, persistent session): first publish to its exit after the last message."""
     n = len(messages)
     client = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(srv.broker.port), "-i", "bench-c-live"]
@@ -206,7 +218,7 @@ def ceiling_mosquitto_sub(srv: Servers, messages: list[tuple[str, bytes]], procs
     sub = subprocess.Popen([*base, "-C", str(n)], stdout=subprocess.DEVNULL)
     try:
         time.sleep(0.3)  # connected (and not counted) before the first publish
-        pub = publish_parallel(srv.broker.port, messages, procs=procs)
+        pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
         sub.wait(timeout=300)
         last = time.time()
     finally:
@@ -223,7 +235,7 @@ def ceiling_mosquitto_sub(srv: Servers, messages: list[tuple[str, bytes]], procs
 
 def gateway_throughput(srv: Servers, name: str, messages: list[tuple[str, bytes]], *, expect: int,
                        measurement: str, field: str, timeout: float = 180, procs: int = 2,
-                       profile: Path | None = None, **cfg: Any) -> dict[str, Any]:
+                       publish: Publish | None = None, profile: Path | None = None, **cfg: Any) -> dict[str, Any]:
     """Publish to a pre-subscribed gateway; time until InfluxDB holds ``expect`` points of ``field``.
 
     ``measurement="gateway_stats"`` waits instead for the gateway's own ``messages_in`` counter (used when
@@ -242,7 +254,7 @@ def gateway_throughput(srv: Servers, name: str, messages: list[tuple[str, bytes]
             probe = lambda: _last_stat(srv.influx, db, field)  # noqa: E731
         else:
             probe = lambda: _count(srv.influx, db, measurement, field)  # noqa: E731
-        pub = publish_parallel(srv.broker.port, messages, procs=procs)
+        pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
         got, seen = wait_for(probe, expect, timeout)
         elapsed = seen - pub.first_publish
         rss = _rss_kb(gw.proc.pid if gw.proc else 0)
@@ -270,22 +282,51 @@ def _rss_kb(pid: int) -> int:
 # per batch halve the per-batch costs (fsync, HTTP write, detector kernel call) of the default 5,000.
 TUNED = {"batch_size": 10000, "receive_maximum": 65535}
 
+# Row 1's live publishers: the 2 Python raw-socket processes (``publish_parallel``), or the C client
+# ``mosquitto_pub`` as issue 14 measured (``mosquitto_pub_publishers``: one process per machine by default).
+PUBLISHERS = ("python", "mosquitto_pub")
 
-def row_ingest(count: int, machines: int = 50, *, profile_dir: Path | None = None) -> dict[str, Any]:
-    """Row 1, live: counting paho subscriber and mosquitto_sub vs gateway (default, tuned, detect off)."""
+
+def mosquitto_pub_publishers(workdir: Path, procs: int | None = None) -> Publish:
+    """``publish_mosquitto_pub`` with its files under a fresh ``workdir/runN`` for each call."""
+    runs = itertools.count()
+    return lambda port, msgs: publish_mosquitto_pub(port, msgs, workdir / f"run{next(runs)}", procs)
+
+
+def row_ingest(count: int, machines: int = 50, *, profile_dir: Path | None = None,
+               publishers: Sequence[str] = ("python",), mosquitto_pub_procs: int | None = None) -> dict[str, Any]:
+    """Row 1, live: counting paho subscriber and mosquitto_sub vs gateway (default, tuned, detect off).
+
+    ``publishers`` picks the load generators (``PUBLISHERS``): with ``"python"`` the runs above; with
+    ``"mosquitto_pub"`` the paho subscriber and the default gateway again, under ``mosquitto_pub`` processes
+    (``mosquitto_pub_procs``, default one per machine), in ``out["live_mosquitto_pub"]``.
+    """
+    unknown = set(publishers) - set(PUBLISHERS)
+    if unknown:
+        raise ValueError(f"publishers: unknown {sorted(unknown)}; choose from {', '.join(PUBLISHERS)}")
     base = time.time() - 600
     msgs = telemetry_messages(count, machines, base)
-    out: dict[str, Any] = {"count": count, "machines": machines, "payload_bytes": len(msgs[0][1]), "tuned": TUNED}
+    out: dict[str, Any] = {"count": count, "machines": machines, "payload_bytes": len(msgs[0][1]), "tuned": TUNED,
+                           "publishers": list(publishers)}
     with servers() as srv:
-        out["ceiling"] = ceiling(srv, msgs)
-        out["mosquitto_sub"] = ceiling_mosquitto_sub(srv, msgs)
-        out["gateway"] = gateway_throughput(srv, "ingest", msgs, expect=count, measurement="telemetry",
-                                            field="temp_c",
-                                            profile=profile_dir / "ingest.pyspy.txt" if profile_dir else None)
-        out["gateway_tuned"] = gateway_throughput(srv, "ingest_tuned", msgs, expect=count, measurement="telemetry",
-                                                  field="temp_c", **TUNED)
-        out["gateway_nodetect"] = gateway_throughput(srv, "ingest_nodetect", msgs, expect=count,
-                                                     measurement="telemetry", field="temp_c", detect=False)
+        if "python" in publishers:
+            out["ceiling"] = ceiling(srv, msgs)
+            out["mosquitto_sub"] = ceiling_mosquitto_sub(srv, msgs)
+            out["gateway"] = gateway_throughput(srv, "ingest", msgs, expect=count, measurement="telemetry",
+                                                field="temp_c",
+                                                profile=profile_dir / "ingest.pyspy.txt" if profile_dir else None)
+            out["gateway_tuned"] = gateway_throughput(srv, "ingest_tuned", msgs, expect=count,
+                                                      measurement="telemetry", field="temp_c", **TUNED)
+            out["gateway_nodetect"] = gateway_throughput(srv, "ingest_nodetect", msgs, expect=count,
+                                                         measurement="telemetry", field="temp_c", detect=False)
+        if "mosquitto_pub" in publishers:
+            mq = mosquitto_pub_publishers(srv.tmp / "mosquitto_pub", mosquitto_pub_procs)
+            out["live_mosquitto_pub"] = {
+                "processes": machines if mosquitto_pub_procs is None else min(mosquitto_pub_procs, machines),
+                "ceiling": ceiling(srv, msgs, publish=mq),
+                "gateway": gateway_throughput(srv, "ingest_mqpub", msgs, expect=count, measurement="telemetry",
+                                              field="temp_c", publish=mq),
+            }
     return out
 
 

@@ -8,7 +8,8 @@ Rows (``--only`` takes names or numbers, comma-separated):
 
 1. ``ingest``   one-sample JSON telemetry, QoS 1, 50 machines: gateway into InfluxDB (default config and a
                 tuned one, detect on) vs a counting paho subscriber and ``mosquitto_sub``, live (publishers
-                running) and as the drain of a queued backlog (``bench/ingest.py``)
+                running) and as the drain of a queued backlog (``bench/ingest.py``); live with 2 Python
+                publisher processes and/or one ``mosquitto_pub`` per machine (``--publishers``)
 2. ``columnar`` 1000-sample fixed-rate blocks: samples/s, ``store_waveforms`` true and false
 3. ``encode``   ``LineProtocolEncoder.telemetry`` vs influxdb-client ``Point`` (and an f-string loop)
 4. ``latency``  publish → visible in InfluxDB at 5,000 msg/s, flush_interval_ms at the default (200) and 500
@@ -21,7 +22,8 @@ Rows (``--only`` takes names or numbers, comma-separated):
 9. ``page``     the operator's page in headless chromium: first render with 2,000 machines vs the 1-machine
    page (``bench/page.py``)
 
-Usage: ``python bench/run.py [--only ingest,encode] [--quick] [--profile DIR] [--out FILE]``
+Usage: ``python bench/run.py [--only ingest,encode] [--quick] [--publishers python,mosquitto_pub]
+[--profile DIR] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -105,22 +107,29 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 # -- the rows ---------------------------------------------------------------------------------------------
-def run_ingest(sz: dict[str, Any], profile: Path | None, raw: dict[str, Any]) -> list[dict[str, Any]]:
+def run_ingest(sz: dict[str, Any], profile: Path | None, raw: dict[str, Any],
+               publishers: list[str], mosquitto_pub_procs: int | None = None) -> list[dict[str, Any]]:
     import e2e
     import ingest
 
-    r = e2e.row_ingest(sz["ingest"], profile_dir=profile)
+    r = e2e.row_ingest(sz["ingest"], profile_dir=profile, publishers=publishers,
+                       mosquitto_pub_procs=mosquitto_pub_procs)
     b = ingest.row_backlog(sz["backlog"], rounds=sz["backlog_rounds"], gateways={"default": {}, "tuned": e2e.TUNED})
     raw["ingest"] = r
     raw["ingest_backlog"] = b
+    live = _ingest_live_python(r) if "python" in publishers else []
+    live += _ingest_live_mosquitto_pub(r) if "mosquitto_pub" in publishers else []
+    return live + _ingest_backlog(b)
+
+
+def _ingest_live_python(r: dict[str, Any]) -> list[dict[str, Any]]:
+    import e2e
+
     c, m, g, t, n = r["ceiling"], r["mosquitto_sub"], r["gateway"], r["gateway_tuned"], r["gateway_nodetect"]
     paho, mq = c["msgs_per_s"], m["msgs_per_s"]
     tuned = ", ".join(f"{k} {v}" for k, v in e2e.TUNED.items())
     loss = (f"loss: paho {c['loss']}, mosquitto_sub {m['loss']}, gateway {g['loss']}, tuned {t['loss']}, "
             f"no-detect {n['loss']} (points counted in InfluxDB)")
-    med, bl = b["median"], b["loss"]
-    bpaho, bg, bt = med["paho"], med["gateway_default"], med["gateway_tuned"]
-    rounds = f"median of {len(b['rounds']['paho'])} rounds"
     return [
         row("1 ingest", f"live: gateway msgs/s ({r['count']:,} msgs, default config, detect on)", g["msgs_per_s"],
             "msg/s", paho, "paho counting subscriber", _div(g["msgs_per_s"], paho), ">= 2x",
@@ -136,6 +145,36 @@ def run_ingest(sz: dict[str, Any], profile: Path | None, raw: dict[str, Any]) ->
         row("1 ingest", "live: publisher alone (PUBACKed msgs/s, subscriber attached)", c["publisher_msgs_per_s"],
             "msg/s", paho, "paho counting subscriber", _div(c["publisher_msgs_per_s"], paho),
             "> 1x (not the bottleneck)", c["publisher_msgs_per_s"] > paho),
+    ]
+
+
+def _ingest_live_mosquitto_pub(r: dict[str, Any]) -> list[dict[str, Any]]:
+    x = r["live_mosquitto_pub"]
+    c, g = x["ceiling"], x["gateway"]
+    paho, pubs = c["msgs_per_s"], f"{x['processes']} mosquitto_pub"
+    owns = ("one machine's topic each" if x["processes"] >= r["machines"]
+            else "each owns whole machines, published one topic after another (+0.2 s per topic)")
+    return [
+        row("1 ingest", f"live, {pubs}: gateway msgs/s ({r['count']:,} msgs, default config, detect on)",
+            g["msgs_per_s"], "msg/s", paho, f"paho counting subscriber, {pubs}", _div(g["msgs_per_s"], paho),
+            ">= 2x", g["loss"] == 0 and g["msgs_per_s"] >= 2 * paho,
+            f"loss: paho {c['loss']}, gateway {g['loss']} (points counted in InfluxDB); "
+            f"C publishers (mosquitto_pub -q 1 -l), {owns}"),
+        row("1 ingest", f"live, {pubs}: publishers alone (start to last exit, subscriber attached)",
+            c["publisher_msgs_per_s"], "msg/s", paho, f"paho counting subscriber, {pubs}",
+            _div(c["publisher_msgs_per_s"], paho), "> 1x (not the bottleneck)", c["publisher_msgs_per_s"] > paho,
+            "a mosquitto_pub exits after its last PUBACK and a fixed 100 ms sleep"),
+    ]
+
+
+def _ingest_backlog(b: dict[str, Any]) -> list[dict[str, Any]]:
+    import e2e
+
+    tuned = ", ".join(f"{k} {v}" for k, v in e2e.TUNED.items())
+    med, bl = b["median"], b["loss"]
+    bpaho, bg, bt = med["paho"], med["gateway_default"], med["gateway_tuned"]
+    rounds = f"median of {len(b['rounds']['paho'])} rounds"
+    return [
         row("1 ingest", f"backlog: gateway drains {b['messages']:,} queued, default config", bg, "msg/s", bpaho,
             "paho draining the same backlog", _div(bg, bpaho), ">= 2x",
             bl["gateway_default"] == 0 and bg >= 2 * bpaho,
@@ -341,6 +380,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="factory-gateway benchmark suite")
     ap.add_argument("--only", default="", help="rows to run: names or numbers, comma-separated")
     ap.add_argument("--quick", action="store_true", help="smaller loads (a smoke run, noisier)")
+    ap.add_argument("--publishers", default="python,mosquitto_pub",
+                    help="row 1's live publishers, comma-separated: python (2 raw-socket processes), "
+                         "mosquitto_pub (the C client, one process per machine)")
+    ap.add_argument("--mosquitto-pub-procs", type=int, default=None, metavar="N",
+                    help="mosquitto_pub processes, each owning whole machines (default: one per machine)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy the gateway during row 1 (detect on); collapsed stacks written to DIR")
     ap.add_argument("--out", type=Path, default=BENCH / "results.json")
@@ -352,6 +396,13 @@ def main() -> int:
             ap.error(f"--only: unknown row {item!r}; choose from {', '.join(ROWS)} or 1..{len(ROWS)}")
         wanted.append(name)
     wanted = wanted or list(ROWS)
+    from e2e import PUBLISHERS
+
+    publishers = [s.strip() for s in a.publishers.split(",") if s.strip()]
+    if not publishers or set(publishers) - set(PUBLISHERS):
+        ap.error(f"--publishers: {a.publishers!r}; choose from {', '.join(PUBLISHERS)} (comma-separated)")
+    if a.mosquitto_pub_procs is not None and a.mosquitto_pub_procs < 1:
+        ap.error(f"--mosquitto-pub-procs: {a.mosquitto_pub_procs}; at least 1")
     sz = QUICK if a.quick else FULL
     if a.profile is not None:
         a.profile.mkdir(parents=True, exist_ok=True)
@@ -360,7 +411,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
     runners: dict[str, Callable[[], list[dict[str, Any]]]] = {
-        "ingest": lambda: run_ingest(sz, a.profile, raw),
+        "ingest": lambda: run_ingest(sz, a.profile, raw, publishers, a.mosquitto_pub_procs),
         "columnar": lambda: run_columnar(sz, raw),
         "encode": lambda: run_encode(sz, raw),
         "latency": lambda: run_latency(sz, raw),

@@ -73,7 +73,7 @@ def servers() -> Iterator[Servers]:
 
 def gateway_config(srv: Servers, name: str, *, db: str, batch_size: int | None = None, flush_ms: int | None = None,
                    detect: bool = True, store_waveforms: bool = True, stats_interval_s: float = 10.0,
-                   receive_maximum: int | None = None) -> Path:
+                   receive_maximum: int | None = None, read_coalesce_ms: float | None = None) -> Path:
     """A gateway config on the bench's servers; a setting left at None keeps the gateway's default."""
     d = srv.tmp / name
     d.mkdir(parents=True, exist_ok=True)
@@ -91,6 +91,7 @@ port = {srv.broker.port}
 client_id = "bench-{name}"
 fast_receive = {os.environ.get("BENCH_FAST_RECEIVE", "true")}
 {_opt("receive_maximum", receive_maximum)}
+{_opt("read_coalesce_ms", read_coalesce_ms)}
 [influx]
 url = "{srv.influx.url}"
 database = "{db}"
@@ -109,7 +110,7 @@ enabled = {'true' if detect else 'false'}
     return path
 
 
-def _opt(key: str, value: int | None) -> str:
+def _opt(key: str, value: float | None) -> str:
     return "" if value is None else f"{key} = {value}"
 
 

@@ -124,6 +124,10 @@ class MqttConfig(_Section):
     stall_timeout_s: float = Field(120.0, gt=0, description="Reconnect when nothing arrives and pings fail.")
     fast_receive: bool = Field(True, description="Read whole socket chunks and frame PUBLISH packets in one loop "
                                "once subscribed (paho keeps connect, TLS, auth, subscribe, pings); false: paho reads.")
+    read_coalesce_ms: float = Field(2.0, ge=0, le=50, description="Fast receive: after a read of less than 64 KiB "
+                                    "(messages trickling in) wait this long before the next, so one wake-up takes "
+                                    "many messages (interrupt coalescing; adds at most this to a message's latency). "
+                                    "0: read as soon as bytes arrive.")
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None

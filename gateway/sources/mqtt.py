@@ -58,6 +58,7 @@ PAHO_PRIVATE = (
 )
 
 _READ = 256 * 1024  # bytes per socket read on the fast path
+_TRICKLE = 64 * 1024  # a read of less is a trickle: the next waits [mqtt] read_coalesce_ms
 
 
 def _paho_of(client: aiomqtt.Client) -> PahoClient:
@@ -157,6 +158,7 @@ class MqttSource:
         self.published = 0
         self.fast = False  # the fast receive path reads the live connection
         self.fast_connects = 0  # connections the fast path took over
+        self.coalesced = 0  # reads the fast path put off to take more at once
 
     # -- acking ---------------------------------------------------------------------------------
     def ack(self, tokens: Sequence[AckToken]) -> int:
@@ -310,13 +312,14 @@ class MqttSource:
         fd = sock.fileno()
         loop.remove_reader(fd)  # the loop runs no reader in between: paho's state is final here
         framer.feed(_paho_take_partial(paho))  # never a whole packet (paho would have handled it)
-        loop.add_reader(fd, self._fast_read, paho, sock, framer)
+        loop.add_reader(fd, self._fast_read, paho, sock, framer, applied.read_coalesce_ms / 1000.0)
         self.fast = True
         self.fast_connects += 1
         log.info("fast receive on (whole socket reads, %d KiB)", _READ // 1024)
 
-    def _fast_read(self, paho: PahoClient, sock: Any, framer: PacketFramer) -> None:
-        """One readable event: read what is there, frame it, deliver PUBLISHes, give the rest to paho."""
+    def _fast_read(self, paho: PahoClient, sock: Any, framer: PacketFramer, pause: float) -> None:
+        """One readable event: read what is there, frame it, deliver PUBLISHes, give the rest to paho; after a
+        trickle, stop reading for ``pause`` seconds (the kernel keeps what arrives meanwhile)."""
         chunks = []
         try:
             while True:
@@ -338,7 +341,8 @@ class MqttSource:
             return
         _paho_bytes_received(paho)
         try:
-            packets = framer.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            packets = framer.feed(data)
         except MalformedPacket as exc:
             log.warning("malformed packet from the broker (%s); reconnecting", exc)
             _paho_lost(paho, MQTTErrorCode.MQTT_ERR_PROTOCOL)
@@ -363,6 +367,18 @@ class MqttSource:
                 if self._paho is not paho:  # paho dropped the connection (e.g. DISCONNECT)
                     break
         self.messages += delivered
+        if pause > 0.0 and len(data) < _TRICKLE and self._paho is paho:
+            loop = asyncio.get_running_loop()
+            fd = sock.fileno()
+            loop.remove_reader(fd)
+            self.coalesced += 1
+            loop.call_later(pause, self._resume_reads, paho, sock, framer, pause, fd)
+
+    def _resume_reads(self, paho: PahoClient, sock: Any, framer: PacketFramer, pause: float, fd: int) -> None:
+        """Read again after a pause, if the connection paused is still the live one (else its successor's
+        reader is in place, or none is needed)."""
+        if self._paho is paho and self.fast and _paho_socket(paho) is sock and sock.fileno() == fd:
+            asyncio.get_running_loop().add_reader(fd, self._fast_read, paho, sock, framer, pause)
 
     async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event, applied: MqttConfig) -> None:
         """Wait for ``stop``, a disconnect or a reload; the watchdog reconnects a connection that went silent.

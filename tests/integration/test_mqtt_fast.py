@@ -4,7 +4,8 @@ acks are exact (nothing comes back on the next connection), and a broker restart
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,30 @@ async def test_off_switch_uses_paho(mosquitto: Mosquitto) -> None:
     assert sorted(col.seen) == sorted(msgs)
 
 
-async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("coalesce_ms", [2.0, 0.0, 50.0])
+async def test_a_live_trickle_arrives_once_reads_coalesced_or_not(mosquitto: Mosquitto, coalesce_ms: float) -> None:
+    cfg = _cfg(mosquitto.port, f"fast-trickle-{coalesce_ms:g}", read_coalesce_ms=coalesce_ms)
+    await _drain(cfg, lambda c: True)  # the session
+    msgs = _messages(1_500, "fast/t")
+
+    def paced() -> Iterator[tuple[str, bytes]]:  # 20 messages every 5 ms: each read gets a few
+        for i, m in enumerate(msgs):
+            if i % 20 == 0:
+                time.sleep(0.005)
+            yield m
+
+    sending = asyncio.create_task(asyncio.to_thread(publish, mosquitto.port, paced(), client_id="fast-pub-t"))
+    col, src = await _drain(cfg, lambda c: len(c.seen) >= len(msgs) and sending.done())
+    await sending
+    assert sorted(col.seen) == sorted(msgs)
+    assert col.acked == len(msgs)
+    assert (src.coalesced > 0) == (coalesce_ms > 0)  # a trickle's reads wait to take more at once
+
+
+@pytest.mark.parametrize("coalesce_ms", [2.0, 50.0])
+async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, coalesce_ms: float) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
-        cfg = _cfg(broker.port, "fast-restart", reconnect_max_s=1.0)
+        cfg = _cfg(broker.port, "fast-restart", reconnect_max_s=1.0, read_coalesce_ms=coalesce_ms)
         await _drain(cfg, lambda c: True)
         msgs = _messages(30_000, "fast/r")
         await asyncio.to_thread(publish, broker.port, msgs, client_id="fast-pub-r")

@@ -201,12 +201,13 @@ def ceiling(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2,
     sub = CountingSubscriber(srv.broker.port, n).start()
     try:
         pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
-        got, nbytes, _first, last = sub.result(timeout=300)
+        got, nbytes, _first, last, cpu = sub.result(timeout=300)
     finally:
         sub.stop()
     elapsed = (last or time.time()) - pub.first_publish
     return {"messages": n, "received": got, "loss": n - got, "bytes": nbytes, "seconds": elapsed,
-            "msgs_per_s": got / elapsed, "bytes_per_s": nbytes / elapsed, "publisher_msgs_per_s": pub.rate}
+            "msgs_per_s": got / elapsed, "bytes_per_s": nbytes / elapsed, "publisher_msgs_per_s": pub.rate,
+            "cpu_us_per_msg": cpu / max(got, 1) * 1e6}
 
 
 def ceiling_mosquitto_sub(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2,
@@ -255,8 +256,10 @@ def gateway_throughput(srv: Servers, name: str, messages: list[tuple[str, bytes]
             probe = lambda: _last_stat(srv.influx, db, field)  # noqa: E731
         else:
             probe = lambda: _count(srv.influx, db, measurement, field)  # noqa: E731
+        cpu0 = _cpu_s(gw.proc.pid if gw.proc else 0)
         pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
         got, seen = wait_for(probe, expect, timeout)
+        cpu = _cpu_s(gw.proc.pid if gw.proc else 0) - cpu0
         elapsed = seen - pub.first_publish
         rss = _rss_kb(gw.proc.pid if gw.proc else 0)
     finally:
@@ -265,7 +268,17 @@ def gateway_throughput(srv: Servers, name: str, messages: list[tuple[str, bytes]
     extra = {"profile": prof_summary} if prof_summary else {}
     return {**extra, "messages": len(messages), "expected_points": expect, "points": got, "loss": expect - got,
             "seconds": elapsed, "msgs_per_s": len(messages) / elapsed, "points_per_s": got / elapsed,
-            "publisher_msgs_per_s": pub.rate, "gateway_exit": code, "gateway_rss_mb": rss / 1024}
+            "publisher_msgs_per_s": pub.rate, "gateway_exit": code, "gateway_rss_mb": rss / 1024,
+            "cpu_us_per_msg": cpu / max(len(messages), 1) * 1e6}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kb(pid: int) -> int:

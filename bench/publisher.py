@@ -396,10 +396,12 @@ def _subscriber_proc(port: int, topic: str, expect: int, ready: Any, results: An
     client.connect("127.0.0.1", port, clean_start=True, properties=props)
     client.subscribe(topic, qos=1)
     client.loop_start()
+    cpu0 = time.process_time()
     done.wait(timeout=300)
+    cpu = time.process_time() - cpu0
     client.loop_stop()
     client.disconnect()
-    results.put((state["n"], state["bytes"], state["first"], state["last"]))
+    results.put((state["n"], state["bytes"], state["first"], state["last"], cpu))
 
 
 class CountingSubscriber:
@@ -419,8 +421,9 @@ class CountingSubscriber:
             raise RuntimeError("counting subscriber did not subscribe")
         return self
 
-    def result(self, timeout: float = 300) -> tuple[int, int, float, float]:
-        """(messages, payload bytes, first arrival, last arrival) once ``expect`` arrived (or timeout)."""
+    def result(self, timeout: float = 300) -> tuple[int, int, float, float, float]:
+        """(messages, payload bytes, first arrival, last arrival, CPU seconds the process used while they
+        arrived) once ``expect`` arrived (or timeout)."""
         res = self._results.get(timeout=timeout)
         self.proc.join(timeout=10)
         return res  # type: ignore[no-any-return]

@@ -145,6 +145,12 @@ def _ingest_live_python(r: dict[str, Any]) -> list[dict[str, Any]]:
         row("1 ingest", "live: publisher alone (PUBACKed msgs/s, subscriber attached)", c["publisher_msgs_per_s"],
             "msg/s", paho, "paho counting subscriber", _div(c["publisher_msgs_per_s"], paho),
             "> 1x (not the bottleneck)", c["publisher_msgs_per_s"] > paho),
+        row("1 ingest", "live: the publishers while the gateway (default) subscribes", g["publisher_msgs_per_s"],
+            "msg/s", paho, "paho counting subscriber", _div(g["publisher_msgs_per_s"], paho), "- (info: the ceiling "
+            "the gateway shares)", None),
+        row("1 ingest", "live: gateway (default) CPU per message (user + system, all threads)", g["cpu_us_per_msg"],
+            "us", c["cpu_us_per_msg"], "paho counting subscriber's CPU per message",
+            _div(g["cpu_us_per_msg"], c["cpu_us_per_msg"]), "- (info: < 1x is less)", None),
     ]
 
 

@@ -312,14 +312,15 @@ class MqttSource:
         fd = sock.fileno()
         loop.remove_reader(fd)  # the loop runs no reader in between: paho's state is final here
         framer.feed(_paho_take_partial(paho))  # never a whole packet (paho would have handled it)
-        loop.add_reader(fd, self._fast_read, paho, sock, framer, applied.read_coalesce_ms / 1000.0)
+        loop.add_reader(fd, self._fast_read, paho, sock, framer)
         self.fast = True
         self.fast_connects += 1
         log.info("fast receive on (whole socket reads, %d KiB)", _READ // 1024)
 
-    def _fast_read(self, paho: PahoClient, sock: Any, framer: PacketFramer, pause: float) -> None:
+    def _fast_read(self, paho: PahoClient, sock: Any, framer: PacketFramer) -> None:
         """One readable event: read what is there, frame it, deliver PUBLISHes, give the rest to paho; after a
-        trickle, stop reading for ``pause`` seconds (the kernel keeps what arrives meanwhile)."""
+        trickle, stop reading for ``read_coalesce_ms`` (the kernel keeps what arrives meanwhile; a reload's
+        value applies at the next read)."""
         chunks = []
         try:
             while True:
@@ -367,18 +368,19 @@ class MqttSource:
                 if self._paho is not paho:  # paho dropped the connection (e.g. DISCONNECT)
                     break
         self.messages += delivered
+        pause = self.cfg.read_coalesce_ms
         if pause > 0.0 and len(data) < _TRICKLE and self._paho is paho:
             loop = asyncio.get_running_loop()
             fd = sock.fileno()
             loop.remove_reader(fd)
             self.coalesced += 1
-            loop.call_later(pause, self._resume_reads, paho, sock, framer, pause, fd)
+            loop.call_later(pause / 1000.0, self._resume_reads, paho, sock, framer, fd)
 
-    def _resume_reads(self, paho: PahoClient, sock: Any, framer: PacketFramer, pause: float, fd: int) -> None:
+    def _resume_reads(self, paho: PahoClient, sock: Any, framer: PacketFramer, fd: int) -> None:
         """Read again after a pause, if the connection paused is still the live one (else its successor's
         reader is in place, or none is needed)."""
         if self._paho is paho and self.fast and _paho_socket(paho) is sock and sock.fileno() == fd:
-            asyncio.get_running_loop().add_reader(fd, self._fast_read, paho, sock, framer, pause)
+            asyncio.get_running_loop().add_reader(fd, self._fast_read, paho, sock, framer)
 
     async def _until_disconnected(self, client: aiomqtt.Client, stop: asyncio.Event, applied: MqttConfig) -> None:
         """Wait for ``stop``, a disconnect or a reload; the watchdog reconnects a connection that went silent.

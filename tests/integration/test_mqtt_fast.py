@@ -23,10 +23,11 @@ pytestmark = pytest.mark.integration
 class Collector:
     """The pipeline's side: records every message and acks in groups, as the WAL fsync would.
 
-    ``hook(n)`` runs on the event loop after the n-th message (a slow pipeline, or a restart mid-stream).
+    ``hook(n, source)`` runs on the event loop after the n-th message (a slow pipeline, a restart or a reload
+    mid-stream).
     """
 
-    def __init__(self, every: int = 500, hook: Callable[[int], None] | None = None) -> None:
+    def __init__(self, every: int = 500, hook: Callable[[int, MqttSource], None] | None = None) -> None:
         self.hook = hook
         self.seen: list[tuple[str, bytes]] = []
         self.tokens: list[AckToken] = []
@@ -38,7 +39,8 @@ class Collector:
     def __call__(self, topic: str, payload: bytes, token: AckToken | None) -> None:
         self.seen.append((topic, payload))
         if self.hook is not None:
-            self.hook(len(self.seen))
+            assert self.src is not None
+            self.hook(len(self.seen), self.src)
         if token is None:
             self.untokened.append((topic, payload))
         else:
@@ -57,7 +59,7 @@ def _cfg(port: int, client_id: str, **kw: Any) -> MqttConfig:
 
 
 async def _drain(cfg: MqttConfig, until: Callable[[Collector], bool], wait_s: float = 60,
-                 hook: Callable[[int], None] | None = None) -> tuple[Collector, MqttSource]:
+                 hook: Callable[[int, MqttSource], None] | None = None) -> tuple[Collector, MqttSource]:
     col = Collector(hook=hook)
     src = MqttSource(cfg, col)
     col.src = src
@@ -126,6 +128,32 @@ async def test_a_live_trickle_arrives_once_reads_coalesced_or_not(mosquitto: Mos
     assert (src.coalesced > 0) == (coalesce_ms > 0)  # a trickle's reads wait to take more at once
 
 
+async def test_a_reload_turns_read_coalescing_on_without_a_reconnect(mosquitto: Mosquitto) -> None:
+    cfg = _cfg(mosquitto.port, "fast-trickle-reload", read_coalesce_ms=0.0)
+    await _drain(cfg, lambda c: True)  # the session
+    msgs = _messages(1_500, "fast/tr")
+    at: dict[str, int] = {}
+
+    def paced() -> Iterator[tuple[str, bytes]]:
+        for i, m in enumerate(msgs):
+            if i % 20 == 0:
+                time.sleep(0.005)
+            yield m
+
+    def reload_at(n: int, src: MqttSource) -> None:  # half way: the new settings, as `gateway` reloads them
+        if n == 750:
+            assert src.coalesced == 0
+            src.reconfigure(_cfg(mosquitto.port, "fast-trickle-reload", read_coalesce_ms=20.0))
+            at["connects"] = src.connects
+
+    sending = asyncio.create_task(asyncio.to_thread(publish, mosquitto.port, paced(), client_id="fast-pub-tr"))
+    col, src = await _drain(cfg, lambda c: len(c.seen) >= len(msgs) and sending.done(), hook=reload_at)
+    await sending
+    assert sorted(col.seen) == sorted(msgs)
+    assert src.coalesced > 0  # from the reload on
+    assert src.connects == at["connects"]  # no reconnect for it
+
+
 @pytest.mark.parametrize("coalesce_ms", [2.0, 50.0])
 async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, coalesce_ms: float) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
@@ -134,7 +162,7 @@ async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, coalesce_
         msgs = _messages(30_000, "fast/r")
         await asyncio.to_thread(publish, broker.port, msgs, client_id="fast-pub-r")
 
-        def restart_at(n: int) -> None:  # blocks the loop: the rest of the backlog is unread or unacked
+        def restart_at(n: int, _src: MqttSource) -> None:  # blocks the loop: the rest is unread or unacked
             if n == 5_000:
                 broker.restart()
 

@@ -27,4 +27,4 @@ def test_prints_a_table_per_cadence(capsys: pytest.CaptureFixture[str]) -> None:
     assert "law = 'exponential'" in out
     assert "5 min x 14 days (4032 samples)" in out
     assert "10 s x 3 days (25,920 samples)" in out
-    assert out.count("\n  ") == 14  # one row per case
+    assert out.count("\n  ") == 15  # one row per case (11 + 4)

@@ -171,3 +171,31 @@ async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, coalesce_
         assert src.connects == 2
         assert src.fast_connects == 2
         assert len(col.seen) > len(msgs)  # what was unacked at the restart came again on the new session
+
+
+async def test_a_trickle_over_tls_arrives_once_with_reads_coalesced(tmp_path: Path) -> None:
+    """TLS decrypts into the SSL object's buffer, which epoll does not see: a pause must not strand it. Large
+    payloads span TLS records and reads, so packets are framed across pauses too."""
+    from tests.servers import make_test_ca
+
+    pki = make_test_ca(tmp_path / "pki")
+    with Mosquitto(tmp_path / "broker", tls=pki, require_certificate=True) as broker:
+        tls = {"ca_file": str(pki.ca_cert), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+        cfg = MqttConfig.model_validate({"host": "localhost", "port": broker.tls_port, "client_id": "fast-tls",
+                                         "topics": ["fast/#"], "tls": tls, "read_coalesce_ms": 5.0})
+        await _drain(cfg, lambda c: True)  # the session
+        msgs = [(t, p + b" " * (40_000 if i % 97 == 0 else 0)) for i, (t, p) in enumerate(_messages(1_500, "fast/s"))]
+
+        def paced() -> Iterator[tuple[str, bytes]]:
+            for i, m in enumerate(msgs):
+                if i % 20 == 0:
+                    time.sleep(0.005)
+                yield m
+
+        sending = asyncio.create_task(asyncio.to_thread(publish, broker.port, paced(), client_id="fast-pub-s"))
+        col, src = await _drain(cfg, lambda c: len(c.seen) >= len(msgs) and sending.done())
+        await sending
+        assert src.fast_connects == 1
+        assert sorted(col.seen) == sorted(msgs)
+        assert col.acked == len(msgs)
+        assert src.coalesced > 0

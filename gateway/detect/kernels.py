@@ -35,6 +35,7 @@ RESOLVE_EVERY = 16  # (a power of two: the check is a mask, not a float modulo, 
 RESOLVE_YOUNG = 256.0
 N_LAG = len(LAG_TAUS_S)
 VISIT_MEMORY = 30.0  # visits remembered by a level's spread of visit offsets
+MIN_MEM = 100.0  # samples a memory spans at least (level_memory_s at coarse sampling: σ from 100 is within 7 %)
 LOCAL_T_S = 50.0  # memory of the local error mean: 5 samples at 10 s, shorter than any thermal change of misfit
 LOCAL_A_MAX = 0.5  # (its weight dt / LOCAL_T_S, at most this: a mean of at least 2 samples)
 # The lag model's error has a slow misfit (a fixed lag basis fits a thermal response to a fraction of
@@ -178,6 +179,10 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     """Fill one row of the decay table for ``dt`` (0 or 1 at dt = 0, where nothing decays)."""
     for q in range(N_LAG):
         row[D_LAG + q] = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
+    # (a day of hourly readings is 24 samples: too few for a level's σ or a noise reference, which the
+    # noise ratio's 30-sample EWMA would outlast; the memory then spans MIN_MEM samples)
+    t_fit = max(t_fit, MIN_MEM * dt)
+    t_level = max(t_level, MIN_MEM * dt)
     row[D_FIT] = math.exp(-dt / t_fit) if dt > 0.0 else 1.0
     row[D_LEVEL] = 1.0 - math.exp(-dt / t_level) if dt > 0.0 else 0.0
     row[D_HOLD] = math.exp(-dt / t_level) if dt > 0.0 else 1.0

@@ -84,7 +84,8 @@ What neither CUSUM sees is a slow drift of a lag-modelled series smaller than th
 The noise statistic uses consecutive differences, which are blind to a slow misfit or an offset (those
 are the CUSUM's), in the series' units (``z``'s σ changes with the model in use), and compares them with
 the current level's long-run difference variance (noise depends on the load). The reference learns
-every difference, clipped at ``clip``² times itself, over the level's memory (``level_memory_s``): tripled
+every difference, clipped at ``clip``² times itself, over the level's memory (``level_memory_s``, and at
+least 100 samples: at one reading an hour a day is 24, fewer than the short ratio's own 30): tripled
 noise stays an alarm for hours, and a lasting change of noise (a new tool, a noisier product mix) becomes
 the level's normal within the day. (A reference that stopped learning while the short ratio was high kept
 the noise of the quiet moments and alarmed for days where products differ in noise.) A lone series keeps
@@ -176,7 +177,8 @@ class MachineModelParams(BaseModel):
 
     z_join: float = Field(6.0, gt=0, description="A sample within this many σ of a level belongs to it.")
     n_new: int = Field(3, ge=1, description="Consecutive samples far from every level that open a new one.")
-    level_memory_s: float = Field(86400.0, gt=0, description="Memory of levels, noise and fits (seconds).")
+    level_memory_s: float = Field(86400.0, gt=0, description="Memory of levels, noise and fits (seconds); at least "
+                                  "100 samples when readings are sparser (a day of hourly readings is 24).")
     cusum_k: float = Field(1.0, ge=0, description="CUSUM allowance in σ (half the smallest step to find).")
     cusum_h: float = Field(5.0, gt=0, description="CUSUM decision interval in σ (score 0.5 there).")
     variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of the noise variance ratio.")

@@ -627,3 +627,17 @@ def test_a_lag_modelled_sensor_s_drift_is_summed_and_a_fault_of_its_input_is_not
     assert (cusum[names.index("m013"), kp, step] >= 0.5).any()
     after = window("m013", "step", extra_s=3600.0)
     assert cusum[names.index("m013"), kt, after].max() < 0.5, cusum[names.index("m013"), kt, after].max()
+
+
+def test_a_memory_spans_at_least_100_samples_when_readings_are_sparse() -> None:
+    """``level_memory_s`` (a day) is 8,640 samples at 10 s but would be 24 at one reading an hour, too few for a
+    level's σ and shorter than the noise ratio's 30-sample EWMA it anchors: the memory then spans 100 samples."""
+    import math
+
+    from gateway.detect import kernels as K
+
+    row = np.zeros(K.N_D)
+    for dt, samples in ((10.0, 8640.0), (300.0, 288.0), (3600.0, 100.0), (86400.0, 100.0)):
+        K._decays(row, dt, 86400.0, 86400.0, 900.0)
+        assert math.isclose(row[K.D_LEVEL], -math.expm1(-1.0 / samples)), dt  # learning weight of one sample
+        assert math.isclose(row[K.D_FIT], math.exp(-1.0 / samples)), dt  # the lag fits' forgetting

@@ -191,6 +191,11 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
 
 
 # -- row 1 / row 2: throughput ---------------------------------------------------------------------------
+def _publish(publish: Publish | None, procs: int) -> Publish:
+    """``publish``, or by default the ``procs`` Python publisher processes."""
+    return publish or functools.partial(publish_parallel, procs=procs)
+
+
 def ceiling(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2,
             publish: Publish | None = None) -> dict[str, Any]:
     """The counting subscriber: messages/s from the first publish to the last message received.
@@ -200,7 +205,7 @@ def ceiling(srv: Servers, messages: list[tuple[str, bytes]], procs: int = 2,
     n = len(messages)
     sub = CountingSubscriber(srv.broker.port, n).start()
     try:
-        pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
+        pub = _publish(publish, procs)(srv.broker.port, messages)
         got, nbytes, _first, last, cpu = sub.result(timeout=300)
     finally:
         sub.stop()
@@ -220,7 +225,7 @@ def ceiling_mosquitto_sub(srv: Servers, messages: list[tuple[str, bytes]], procs
     sub = subprocess.Popen([*base, "-C", str(n)], stdout=subprocess.DEVNULL)
     try:
         time.sleep(0.3)  # connected (and not counted) before the first publish
-        pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
+        pub = _publish(publish, procs)(srv.broker.port, messages)
         sub.wait(timeout=300)
         last = time.time()
     finally:
@@ -257,7 +262,7 @@ def gateway_throughput(srv: Servers, name: str, messages: list[tuple[str, bytes]
         else:
             probe = lambda: _count(srv.influx, db, measurement, field)  # noqa: E731
         cpu0 = _cpu_s(gw.proc.pid if gw.proc else 0)
-        pub = (publish or functools.partial(publish_parallel, procs=procs))(srv.broker.port, messages)
+        pub = _publish(publish, procs)(srv.broker.port, messages)
         got, seen = wait_for(probe, expect, timeout)
         cpu = _cpu_s(gw.proc.pid if gw.proc else 0) - cpu0
         elapsed = seen - pub.first_publish

@@ -108,19 +108,21 @@ async def test_off_switch_uses_paho(mosquitto: Mosquitto) -> None:
     assert sorted(col.seen) == sorted(msgs)
 
 
+def _paced(msgs: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+    """A live trickle: 20 messages every 5 ms, so each read of the source gets a few."""
+    for i, m in enumerate(msgs):
+        if i % 20 == 0:
+            time.sleep(0.005)
+        yield m
+
+
 @pytest.mark.parametrize("coalesce_ms", [2.0, 0.0, 50.0])
 async def test_a_live_trickle_arrives_once_reads_coalesced_or_not(mosquitto: Mosquitto, coalesce_ms: float) -> None:
     cfg = _cfg(mosquitto.port, f"fast-trickle-{coalesce_ms:g}", read_coalesce_ms=coalesce_ms)
     await _drain(cfg, lambda c: True)  # the session
     msgs = _messages(1_500, "fast/t")
 
-    def paced() -> Iterator[tuple[str, bytes]]:  # 20 messages every 5 ms: each read gets a few
-        for i, m in enumerate(msgs):
-            if i % 20 == 0:
-                time.sleep(0.005)
-            yield m
-
-    sending = asyncio.create_task(asyncio.to_thread(publish, mosquitto.port, paced(), client_id="fast-pub-t"))
+    sending = asyncio.create_task(asyncio.to_thread(publish, mosquitto.port, _paced(msgs), client_id="fast-pub-t"))
     col, src = await _drain(cfg, lambda c: len(c.seen) >= len(msgs) and sending.done())
     await sending
     assert sorted(col.seen) == sorted(msgs)
@@ -134,19 +136,13 @@ async def test_a_reload_turns_read_coalescing_on_without_a_reconnect(mosquitto: 
     msgs = _messages(1_500, "fast/tr")
     at: dict[str, int] = {}
 
-    def paced() -> Iterator[tuple[str, bytes]]:
-        for i, m in enumerate(msgs):
-            if i % 20 == 0:
-                time.sleep(0.005)
-            yield m
-
     def reload_at(n: int, src: MqttSource) -> None:  # half way: the new settings, as `gateway` reloads them
         if n == 750:
             assert src.coalesced == 0
             src.reconfigure(_cfg(mosquitto.port, "fast-trickle-reload", read_coalesce_ms=20.0))
             at["connects"] = src.connects
 
-    sending = asyncio.create_task(asyncio.to_thread(publish, mosquitto.port, paced(), client_id="fast-pub-tr"))
+    sending = asyncio.create_task(asyncio.to_thread(publish, mosquitto.port, _paced(msgs), client_id="fast-pub-tr"))
     col, src = await _drain(cfg, lambda c: len(c.seen) >= len(msgs) and sending.done(), hook=reload_at)
     await sending
     assert sorted(col.seen) == sorted(msgs)
@@ -186,13 +182,7 @@ async def test_a_trickle_over_tls_arrives_once_with_reads_coalesced(tmp_path: Pa
         await _drain(cfg, lambda c: True)  # the session
         msgs = [(t, p + b" " * (40_000 if i % 97 == 0 else 0)) for i, (t, p) in enumerate(_messages(1_500, "fast/s"))]
 
-        def paced() -> Iterator[tuple[str, bytes]]:
-            for i, m in enumerate(msgs):
-                if i % 20 == 0:
-                    time.sleep(0.005)
-                yield m
-
-        sending = asyncio.create_task(asyncio.to_thread(publish, broker.port, paced(), client_id="fast-pub-s"))
+        sending = asyncio.create_task(asyncio.to_thread(publish, broker.port, _paced(msgs), client_id="fast-pub-s"))
         col, src = await _drain(cfg, lambda c: len(c.seen) >= len(msgs) and sending.done())
         await sending
         assert src.fast_connects == 1

@@ -695,7 +695,7 @@ def step_batch(
                     if v > varj:
                         varj = v
                 sdj = math.sqrt(max(varj, res2) + 1e-18)
-                if lag[J_N] > grace:
+                if not young:  # a fitted model: a test of z_all, and a candidate for the model in use
                     zj = ej / sdj
                     if not fitted:
                         z_all = zj
@@ -704,27 +704,27 @@ def step_batch(
                         z_all = 0.0
                     elif abs(zj) < abs(z_all):
                         z_all = zj
-                if lag[J_N] > grace and lag[J_ABS] < best_abs:
-                    best_abs = lag[J_ABS]
-                    best_j = j
-                    e_sel = ej
-                    sd_sel = sdj
-                    pred_sel = pred + cg
-                    d_raw = xv - pred
-                    r_sel = rj
-                    v1_sel = v1j
-                    if resolve:
-                        refit_p = pred - keep_p
-                        refit_r = rj - keep_r
-                    e2_sel = lag[J_E2]
-                    # the load input is settled: its level is known (none pending) and this visit's offset
-                    # learned; until then it is still to move, and so is the response's slope
-                    settled = s_state[sb, S_PENDN] == 0.0 and s_state[sb, S_VN] >= visit_n
+                    if lag[J_ABS] < best_abs:  # the fit nearest the data so far is the model in use
+                        best_abs = lag[J_ABS]
+                        best_j = j
+                        e_sel = ej
+                        sd_sel = sdj
+                        pred_sel = pred + cg
+                        d_raw = xv - pred
+                        r_sel = rj
+                        v1_sel = v1j
+                        if resolve:
+                            refit_p = pred - keep_p
+                            refit_r = rj - keep_r
+                        e2_sel = lag[J_E2]
+                        # the load input is settled: its level is known (none pending) and this visit's offset
+                        # learned; until then it is still to move, and so is the response's slope
+                        settled = s_state[sb, S_PENDN] == 0.0 and s_state[sb, S_VN] >= visit_n
                 # learn: exponentially forgotten sums (time constant t_fit), Huber weight beyond clip σ
                 lam = dec[D_FIT]
                 w = 1.0
                 lim = clip * sdj
-                if lag[J_N] > grace and abs(ej) > lim:
+                if not young and abs(ej) > lim:
                     w = lim / abs(ej)
                 yt = xv - cg
                 lag[J_W] = lag[J_W] * lam + w

@@ -167,16 +167,54 @@ D_GROUP = N_LAG + 3  # 1 - e^{-dt/t_group} (0 at dt = 0): the peers' common mode
 D_HPA = N_LAG + 4  # the jump CUSUM trend's weight dt / HP_T_S (at most HP_A_MAX)
 D_HPG = N_LAG + 5  # its forecast error's variance gain, hp_gain(D_HPA)
 D_LOC = N_LAG + 6  # the local error mean's weight dt / LOCAL_T_S (at most LOCAL_A_MAX)
-N_D = N_LAG + 7
+D_H = N_LAG + 7  # the CUSUMs' decision interval h at this sampling interval (see cusum_h)
+N_D = N_LAG + 8
 DT_CACHE = 4  # intervals remembered: a plant samples at a few fixed intervals, and a machine's metrics share one
 
 
 _hp_gain = njit(cache=True, nogil=True)(hp_gain)
 
+SIEGMUND_B = 1.166  # Siegmund's correction of a CUSUM's boundary for the overshoot (of a unit-variance sum)
+
+
+def cusum_h(k: float, run_length: float) -> float:
+    """The decision interval ``h`` (σ) at which a one-sided CUSUM of independent N(0, 1) with allowance
+    ``k`` crosses once in ``run_length`` samples on average (Siegmund's approximation,
+    ``ARL = (e^{2kb} - 2kb - 1) / 2k²`` with ``b = h + 1.166``; ``b² `` at ``k = 0``), never below 0.5.
+
+    So a time-based run length (a false alarm per side in so many days) holds at any sampling rate: the
+    CUSUM of a series read twice as often sums twice as many samples in that time, and needs a little more.
+
+    >>> two_weeks = 14 * 86400.0
+    >>> [round(cusum_h(1.0, two_weeks / dt), 2) for dt in (5.0, 10.0, 60.0)]
+    [5.38, 5.03, 4.14]
+    >>> round(cusum_h(0.0, 10_000), 3)
+    98.834
+    """
+    n = max(run_length, 1.0)
+    if k <= 1e-9:
+        b = math.sqrt(n)
+    else:
+        c = 2.0 * k * k * n + 1.0
+        x = math.log(c)  # x = 2kb solves x = ln(c + x): a contraction by 1/(c + x), converged in a few steps
+        for _ in range(40):
+            x1 = math.log(c + x)
+            if abs(x1 - x) <= 1e-13 * x1:
+                x = x1
+                break
+            x = x1
+        b = x / (2.0 * k)
+    return max(0.5, b - SIEGMUND_B)
+
+
+_cusum_h = njit(cache=True, nogil=True)(cusum_h)
+
 
 @njit(cache=True, nogil=True)
-def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -> None:
-    """Fill one row of the decay table for ``dt`` (0 or 1 at dt = 0, where nothing decays)."""
+def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float, ck: float, h: float,
+            arl_s: float) -> None:
+    """Fill one row of the decay table for ``dt`` (0 or 1 at dt = 0, where nothing decays); the CUSUMs' ``h``
+    is the one whose in-control run length per side is ``arl_s`` seconds (``h`` itself if ``arl_s`` is 0)."""
     for q in range(N_LAG):
         row[D_LAG + q] = 1.0 - math.exp(-dt / LAG_TAUS_S[q])
     # (a day of hourly readings is 24 samples: too few for a level's σ or a noise reference, which the
@@ -192,6 +230,7 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float) -
     row[D_HPA] = a
     row[D_HPG] = _hp_gain(a)
     row[D_LOC] = min(LOCAL_A_MAX, dt_w / LOCAL_T_S)
+    row[D_H] = _cusum_h(ck, arl_s / dt_w) if arl_s > 0.0 else h
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -409,7 +448,8 @@ def step_batch(
     ``brk`` (ascending) are rows no group extends over (a message starting at the previous row's time).
 
     ``prm``: grace, z_join, n_new, t_level_s, cusum_k, cusum_h, var_alpha, z_spike (unused here),
-    stuck_p, stuck_min, t_fit_s, t_group_s, min_group, var_alarm (unused here), clip, visit_n.
+    stuck_p, stuck_min, t_fit_s, t_group_s, min_group, var_alarm (unused here), clip, visit_n, cusum_arl_s
+    (> 0: the CUSUMs' h follows each sample's interval, :func:`cusum_h`, except on lone series).
     ``out[i, c]`` is the raw statistic of channel ``c`` (spike |z|, CUSUM S/h, variance ratio,
     stuck run / alarm run) for input sample ``i``.
     """
@@ -418,7 +458,11 @@ def step_batch(
     n_new = prm[2]
     t_level = prm[3]
     ck = prm[4]
-    ch = prm[5]
+    # the CUSUMs' decision interval: a run length of arl_s seconds per side at each sample's interval (the
+    # statistics alarm as they are); a lone series' scores are calibrated against their own distribution, which
+    # takes its sampling rate in, and there h (the sums' restart) stays h_lone
+    h_lone = prm[5]
+    arl_s = prm[16]
     va = prm[6]
     # 4 standard errors above the reference: an EWMA of a χ²₁ over 1/va samples has sd √(2va/(2-va))
     var_learn = 1.0 + 4.0 * math.sqrt(2.0 * va / (2.0 - va))
@@ -607,7 +651,7 @@ def step_batch(
                 slot = dt_next
                 dt_next = (dt_next + 1) % DT_CACHE
                 dt_key[slot] = dt
-                _decays(dt_tab[slot], dt, t_fit, t_level, t_group)
+                _decays(dt_tab[slot], dt, t_fit, t_level, t_group, ck, h_lone, arl_s)
             dec = dt_tab[slot]
             a_lev = dec[D_LEVEL]
             # own-level model
@@ -753,6 +797,7 @@ def step_batch(
                     lag[J_HE] = lag[J_HE] * lh + e2c
                     lag[J_HER] = lag[J_HER] * lh + e2c * r2
             z = e_sel / sd_sel
+            ch = h_lone if alone else dec[D_H]
             expected[i] = pred_sel
             zout[i] = z
             lone[i] = alone

@@ -44,7 +44,7 @@ detector                statistic                                              a
 ``residual_spike``      ``|z|``, or the error against its local mean (50 s,   ``z_spike`` σ
                         at least 2 samples) in the level's fast noise, or (one sample
                         late) an isolated excursion to another level
-``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = cusum_h``
+``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = h`` (below)
                         ``cusum_k`` (own-level model); for a series the lag
                         model explains, the larger of the same CUSUM of the
                         error every fit agrees on and a jump CUSUM (its error
@@ -118,7 +118,11 @@ stuck run, so a fault is not absorbed while it lasts. ``visit_samples`` = 16: th
 σ/√16 is a quarter of the CUSUM's allowance.
 
 Parameters are set by principle, not fitted: ``cusum_k`` = 1 σ is half the smallest step to find
-(2 σ); ``cusum_h`` = 5 gives an in-control run length of about 10⁵ samples per side; ``z_spike`` = 5 σ
+(2 σ); the CUSUMs' decision interval ``h`` gives an in-control run length of ``cusum_arl_days`` = 14 days
+per side at the series' sampling interval (Siegmund's approximation, :func:`gateway.detect.kernels.cusum_h`:
+5.0 σ at 10 s, 5.4 at 5 s, 4.1 at 60 s; a fixed ``h`` in samples would alarm twice as often a day at twice
+the rate), and ``cusum_h`` = 5 on a lone series, whose scores are calibrated against their own
+distribution (at its own rate) and for which ``h`` only restarts the sums; ``z_spike`` = 5 σ
 has a Gaussian tail of 6·10⁻⁷ (0.015 false alarms per machine-day of 3 metrics at 10 s, 1/60 of a
 budget of one); memories are physical (a day for levels and fits, 15 min for the
 hall's common mode).
@@ -180,7 +184,14 @@ class MachineModelParams(BaseModel):
     level_memory_s: float = Field(86400.0, gt=0, description="Memory of levels, noise and fits (seconds); at least "
                                   "100 samples when readings are sparser (a day of hourly readings is 24).")
     cusum_k: float = Field(1.0, ge=0, description="CUSUM allowance in σ (half the smallest step to find).")
-    cusum_h: float = Field(5.0, gt=0, description="CUSUM decision interval in σ (score 0.5 there).")
+    cusum_h: float = Field(5.0, gt=0, description="CUSUM decision interval in σ (score 0.5 there) of a lone "
+                           "series (its scores calibrated, see [detect.likelihood]); of every series if cusum_arl_days "
+                           "is 0.")
+    cusum_arl_days: float = Field(
+        14.0, ge=0, description="In-control run length of each CUSUM side, in days, of a series with sibling metrics: "
+        "its decision interval h follows the sampling interval so that a series with nothing wrong alarms once in "
+        "this time per side at any rate (Siegmund's approximation: h = 5.0 σ at 10 s, 5.4 at 5 s, 4.1 at 60 s); "
+        "0: cusum_h at every rate.")
     variance_memory: int = Field(30, ge=2, description="Samples of memory of the EWMA of the noise variance ratio.")
     variance_alarm: float = Field(4.0, gt=1, description="Noise variance ratio (short / long-run) alarmed at.")
     z_spike: float = Field(5.0, gt=0, description="|z| alarmed at.")
@@ -226,6 +237,7 @@ class MachineModel:
             float(grace), p.z_join, float(p.n_new), p.level_memory_s, p.cusum_k, p.cusum_h,
             1.0 / p.variance_memory, p.z_spike, p.stuck_p, float(p.stuck_min), p.level_memory_s,
             p.peer_memory_s, float(p.min_peers), p.variance_alarm, p.clip, float(p.visit_samples),
+            p.cusum_arl_days * 86400.0,
         ], np.float64)
         self.s_state = np.zeros((0, K.N_S))
         self.s_lev = np.zeros((0, K.K_LEVELS, K.N_L))

@@ -638,6 +638,37 @@ def test_a_memory_spans_at_least_100_samples_when_readings_are_sparse() -> None:
 
     row = np.zeros(K.N_D)
     for dt, samples in ((10.0, 8640.0), (300.0, 288.0), (3600.0, 100.0), (86400.0, 100.0)):
-        K._decays(row, dt, 86400.0, 86400.0, 900.0)
+        K._decays(row, dt, 86400.0, 86400.0, 900.0, 1.0, 5.0, 14 * 86400.0)
         assert math.isclose(row[K.D_LEVEL], -math.expm1(-1.0 / samples)), dt  # learning weight of one sample
         assert math.isclose(row[K.D_FIT], math.exp(-1.0 / samples)), dt  # the lag fits' forgetting
+
+
+def test_the_cusum_decision_interval_follows_the_sampling_interval() -> None:
+    """A fixed ``h`` in samples alarms twice as often a day at twice the rate: ``h`` is the one whose in-control
+    run length is ``cusum_arl_days`` per side at each interval (Siegmund's approximation), checked here against
+    simulated CUSUMs of independent N(0, 1); with ``arl_s`` 0 it is ``cusum_h`` at every interval."""
+    import math
+
+    from gateway.detect import kernels as K
+
+    row = np.zeros(K.N_D)
+    hs = []
+    for dt in (1.0, 5.0, 10.0, 60.0, 3600.0):
+        K._decays(row, dt, 86400.0, 86400.0, 900.0, 1.0, 5.0, 14 * 86400.0)
+        hs.append(row[K.D_H])
+        b = row[K.D_H] + K.SIEGMUND_B
+        assert math.isclose((math.exp(2 * b) - 2 * b - 1) / 2, 14 * 86400.0 / dt, rel_tol=1e-9), dt
+    assert hs == sorted(hs, reverse=True), hs
+    assert 4.9 < hs[2] < 5.1, hs
+    K._decays(row, 5.0, 86400.0, 86400.0, 900.0, 1.0, 5.0, 0.0)
+    assert row[K.D_H] == 5.0
+    # the approximation against simulation: a one-sided CUSUM (k = 1) of N(0, 1) restarting at h = cusum_h(1, 300)
+    h = K.cusum_h(1.0, 300.0)
+    z = np.random.default_rng(7).standard_normal(600_000).tolist()
+    s, crossings = 0.0, 0
+    for v in z:
+        s = max(0.0, s + v - 1.0)
+        if s >= h:
+            crossings += 1
+            s = 0.0
+    assert 255 < len(z) / crossings < 345, len(z) / crossings  # (simulated: 278)

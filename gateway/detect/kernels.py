@@ -861,7 +861,8 @@ def step_batch(
                     st[S_HV] = lev[k, L_DV] * dec[D_HPG]
                 tv = v1_sel * dr * dr
                 dz = de / math.sqrt(max(st[S_HV], res2) + tv)
-                dz = max(-clip * 2.0, min(clip * 2.0, dz))
+                # (one jump counts at most h + k: alone it alarms there, the CUSUM a Shewhart chart at h + k too)
+                dz = max(-(ch + ck), min(ch + ck, dz))
                 if not settled:  # the load input is still to move: no sums, but the trend keeps learning
                     st[S_HHI] = 0.0
                     st[S_HLO] = 0.0

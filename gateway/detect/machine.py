@@ -79,6 +79,8 @@ lag (7.5 min), so the trend follows a thermal response's curve at any sampling r
 over which a 2.5 σ step (the middle of the 2-3 σ steps to find) sums to ≈ ``h`` before the trend absorbs it;
 2.7 at 60 s (16 samples there spanned 16 minutes, and the trend missed the curve of every warm-up: 2.35
 false alarms per machine-day on a 60-second plant without a state channel, now 1.08; 0.42 -> 0.08 with one).
+One sample counts at most ``h + k`` σ in it: alone it alarms there (a Shewhart chart at ``h + k`` inside the
+CUSUM, Lucas' combined scheme), which finds an 8 σ spike of a sensor whose model's σ is twice its noise.
 What neither CUSUM sees is a slow drift of a lag-modelled series smaller than the misfit.
 
 The noise statistic uses consecutive differences, which are blind to a slow misfit or an offset (those

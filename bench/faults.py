@@ -125,8 +125,12 @@ def score(
     warmup_s: float = WARMUP_S,
     bucket_s: float = BUCKET_S,
     grace_s: float = FAULT_GRACE_S,
+    clock_jitter_s: float = 0.0,
 ) -> dict[str, Any]:
     """Caught faults per kind, time to detection and false alarms (see the module docstring).
+
+    A fault's window and its exclusion from false alarms start ``clock_jitter_s`` before its onset: the
+    devices' timestamps are that far off the grid the faults are labelled on.
 
     >>> f = PlantFault("m1", "s", "a", "l", "power_kw", "spike", 90_000.0, 90_000.0, 60.0, 0.1, 0.8)
     >>> r = score([f], [AnomalyPoint("m1", "power_kw", "fused", 90_030.0),
@@ -151,14 +155,14 @@ def score(
         m = metrics.setdefault(f.metric, {"caught": 0, "total": 0})
         m["total"] += 1
         series = by_series.get((f.machine, f.metric), ())
-        hits = [p.ts_s for p in series if f.start_ts <= p.ts_s <= f.start_ts + f.window_s]
+        hits = [p.ts_s for p in series if f.start_ts - clock_jitter_s <= p.ts_s <= f.start_ts + f.window_s]
         if hits:
             k["caught"] += 1
             m["caught"] += 1
-            k["delays_min"].append((min(hits) - f.start_ts) / 60.0)
+            k["delays_min"].append(max(0.0, min(hits) - f.start_ts) / 60.0)
         else:
             k["missed"].append(f"{f.machine}/{f.metric}")
-        excluded[(f.machine, f.metric)].append((f.start_ts, f.end_ts + grace_s))
+        excluded[(f.machine, f.metric)].append((f.start_ts - clock_jitter_s, f.end_ts + grace_s))
     for k in kinds.values():
         k["median_delay_min"] = statistics.median(k["delays_min"]) if k["delays_min"] else None
     alarms: set[tuple[str, str, int]] = set()
@@ -212,7 +216,8 @@ def run_one(seed: int, mode: str, machines: int, days: float, cfg: GatewayConfig
     t2 = time.perf_counter()
     path.unlink()
     points = parse_anomalies(sink.anomaly_lines)
-    result = score(plant.faults, points, start_s=float(plant.ts_s[0]), days=days, machines=machines)
+    result = score(plant.faults, points, start_s=float(plant.ts_s[0]), days=days, machines=machines,
+                   clock_jitter_s=plant.config.clock_jitter_s)
     result.update({
         "seed": seed, "mode": mode, "machines": machines, "days": days, "messages": messages,
         "points_in": stats.points_in, "rejected": stats.decode_errors,
@@ -322,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machines", type=int, default=24)
     ap.add_argument("--days", type=float, default=3.0, help="days from Monday 00:00 UTC; the first is warm-up")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
+    ap.add_argument("--jitter", type=float, default=0.0,
+                    help="seconds by which each machine's timestamps deviate from the grid, up to ± (default 0)")
     ap.add_argument("--machines-per-area", type=int, default=8, help="machines of a hall: a peer group (default 8)")
     ap.add_argument("--resolution", type=_resolution, default={},
                     help="sensor steps, metric=step,... (default: readings to 3 decimals)")
@@ -333,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.days <= WARMUP_S / 86_400.0:
         ap.error("--days must be more than the 1-day warm-up")
-    extra = {"interval_s": a.interval, "machines_per_area": a.machines_per_area, "resolution": a.resolution}
+    extra = {"interval_s": a.interval, "machines_per_area": a.machines_per_area, "resolution": a.resolution,
+             "clock_jitter_s": a.jitter}
     try:
         PlantConfig(**extra)  # type: ignore[arg-type]
     except ValueError as exc:

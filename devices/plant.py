@@ -113,7 +113,10 @@ class PlantConfig:
     ``inject_faults=False`` gives the same plant, the same fault labels and the values without the
     faults (a reference: the difference of the two is exactly the injected fault). ``resolution`` maps a
     metric to its sensor's step (readings are multiples of it; default: 3 decimals), as a coarse sensor
-    reads: a quiet level then is a constant that flips by one step now and then.
+    reads: a quiet level then is a constant that flips by one step now and then. ``clock_jitter_s``: each
+    machine's telemetry timestamps deviate from the nominal grid by up to ± this, uniformly, per machine
+    and sample (a device's clock and scheduling; the readings are the nominal instant's), less than half
+    the interval so they stay in order.
 
     >>> PlantConfig(resolution={"vibration_mm_s": 0.01}).resolution["vibration_mm_s"]
     0.01
@@ -133,6 +136,7 @@ class PlantConfig:
     metrics: tuple[str, ...] = METRICS
     inject_faults: bool = True
     resolution: Mapping[str, float] = field(default_factory=dict)
+    clock_jitter_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.machines < 1:
@@ -147,6 +151,8 @@ class PlantConfig:
             raise ValueError(f"start_s must be a midnight UTC (a multiple of 86400), got {self.start_s}")
         if set(self.metrics) != set(METRICS) or len(self.metrics) != len(METRICS):
             raise ValueError(f"metrics must be an ordering of {', '.join(METRICS)}, got {self.metrics}")
+        if not 0.0 <= self.clock_jitter_s < self.interval_s / 2:
+            raise ValueError(f"clock_jitter_s must be in [0, interval_s / 2), got {self.clock_jitter_s}")
         for metric, step in self.resolution.items():
             if metric not in METRICS:
                 raise ValueError(f"resolution: {metric} is not a metric ({', '.join(METRICS)})")
@@ -576,6 +582,10 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0,
     bounds = np.arange(ts[0], ts[-1] + span_s, span_s)
     edges = [*np.searchsorted(ts, bounds - 1e-6).tolist(), len(ts)]
     ts_list = ts.tolist()
+    jitter = plant.config.clock_jitter_s
+    stamps = [ts_list if not jitter else
+              np.round(ts + _rng(plant.config.seed, 7, m).uniform(-jitter, jitter, len(ts)), 6).tolist()
+              for m in range(len(plant.specs))]
     columns = [[plant.values[m, k].tolist() for k in range(len(plant.metrics))] for m in range(len(plant.specs))]
     state_ts = [np.asarray([s[0] for s in st]) for st in plant.states]
     state_edges = [[*np.searchsorted(st, bounds - 1e-6).tolist(), len(st)] for st in state_ts]
@@ -591,7 +601,7 @@ def replay_records(plant: Plant, *, state_channel: bool, span_s: float = 600.0,
                     yield {"topic": topics[m][1], "payload": payload}
             if b > a:
                 yield {"topic": topics[m][0], "payload": {
-                    "ts": ts_list[a:b],
+                    "ts": stamps[m][a:b],
                     "values": {plant.metrics[k]: columns[m][k][a:b] for k in sent[m]},
                 }}
 

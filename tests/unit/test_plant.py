@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from pathlib import Path
 
@@ -299,3 +300,28 @@ def test_coarse_sensors_read_multiples_of_their_step_and_the_rest_is_the_same_pl
     assert np.array_equal(coarse.values[:, k], fine.values[:, k])
     assert coarse.faults == fine.faults
     assert coarse.states == fine.states
+
+
+def test_clock_jitter_moves_each_machine_s_timestamps_off_the_grid_not_its_readings() -> None:
+    """``clock_jitter_s``: each machine's telemetry timestamps deviate from the grid by up to ± the jitter (its
+    own draw per sample, in order); the readings and state events are the grid's."""
+    grid = generate_plant(SMALL)
+    cfg = dataclasses.replace(SMALL, clock_jitter_s=2.0)
+    p = generate_plant(cfg)
+    assert np.array_equal(p.values, grid.values)
+    a = list(replay_records(grid, state_channel=True))
+    b = list(replay_records(p, state_channel=True))
+    assert [r["topic"] for r in a] == [r["topic"] for r in b]
+    d = []
+    for ra, rb in zip(a, b, strict=True):
+        if ra["topic"].endswith("/state"):
+            assert ra == rb
+            continue
+        assert ra["payload"]["values"] == rb["payload"]["values"]
+        d.extend(np.subtract(rb["payload"]["ts"], ra["payload"]["ts"]).tolist())
+        assert np.all(np.diff(rb["payload"]["ts"]) > 0)
+    d_arr = np.asarray(d)
+    assert np.abs(d_arr).max() <= 2.0
+    assert np.abs(d_arr).mean() > 0.5  # (uniform on ±2 s: mean |d| = 1)
+    with pytest.raises(ValueError, match="clock_jitter_s must be in"):
+        PlantConfig(interval_s=10.0, clock_jitter_s=5.0)

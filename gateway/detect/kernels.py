@@ -524,6 +524,16 @@ def step_batch(
             i1 += 1
         t = t_ns * 1e-9
         regime = m_state[mid]
+        # the state channel and the telemetry come from different clocks (a PLC, a sensor gateway): a sample
+        # within one of its intervals of a state change may be either regime's, and takes the one whose level
+        # explains it better. The change due next (an event already received, at a time after this sample's):
+        nxt_ts = -1
+        nxt_reg = -1
+        if regime >= 0 and npend[mid] > 0:
+            for j in range(e_lo[mid], e_cur[mid]):
+                if ev_done[j] == 0 and ev_ts[j] > t_ns and (nxt_ts < 0 or ev_ts[j] < nxt_ts):
+                    nxt_ts = ev_ts[j]
+                    nxt_reg = ev_reg[j]
         # -- pass 1: level of every sample of the group (siblings read each other's level mean)
         switched = False  # a series its own levels explain moved to another level: the machine changed regime
         for ii in range(i0, i1):
@@ -543,9 +553,31 @@ def step_batch(
             bestz = 1e300
             if regime >= 0:  # the state channel names the level
                 best = regime
-                if lev[best, L_N] == 0.0:
+                if st[S_N] > 0.0:  # (the other regime near a change: the next one, or the one this series left)
+                    span = (t - st[S_LAST_T]) * 1e9  # the series' interval (ns)
+                    alt = -1
+                    if nxt_ts >= 0 and nxt_ts - t_ns < span:
+                        alt = nxt_reg
+                    elif t_ns - span < m_evt[mid] < t_ns:
+                        alt = int(st[S_LEVEL])
+                    if 0 <= alt < K_LEVELS and alt != best:
+                        if lev[best, L_N] == 0.0:  # the regime named is not seen yet: the other's, if it explains it
+                            if lev[alt, L_N] > 0.0 and \
+                                    abs(xv - lev[alt, L_MEAN]) <= z_join * _level_sd(lev, alt, st, grace):
+                                best = alt
+                        elif lev[alt, L_N] == 0.0:  # the other is not seen yet: its first reading, if far from this one
+                            if abs(xv - lev[best, L_MEAN]) > z_join * _level_sd(lev, best, st, grace):
+                                best = alt
+                        elif abs(xv - lev[alt, L_MEAN]) / _level_sd(lev, alt, st, grace) < \
+                                abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st, grace):
+                            best = alt
+                # a regime's first reading may not be its own (a change between two samples, another clock): a level
+                # of fewer than n_new samples that a reading is far from starts again at it
+                if lev[best, L_N] == 0.0 or (lev[best, L_N] < n_new and
+                                             abs(xv - lev[best, L_MEAN]) > z_join * _level_sd(lev, best, st, grace)):
                     lev[best, L_MEAN] = xv
                     lev[best, L_VAR] = st[S_SCALE] ** 2
+                    lev[best, L_N] = 0.0
                 bestz = abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st, grace)
             else:
                 for k in range(nl):

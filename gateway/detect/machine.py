@@ -7,8 +7,13 @@ lower is used (chosen per series, online):
   metric that follows the load at once (power, current, vibration) sits at one level per regime with its
   own noise. The level is the state channel's regime when the machine sends one, else the nearest of up
   to six levels learned from the series itself (a sample further than ``z_join`` σ from every level
-  opens a new one once ``n_new`` such samples agree). A recurring start, break or stop moves between
-  known levels and scores low; a step, drift, spike or noise change inside a level does not. Each
+  opens a new one once ``n_new`` such samples agree). The state channel and the telemetry come from
+  different clocks (a PLC, a sensor gateway) and a regime changes between two samples: a sample within
+  one of its intervals of a state change (before an event already received, or after the one in force)
+  takes whichever of the two regimes' levels explains it better (a regime not seen yet: if the sample is
+  beyond ``z_join`` σ of the other), and a regime's level of fewer than ``n_new`` samples that a sample
+  is that far from starts again at it (its first reading was not its own). A recurring start, break or
+  stop moves between known levels and scores low; a step, drift, spike or noise change inside a level does not. Each
   visit of a level learns its own offset over its first ``visit_samples`` samples (a new product
   after a setup); meanwhile ``z`` carries that estimate's uncertainty (the level's spread of visit
   offsets, then ``σ²/n``) and neither the CUSUM nor the noise statistic sums. Later samples within

@@ -180,7 +180,7 @@ SIEGMUND_B = 1.166  # Siegmund's correction of a CUSUM's boundary for the oversh
 def cusum_h(k: float, run_length: float) -> float:
     """The decision interval ``h`` (σ) at which a one-sided CUSUM of independent N(0, 1) with allowance
     ``k`` crosses once in ``run_length`` samples on average (Siegmund's approximation,
-    ``ARL = (e^{2kb} - 2kb - 1) / 2k²`` with ``b = h + 1.166``; ``b² `` at ``k = 0``), never below 0.5.
+    ``ARL = (e^{2kb} - 2kb - 1) / 2k²`` with ``b = h + 1.166``; ``b²`` at ``k = 0``), never below 0.5.
 
     So a time-based run length (a false alarm per side in so many days) holds at any sampling rate: the
     CUSUM of a series read twice as often sums twice as many samples in that time, and needs a little more.

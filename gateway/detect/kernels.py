@@ -286,6 +286,12 @@ def _level_sd(lev: Any, k: int, st: Any, grace: float) -> float:
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _level_z(lev: Any, k: int, xv: float, st: Any, grace: float) -> float:
+    """How far ``xv`` is from level ``k`` of the series ``st``, in that level's σ."""
+    return float(abs(xv - lev[k, L_MEAN]) / _level_sd(lev, k, st, grace))
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _resolves(lag: Any) -> bool:
     """Whether the step solves the fit's normal equations again for this sample (:func:`_lag_solve`)."""
     n = lag[J_N]  # (a count: a whole number)
@@ -560,29 +566,23 @@ def step_batch(
                         alt = nxt_reg
                     elif t_ns - span < m_evt[mid] < t_ns:
                         alt = int(st[S_LEVEL])
-                    if 0 <= alt < K_LEVELS and alt != best:
-                        if lev[best, L_N] == 0.0:  # the regime named is not seen yet: the other's, if it explains it
-                            if lev[alt, L_N] > 0.0 and \
-                                    abs(xv - lev[alt, L_MEAN]) <= z_join * _level_sd(lev, alt, st, grace):
-                                best = alt
-                        elif lev[alt, L_N] == 0.0:  # the other is not seen yet: its first reading, if far from this one
-                            if abs(xv - lev[best, L_MEAN]) > z_join * _level_sd(lev, best, st, grace):
-                                best = alt
-                        elif abs(xv - lev[alt, L_MEAN]) / _level_sd(lev, alt, st, grace) < \
-                                abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st, grace):
+                    if 0 <= alt < K_LEVELS and alt != best:  # the one whose level explains it better (a level not
+                        # seen yet: if the reading is beyond z_join σ of the other's)
+                        zb = _level_z(lev, best, xv, st, grace) if lev[best, L_N] > 0.0 else -1.0
+                        za = _level_z(lev, alt, xv, st, grace) if lev[alt, L_N] > 0.0 else -1.0
+                        if (zb < 0.0 and 0.0 <= za <= z_join) or (za < 0.0 and zb > z_join) or 0.0 <= za < zb:
                             best = alt
                 # a regime's first reading may not be its own (a change between two samples, another clock): a level
                 # of fewer than n_new samples that a reading is far from starts again at it
-                if lev[best, L_N] == 0.0 or (lev[best, L_N] < n_new and
-                                             abs(xv - lev[best, L_MEAN]) > z_join * _level_sd(lev, best, st, grace)):
+                bestz = _level_z(lev, best, xv, st, grace) if lev[best, L_N] > 0.0 else 0.0
+                if lev[best, L_N] == 0.0 or (lev[best, L_N] < n_new and bestz > z_join):
                     lev[best, L_MEAN] = xv
                     lev[best, L_VAR] = st[S_SCALE] ** 2
                     lev[best, L_N] = 0.0
-                bestz = abs(xv - lev[best, L_MEAN]) / _level_sd(lev, best, st, grace)
+                    bestz = 0.0
             else:
                 for k in range(nl):
-                    sd = _level_sd(lev, k, st, grace)
-                    zk = abs(xv - lev[k, L_MEAN]) / sd
+                    zk = _level_z(lev, k, xv, st, grace)
                     if zk < bestz:
                         bestz = zk
                         best = k

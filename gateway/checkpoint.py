@@ -61,12 +61,13 @@ __all__ = [
 ]
 
 FORMAT = "factory-gateway-checkpoint"
-VERSION = 7  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
+VERSION = 8  # 2: the machine model keeps its state events by arrival (m_evt), the state filter its positions;
 # 3: its lag fits keep the lower triangle of their normal matrix only; 4: series keep which level is
 # their stopped one (S_LOWK, in place of the indicator), lag fits the one they learned with (J_LOWK);
 # 5: series keep the level their last sample jumped from and the reading before it (S_XL, S_XB); 6: lag fits
 # keep their last inputs (J_UP, J_LOWP), series their resolution (S_RES); 7: calibrated scores keep their tail
-# (the rate beyond its start, the mean excess, the excesses seen)
+# (the rate beyond its start, the mean excess, the excesses seen); 8: series keep their CUSUMs' open 10-s
+# blocks (S_BTZ, S_BZ, S_BTJ, S_BJ)
 _HEADER = "__header__"
 
 Arr = npt.NDArray[Any]

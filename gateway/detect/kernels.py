@@ -66,6 +66,13 @@ def hp_gain(a: float) -> float:
     d = 2.0 * b
     return 1.0 + (a * a / q) * (d * d / omq - 2.0 * d * a * q / omq ** 2 + a * a * q * (1.0 + q) / omq ** 3)
 
+# The CUSUMs sum one value per CUSUM_BLOCK_S of samples, the time-weighted mean of their inputs over it: the
+# faults they look for last half an hour and more, and samples closer than that add no evidence of a sustained
+# shift that the block's mean lacks, but they do add sums of the model's slow misfit, correlated over minutes,
+# which the lag-1 ρ and h in time cannot take out (one sample a second: 2.5-2.9 false alarms per machine-day,
+# mostly CUSUMs on the temperature). 10 s = HP_T_S / 16, the sampling the jump CUSUM's trend memory was designed
+# for (16 values of it); samples 10 s apart or more are each a block of their own (exactly as without blocks).
+CUSUM_BLOCK_S = HP_T_S / 16.0
 RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
@@ -108,7 +115,11 @@ S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input an
 S_XL = 34  # 1 + the level the last sample left (0: it stayed in its level), and the reading before it (if the
 S_XB = 35  # next sample is back in that level, the last one may have been an isolated excursion: a spike)
 S_RES = 36  # the series' resolution: the smallest change between two readings seen (0: none yet)
-N_S = 37
+S_BTZ = 37  # the CUSUMs' current blocks (see CUSUM_BLOCK_S): the plain CUSUM's, the time its samples cover
+S_BZ = 38  # and the time-weighted sum of its input; the jump CUSUM's, the same
+S_BTJ = 39
+S_BJ = 40
+N_S = 41
 
 # per-series per-level columns (K_LEVELS levels)
 L_MEAN = 0
@@ -183,7 +194,8 @@ def cusum_h(k: float, run_length: float) -> float:
     ``ARL = (e^{2kb} - 2kb - 1) / 2k²`` with ``b = h + 1.166``; ``b²`` at ``k = 0``), never below 0.5.
 
     So a time-based run length (a false alarm per side in so many days) holds at any sampling rate: the
-    CUSUM of a series read twice as often sums twice as many samples in that time, and needs a little more.
+    CUSUM of a series read twice as often sums twice as many samples in that time, and needs a little more
+    (the machine model's CUSUMs sum blocks of ``CUSUM_BLOCK_S``, so their ``h`` stops growing below 10 s).
 
     >>> two_weeks = 14 * 86400.0
     >>> [round(cusum_h(1.0, two_weeks / dt), 2) for dt in (5.0, 10.0, 60.0)]
@@ -230,7 +242,7 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float, c
     row[D_HPA] = a
     row[D_HPG] = _hp_gain(a)
     row[D_LOC] = min(LOCAL_A_MAX, dt_w / LOCAL_T_S)
-    row[D_H] = _cusum_h(ck, arl_s / dt_w) if arl_s > 0.0 else h
+    row[D_H] = _cusum_h(ck, arl_s / max(dt_w, CUSUM_BLOCK_S)) if arl_s > 0.0 else h
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -857,19 +869,30 @@ def step_batch(
                 if st[S_USE] != best_j + 1.0:
                     hi = 0.0
                     lo = 0.0
+                    st[S_BTZ] = 0.0
+                    st[S_BZ] = 0.0
                 if settled:
                     za = max(-clip * 2.0, min(clip * 2.0, z_all)) * rf
-                    hi, lo, cus = _cusum_step(hi, lo, za, ck, ch)
+                    done, zb = _block(st, S_BTZ, S_BZ, za, dt)
+                    if done:
+                        hi, lo, cus = _cusum_step(hi, lo, zb, ck, ch)
                 else:
                     hi = 0.0
                     lo = 0.0
                     cus = 0.0
+                    st[S_BTZ] = 0.0
+                    st[S_BZ] = 0.0
             elif not visiting:  # a series its own levels explain: no sum while the visit's offset learns
-                hi, lo, cus = _cusum_step(hi, lo, zc, ck, ch)
-                # an alarm says this visit's offset is wrong now (a step, or a drift its running mean followed):
-                # it is learned anew, as a chart restarts after a signal, so the alarm is not repeated for the
-                # rest of the visit (nor the return of a drift the running mean had followed)
-                relearn = cus >= ch
+                done, zb = _block(st, S_BTZ, S_BZ, zc, dt)
+                if done:
+                    hi, lo, cus = _cusum_step(hi, lo, zb, ck, ch)
+                    # an alarm says this visit's offset is wrong now (a step, or a drift its running mean
+                    # followed): it is learned anew, as a chart restarts after a signal, so the alarm is not
+                    # repeated for the rest of the visit (nor the return of a drift the running mean had followed)
+                    relearn = cus >= ch
+            else:
+                st[S_BTZ] = 0.0
+                st[S_BZ] = 0.0
             st[S_CHI] = hi
             st[S_CLO] = lo
             # jump CUSUM (lag model in use): the error against its local trend's one-step forecast, in that
@@ -898,8 +921,14 @@ def step_batch(
                 if not settled:  # the load input is still to move: no sums, but the trend keeps learning
                     st[S_HHI] = 0.0
                     st[S_HLO] = 0.0
+                    st[S_BTJ] = 0.0
+                    st[S_BJ] = 0.0
                 elif st[S_HN] >= n_h:  # the trend has learned over its memory: sum
-                    st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], dz, ck, ch)
+                    done, db = _block(st, S_BTJ, S_BJ, dz, dt)
+                    if done:
+                        st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], db, ck, ch)
+                    else:
+                        jump = max(st[S_HHI], st[S_HLO])
                     if tv <= st[S_HV]:  # its in-control spread, learned where no transient dominates
                         st[S_HVN] += 1.0
                         # (its start, the level's noise through the trend's gain, counts as the trend's memory)
@@ -918,6 +947,8 @@ def step_batch(
                 st[S_HHI] = 0.0
                 st[S_HLO] = 0.0
                 st[S_HN] = 0.0
+                st[S_BTJ] = 0.0
+                st[S_BJ] = 0.0
             # noise: half the squared difference of consecutive errors of the model in use estimates the
             # variance of its fast part, blind to a slow misfit or an offset (those are the CUSUM's). It is
             # compared, in the series' own units, with the same in the current level over the long run (noise
@@ -1024,6 +1055,27 @@ def step_batch(
     for k in range(n_ev):  # the events that arrived after every sample of their machine
         if k >= e_cur[ev_mach[k]]:
             _ev_take(ev_mach[k], n_rows, ev_ts, ev_pos, ev_reg, ev_done, e_cur, e_lo, e_end, npend, m_state, m_evt)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block(st: Any, ti: int, si: int, v: float, dt: float) -> tuple[bool, float]:
+    """Add a CUSUM's input ``v`` (its sample ``dt`` s after the last) to its block (time ``st[ti]``, weighted
+    sum ``st[si]``): ``(True, the block's time-weighted mean)`` once the block covers ``CUSUM_BLOCK_S`` to within
+    half a sample, else ``(False, 0)``. A sample that covers that much alone (or the first, ``dt`` = 0) with no
+    block open is a block of its own, ``v`` itself."""
+    bt = st[ti]
+    close = CUSUM_BLOCK_S - 0.5 * dt
+    if bt == 0.0 and (dt == 0.0 or dt >= close):
+        return True, v
+    bt += dt
+    sv = st[si] + v * dt
+    if bt >= close:
+        st[ti] = 0.0
+        st[si] = 0.0
+        return True, sv / bt
+    st[ti] = bt
+    st[si] = sv
+    return False, 0.0
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -648,7 +648,8 @@ def test_a_memory_spans_at_least_100_samples_when_readings_are_sparse() -> None:
 def test_the_cusum_decision_interval_follows_the_sampling_interval() -> None:
     """A fixed ``h`` in samples alarms twice as often a day at twice the rate: ``h`` is the one whose in-control
     run length is ``cusum_arl_days`` per side at each interval (Siegmund's approximation), checked here against
-    simulated CUSUMs of independent N(0, 1); with ``arl_s`` 0 it is ``cusum_h`` at every interval."""
+    simulated CUSUMs of independent N(0, 1); below ``CUSUM_BLOCK_S`` the CUSUMs sum one block of that length at
+    a time, and ``h`` is the block's; with ``arl_s`` 0 it is ``cusum_h`` at every interval."""
     import math
 
     from gateway.detect import kernels as K
@@ -659,8 +660,9 @@ def test_the_cusum_decision_interval_follows_the_sampling_interval() -> None:
         K._decays(row, dt, 86400.0, 86400.0, 900.0, 1.0, 5.0, 14 * 86400.0)
         hs.append(row[K.D_H])
         b = row[K.D_H] + K.SIEGMUND_B
-        assert math.isclose((math.exp(2 * b) - 2 * b - 1) / 2, 14 * 86400.0 / dt, rel_tol=1e-9), dt
-    assert hs == sorted(hs, reverse=True), hs
+        step = max(dt, K.CUSUM_BLOCK_S)
+        assert math.isclose((math.exp(2 * b) - 2 * b - 1) / 2, 14 * 86400.0 / step, rel_tol=1e-9), dt
+    assert hs[0] == hs[1] == hs[2] > hs[3] > hs[4], hs
     assert 4.9 < hs[2] < 5.1, hs
     K._decays(row, 5.0, 86400.0, 86400.0, 900.0, 1.0, 5.0, 0.0)
     assert row[K.D_H] == 5.0
@@ -694,3 +696,46 @@ def test_a_state_change_near_a_sample_of_another_clock_takes_the_regime_that_exp
     assert changes > 20
     assert (on_grid["residual_spike"][:, kp, day2] >= 0.5).sum() <= 2
     assert (skewed["residual_spike"][:, kp, day2] >= 0.5).sum() <= 2, skew_s
+
+
+def test_a_cusum_sums_one_block_of_ten_seconds_at_a_time() -> None:
+    """``_block``: samples 10 s apart or more (or 2/3 of that: within half a sample) are each a block of their own,
+    their value itself; closer ones are averaged, weighted by the time each covers, until the block spans 10 s
+    to within half a sample; a sample with no interval (the first) opens no block."""
+    from gateway.detect import kernels as K
+
+    assert K.CUSUM_BLOCK_S == 10.0
+    st = np.zeros(K.N_S)
+    assert K._block(st, K.S_BTZ, K.S_BZ, 2.5, 10.0) == (True, 2.5)
+    assert K._block(st, K.S_BTZ, K.S_BZ, 2.5, 7.0) == (True, 2.5)
+    assert K._block(st, K.S_BTZ, K.S_BZ, -1.0, 0.0) == (True, -1.0)
+    got = [K._block(st, K.S_BTZ, K.S_BZ, float(v), 1.0) for v in range(1, 21)]
+    assert [d for d, _ in got] == [i % 10 == 9 for i in range(20)]
+    assert [v for d, v in got if d] == [5.5, 15.5]
+    got = [K._block(st, K.S_BTZ, K.S_BZ, v, 5.0) for v in (1.0, 3.0, 1.0)]
+    assert got == [(False, 0.0), (True, 2.0), (False, 0.0)]
+    assert st[K.S_BTZ] == 5.0
+    assert st[K.S_BZ] == 5.0
+
+
+def test_one_sample_a_second_raises_no_more_cusum_alarms_than_one_every_ten() -> None:
+    """Eight machines of one hall, no state channel, sampled every 10 s and every second: the CUSUMs sum 10-s
+    blocks, so a second's samples add no sums of the fits' slow misfit. The second day's temperature CUSUM
+    alarmed in 28 ten-minute buckets at 1 s when they summed every sample (the 10-s plant: 8); now in no more
+    than at 10 s. A 2 σ step of a running machine's power for an hour is still found within minutes at 1 s."""
+    from devices.plant import POWER_SD_KW, RUN, PlantConfig, generate_plant
+
+    buckets = {}
+    for dt in (10.0, 1.0):
+        p = generate_plant(PlantConfig(machines=8, days=2, interval_s=dt, seed=1, inject_faults=False))
+        per_day, per_bucket = int(86400 / dt), int(600 / dt)
+        temp, power = p.metrics.index("spindle_temp_c"), p.metrics.index("power_kw")
+        values = p.values.copy()
+        at = per_day + int(11 * 3600 / dt)  # 11:00 on the second day, machine m004 running
+        values[3, power, at: at + int(3600 / dt)] += 2.0 * POWER_SD_KW[RUN]
+        scores = _plant_run(p, values, span=per_bucket)["residual_cusum"][:, :, per_day:] >= 0.5
+        hit = np.flatnonzero(scores[3, power, at - per_day: at - per_day + int(1800 / dt)])
+        assert hit.size, dt
+        assert hit[0] * dt < 600, (dt, hit[:3])
+        buckets[dt] = int(scores[:, temp].reshape(8, -1, per_bucket).any(-1).sum())
+    assert buckets[1.0] <= buckets[10.0], buckets

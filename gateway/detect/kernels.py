@@ -978,7 +978,11 @@ def step_batch(
             z_loc = 0.0
             if not visiting and lev[k, L_N] > grace and lev[k, L_DV] > 0.0 and st[S_N] > 0.0:
                 z_loc = abs(e_sel - st[S_EL]) / math.sqrt(max(lev[k, L_DV], res2) * 2.0 / (2.0 - dec[D_LOC]))
-            st[S_EL] = e_sel if st[S_N] == 0.0 else st[S_EL] + dec[D_LOC] * (e_sel - st[S_EL])
+            # (a visit of a level starts it anew, a plain mean of the visit's errors while it learns its offset:
+            # the last level's errors are no local mean of this one, and the visit's samples are counted, not
+            # timed: at one sample a second its 16 samples left 72 % of the old mean in, a spike at every stop)
+            a_loc = max(dec[D_LOC], 1.0 / (st[S_VN] + 1.0)) if visiting else dec[D_LOC]
+            st[S_EL] = e_sel if st[S_N] == 0.0 else st[S_EL] + a_loc * (e_sel - st[S_EL])
             zl = max(-clip, min(clip, z))
             st[S_ZZ] += ar * (zl * st[S_ZP] - st[S_ZZ])
             st[S_ZV] += ar * (zl * zl - st[S_ZV])

@@ -47,7 +47,8 @@ The standardised error ``z`` of the model in use feeds four statistics, each a d
 detector                statistic                                              alarm (score 0.5) at
 ======================  =====================================================  ======================
 ``residual_spike``      ``|z|``, or the error against its local mean (50 s,   ``z_spike`` σ
-                        at least 2 samples) in the level's fast noise, or (one sample
+                        at least 2 samples; anew with each visit of a level)
+                        in the level's fast noise, or (one sample
                         late) an isolated excursion to another level
 ``residual_cusum``      two-sided CUSUM of ``z`` in its long-run σ, allowance   ``S = h`` (below)
                         ``cusum_k`` (own-level model); for a series the lag

@@ -242,7 +242,9 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float, c
     row[D_HPA] = a
     row[D_HPG] = _hp_gain(a)
     row[D_LOC] = min(LOCAL_A_MAX, dt_w / LOCAL_T_S)
-    row[D_H] = _cusum_h(ck, arl_s / max(dt_w, CUSUM_BLOCK_S)) if arl_s > 0.0 else h
+    # (the interval a CUSUM sums: a 10-s block below 2/3 of it, the sample's own above, see _block)
+    step = dt_w if dt_w >= CUSUM_BLOCK_S * 2.0 / 3.0 else CUSUM_BLOCK_S
+    row[D_H] = _cusum_h(ck, arl_s / step) if arl_s > 0.0 else h
 
 
 @njit(cache=True, nogil=True, inline="always")

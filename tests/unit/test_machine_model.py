@@ -660,9 +660,11 @@ def test_the_cusum_decision_interval_follows_the_sampling_interval() -> None:
         K._decays(row, dt, 86400.0, 86400.0, 900.0, 1.0, 5.0, 14 * 86400.0)
         hs.append(row[K.D_H])
         b = row[K.D_H] + K.SIEGMUND_B
-        step = max(dt, K.CUSUM_BLOCK_S)
+        step = dt if dt >= K.CUSUM_BLOCK_S * 2 / 3 else K.CUSUM_BLOCK_S
         assert math.isclose((math.exp(2 * b) - 2 * b - 1) / 2, 14 * 86400.0 / step, rel_tol=1e-9), dt
     assert hs[0] == hs[1] == hs[2] > hs[3] > hs[4], hs
+    K._decays(row, 9.5, 86400.0, 86400.0, 900.0, 1.0, 5.0, 14 * 86400.0)  # a sample of its own: its interval's h
+    assert row[K.D_H] > hs[2], (row[K.D_H], hs[2])
     assert 4.9 < hs[2] < 5.1, hs
     K._decays(row, 5.0, 86400.0, 86400.0, 900.0, 1.0, 5.0, 0.0)
     assert row[K.D_H] == 5.0

@@ -878,6 +878,8 @@ def step_batch(
                     done, zb = _block(st, S_BTZ, S_BZ, za, dt)
                     if done:
                         hi, lo, cus = _cusum_step(hi, lo, zb, ck, ch)
+                    else:  # (within a block: the sums as they stand, restarted above if the model changed)
+                        cus = max(hi, lo)
                 else:
                     hi = 0.0
                     lo = 0.0

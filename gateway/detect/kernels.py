@@ -73,6 +73,7 @@ def hp_gain(a: float) -> float:
 # mostly CUSUMs on the temperature). 10 s = HP_T_S / 16, the sampling the jump CUSUM's trend memory was designed
 # for (16 values of it); samples 10 s apart or more are each a block of their own (exactly as without blocks).
 CUSUM_BLOCK_S = HP_T_S / 16.0
+OWN_BLOCK_S = CUSUM_BLOCK_S * 2.0 / 3.0  # a sample this far after the last is a block of its own (see _block)
 RHO_MAX = 0.95  # the largest lag-1 autocorrelation of z the CUSUM allows for (long-run σ ≤ 6.2 σ)
 N_SIB = 2  # sibling metrics tried as the load input of the lag model
 CHANNELS = ("spike", "cusum", "variance", "stuck")
@@ -115,8 +116,8 @@ S_SEEN = 33  # 1 once the series had a sample: from then on a sibling's input an
 S_XL = 34  # 1 + the level the last sample left (0: it stayed in its level), and the reading before it (if the
 S_XB = 35  # next sample is back in that level, the last one may have been an isolated excursion: a spike)
 S_RES = 36  # the series' resolution: the smallest change between two readings seen (0: none yet)
-S_BTZ = 37  # the CUSUMs' current blocks (see CUSUM_BLOCK_S): the plain CUSUM's, the time its samples cover
-S_BZ = 38  # and the time-weighted sum of its input; the jump CUSUM's, the same
+S_BTZ = 37  # the CUSUMs' current blocks (see CUSUM_BLOCK_S), each the time its samples cover and, next to it,
+S_BZ = 38  # the time-weighted sum of its input: the plain CUSUM's, then the jump CUSUM's
 S_BTJ = 39
 S_BJ = 40
 N_S = 41
@@ -242,8 +243,7 @@ def _decays(row: Any, dt: float, t_fit: float, t_level: float, t_group: float, c
     row[D_HPA] = a
     row[D_HPG] = _hp_gain(a)
     row[D_LOC] = min(LOCAL_A_MAX, dt_w / LOCAL_T_S)
-    # (the interval a CUSUM sums: a 10-s block below 2/3 of it, the sample's own above, see _block)
-    step = dt_w if dt_w >= CUSUM_BLOCK_S * 2.0 / 3.0 else CUSUM_BLOCK_S
+    step = dt_w if dt_w >= OWN_BLOCK_S else CUSUM_BLOCK_S  # (the interval a CUSUM sums: see _block)
     row[D_H] = _cusum_h(ck, arl_s / step) if arl_s > 0.0 else h
 
 
@@ -871,11 +871,10 @@ def step_batch(
                 if st[S_USE] != best_j + 1.0:
                     hi = 0.0
                     lo = 0.0
-                    st[S_BTZ] = 0.0
-                    st[S_BZ] = 0.0
+                    _block_clear(st, S_BTZ)
                 if settled:
                     za = max(-clip * 2.0, min(clip * 2.0, z_all)) * rf
-                    done, zb = _block(st, S_BTZ, S_BZ, za, dt)
+                    done, zb = _block(st, S_BTZ, za, dt)
                     if done:
                         hi, lo, cus = _cusum_step(hi, lo, zb, ck, ch)
                     else:  # (within a block: the sums as they stand, restarted above if the model changed)
@@ -884,10 +883,9 @@ def step_batch(
                     hi = 0.0
                     lo = 0.0
                     cus = 0.0
-                    st[S_BTZ] = 0.0
-                    st[S_BZ] = 0.0
+                    _block_clear(st, S_BTZ)
             elif not visiting:  # a series its own levels explain: no sum while the visit's offset learns
-                done, zb = _block(st, S_BTZ, S_BZ, zc, dt)
+                done, zb = _block(st, S_BTZ, zc, dt)
                 if done:
                     hi, lo, cus = _cusum_step(hi, lo, zb, ck, ch)
                     # an alarm says this visit's offset is wrong now (a step, or a drift its running mean
@@ -895,8 +893,7 @@ def step_batch(
                     # repeated for the rest of the visit (nor the return of a drift the running mean had followed)
                     relearn = cus >= ch
             else:
-                st[S_BTZ] = 0.0
-                st[S_BZ] = 0.0
+                _block_clear(st, S_BTZ)
             st[S_CHI] = hi
             st[S_CLO] = lo
             # jump CUSUM (lag model in use): the error against its local trend's one-step forecast, in that
@@ -925,10 +922,9 @@ def step_batch(
                 if not settled:  # the load input is still to move: no sums, but the trend keeps learning
                     st[S_HHI] = 0.0
                     st[S_HLO] = 0.0
-                    st[S_BTJ] = 0.0
-                    st[S_BJ] = 0.0
+                    _block_clear(st, S_BTJ)
                 elif st[S_HN] >= n_h:  # the trend has learned over its memory: sum
-                    done, db = _block(st, S_BTJ, S_BJ, dz, dt)
+                    done, db = _block(st, S_BTJ, dz, dt)
                     if done:
                         st[S_HHI], st[S_HLO], jump = _cusum_step(st[S_HHI], st[S_HLO], db, ck, ch)
                     else:
@@ -951,8 +947,7 @@ def step_batch(
                 st[S_HHI] = 0.0
                 st[S_HLO] = 0.0
                 st[S_HN] = 0.0
-                st[S_BTJ] = 0.0
-                st[S_BJ] = 0.0
+                _block_clear(st, S_BTJ)
             # noise: half the squared difference of consecutive errors of the model in use estimates the
             # variance of its fast part, blind to a slow misfit or an offset (those are the CUSUM's). It is
             # compared, in the series' own units, with the same in the current level over the long run (noise
@@ -1066,24 +1061,29 @@ def step_batch(
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _block(st: Any, ti: int, si: int, v: float, dt: float) -> tuple[bool, float]:
+def _block(st: Any, ti: int, v: float, dt: float) -> tuple[bool, float]:
     """Add a CUSUM's input ``v`` (its sample ``dt`` s after the last) to its block (time ``st[ti]``, weighted
-    sum ``st[si]``): ``(True, the block's time-weighted mean)`` once the block covers ``CUSUM_BLOCK_S`` to within
-    half a sample, else ``(False, 0)``. A sample that covers that much alone (or the first, ``dt`` = 0) with no
-    block open is a block of its own, ``v`` itself."""
+    sum ``st[ti + 1]``): ``(True, the block's time-weighted mean)`` once the block covers ``CUSUM_BLOCK_S`` to
+    within half a sample, else ``(False, 0)``. A sample that covers that much alone (``dt`` ≥ ``OWN_BLOCK_S``, or
+    the first, ``dt`` = 0) with no block open is a block of its own, ``v`` itself."""
     bt = st[ti]
-    close = CUSUM_BLOCK_S - 0.5 * dt
-    if bt == 0.0 and (dt == 0.0 or dt >= close):
+    if bt == 0.0 and (dt == 0.0 or dt >= OWN_BLOCK_S):
         return True, v
     bt += dt
-    sv = st[si] + v * dt
-    if bt >= close:
-        st[ti] = 0.0
-        st[si] = 0.0
+    sv = st[ti + 1] + v * dt
+    if bt >= CUSUM_BLOCK_S - 0.5 * dt:
+        _block_clear(st, ti)
         return True, sv / bt
     st[ti] = bt
-    st[si] = sv
+    st[ti + 1] = sv
     return False, 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_clear(st: Any, ti: int) -> None:
+    """Drop the open block at ``st[ti]`` (its sums restart)."""
+    st[ti] = 0.0
+    st[ti + 1] = 0.0
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -708,13 +708,13 @@ def test_a_cusum_sums_one_block_of_ten_seconds_at_a_time() -> None:
 
     assert K.CUSUM_BLOCK_S == 10.0
     st = np.zeros(K.N_S)
-    assert K._block(st, K.S_BTZ, K.S_BZ, 2.5, 10.0) == (True, 2.5)
-    assert K._block(st, K.S_BTZ, K.S_BZ, 2.5, 7.0) == (True, 2.5)
-    assert K._block(st, K.S_BTZ, K.S_BZ, -1.0, 0.0) == (True, -1.0)
-    got = [K._block(st, K.S_BTZ, K.S_BZ, float(v), 1.0) for v in range(1, 21)]
+    assert K._block(st, K.S_BTZ, 2.5, 10.0) == (True, 2.5)
+    assert K._block(st, K.S_BTZ, 2.5, 7.0) == (True, 2.5)
+    assert K._block(st, K.S_BTZ, -1.0, 0.0) == (True, -1.0)
+    got = [K._block(st, K.S_BTZ, float(v), 1.0) for v in range(1, 21)]
     assert [d for d, _ in got] == [i % 10 == 9 for i in range(20)]
     assert [v for d, v in got if d] == [5.5, 15.5]
-    got = [K._block(st, K.S_BTZ, K.S_BZ, v, 5.0) for v in (1.0, 3.0, 1.0)]
+    got = [K._block(st, K.S_BTZ, v, 5.0) for v in (1.0, 3.0, 1.0)]
     assert got == [(False, 0.0), (True, 2.0), (False, 0.0)]
     assert st[K.S_BTZ] == 5.0
     assert st[K.S_BZ] == 5.0
